@@ -1,0 +1,1 @@
+"""Command-line interface: ``mass``, thin over the library."""

@@ -1,0 +1,118 @@
+"""The MassError hierarchy: one root with a stable ``code``, an HTTP status and a CLI exit code.
+
+Every subclass registers itself by code so a boundary (SDK, CLI, Ray) can turn a code back into the
+same class. Errors are picklable because they cross Ray process boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+_BY_CODE: dict[str, type["MassError"]] = {}
+
+
+def _rebuild(cls: type["MassError"], message: str, details: dict[str, Any]) -> "MassError":
+    return cls(message, **details)
+
+
+class MassError(Exception):
+    """Root of every error MASS raises on purpose.
+
+    Args:
+        message: one line for a person: what went wrong and how to fix it. It may reach clients,
+            so it never carries secrets.
+        **details: structured context (``field``, ``name``, ``available``...) kept for JSON output.
+    """
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    exit_code: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            _BY_CODE[cls.code] = cls
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def __reduce__(self):  # keeps details across pickling (Ray, multiprocessing)
+        return (_rebuild, (type(self), self.message, self.details))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the error as a JSON-ready dict (``code``, ``message`` and details)."""
+        return {"code": self.code, "message": self.message, **self.details}
+
+    @staticmethod
+    def class_for(code: str) -> type["MassError"]:
+        """Return the registered class for ``code`` (``MassError`` itself when unknown)."""
+        return _BY_CODE.get(code, MassError)
+
+
+_BY_CODE[MassError.code] = MassError
+
+
+class InvalidRequest(MassError):
+    """The caller sent something malformed: fix the input and retry."""
+
+    code = "invalid_request"
+    http_status = 400
+    exit_code = 2
+
+
+class ConfigError(InvalidRequest):
+    """A recipe or configuration value is malformed, unknown or of the wrong type."""
+
+    code = "invalid_config"
+
+
+class InvalidModelRef(InvalidRequest):
+    """A model reference string is not ``name``, ``name/<version>`` or ``name@<alias>``."""
+
+    code = "invalid_model_ref"
+
+
+class DataError(InvalidRequest):
+    """Training or evaluation data is missing, empty or in an unsupported format."""
+
+    code = "data_error"
+
+
+class NotFound(MassError):
+    """Something the caller named does not exist."""
+
+    code = "not_found"
+    http_status = 404
+    exit_code = 3
+
+
+class ModelNotFound(NotFound):
+    """A registered model, version or alias does not exist; the message names what does."""
+
+    code = "model_not_found"
+
+
+class InsufficientResources(MassError):
+    """The cluster cannot provide what a job asks for (workers, CPUs, GPUs)."""
+
+    code = "insufficient_resources"
+    http_status = 503
+    exit_code = 4
+
+
+class RegistryError(MassError):
+    """The model repository (MLflow) failed or could not be reached."""
+
+    code = "registry_error"
+    http_status = 502
+    exit_code = 5
+
+
+class JobFailed(MassError):
+    """A training or compression job failed after it started."""
+
+    code = "job_failed"
+    http_status = 500
+    exit_code = 6
