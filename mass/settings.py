@@ -17,6 +17,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MASS_EXPERIMENT": ("mass", "MLflow experiment that training and registration runs are logged under."),
     "MASS_STORAGE_PATH": ("", "Ray Train storage for checkpoints. Empty: $MASS_HOME/ray_results. Multi-node: shared storage (s3://, NFS)."),
     "MASS_LOG_LEVEL": ("INFO", "Log level for MASS loggers (DEBUG, INFO, WARNING, ERROR)."),
+    "RAY_ADDRESS": ("", "Ray's own variable: the cluster to join. Empty: jobs start a local Ray."),
 }
 
 
@@ -34,6 +35,7 @@ class Settings:
     experiment: str
     storage_path: str
     log_level: str
+    ray_address: str
 
     @property
     def embedded(self) -> bool:
@@ -59,6 +61,7 @@ def get_settings() -> Settings:
         experiment=_env("MASS_EXPERIMENT"),
         storage_path=_env("MASS_STORAGE_PATH") or str(home / "ray_results"),
         log_level=_env("MASS_LOG_LEVEL").upper(),
+        ray_address=_env("RAY_ADDRESS"),
     )
 
 

@@ -1,0 +1,42 @@
+"""Shared entry logic for ``jobs/*.py`` scripts: parse args, run, print one JSON line, map errors to exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mass.errors import MassError
+
+
+def emit_error(exc: MassError) -> int:
+    """Print a one-line error (and its JSON on stdout for scripts); return the exit code for its kind."""
+    print(f"error: {exc.message}", file=sys.stderr, flush=True)
+    print(json.dumps({"error": exc.to_dict()}, default=str), flush=True)
+    return exc.exit_code
+
+
+def run_train_job(argv: list[str]) -> int:
+    """Run the training job described by ``--config`` and ``--set`` overrides; return an exit code."""
+    parser = argparse.ArgumentParser(prog="jobs/train.py", description="Train and register a causal LM on Ray Train.")
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. jobs/configs/tiny-gpt-smoke.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set optim.epochs=1 (repeatable)")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    args = parser.parse_args(argv)
+
+    from mass.logs import setup_logging
+    from mass.settings import apply_offline_env, get_settings
+
+    apply_offline_env()
+    setup_logging(get_settings().log_level)
+    try:
+        from mass.training.config import TrainConfig
+        from mass.training.job import run_training
+
+        cfg = TrainConfig.load(args.config, args.overrides)
+        result = run_training(cfg, address=args.address)
+    except MassError as exc:
+        return emit_error(exc)
+    print(json.dumps(result.to_dict(), default=str), flush=True)
+    return 0

@@ -1,0 +1,1 @@
+"""Offline data: the docstring corpus, user-data loaders and the BPE tokenizer trainer."""

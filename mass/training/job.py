@@ -1,0 +1,230 @@
+"""``run_training``: validate a recipe, prepare data, run the Ray Train job, log to MLflow, register.
+
+Everything that can be checked is checked before an MLflow run exists; after that, any failure
+marks the run FAILED and leaves no model version behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mass.errors import ConfigError, InsufficientResources, JobFailed, MassError
+from mass.refs import ModelRef
+from mass.registry import ModelRegistry
+from mass.settings import Settings, get_settings
+from mass.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a training job produced; printed as the job's one JSON result line."""
+
+    run_id: str
+    model_ref: str | None
+    metrics: dict[str, float]
+    resumed_from_epoch: int = 0
+    checkpoint: str | None = None
+    data_tokens: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def connect_ray(address: str | None = None, settings: Settings | None = None) -> None:
+    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local Ray when neither is set."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    settings = settings or get_settings()
+    target = address or settings.ray_address or "local"
+    ray.init(address=target, configure_logging=False)
+
+
+def check_resources(cfg: TrainConfig) -> None:
+    """Fail fast when the cluster cannot ever hold the requested workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    have_cpu = total.get("CPU", 0)
+    if need_cpu > have_cpu:
+        raise InsufficientResources(
+            f"scaling.num_workers={cfg.scaling.num_workers} x scaling.cpus_per_worker="
+            f"{cfg.scaling.cpus_per_worker} needs {need_cpu:g} CPUs but the cluster has {have_cpu:g}; "
+            "lower scaling.num_workers or add nodes", field="scaling.num_workers", need=need_cpu, have=have_cpu)
+    if cfg.scaling.use_gpu:
+        have_gpu = total.get("GPU", 0)
+        if cfg.scaling.num_workers > have_gpu:
+            raise InsufficientResources(
+                f"scaling.use_gpu=true needs {cfg.scaling.num_workers} GPUs (one per worker) but the cluster "
+                f"has {have_gpu:g}; set scaling.use_gpu=false or add GPU nodes",
+                field="scaling.use_gpu", need=cfg.scaling.num_workers, have=have_gpu)
+
+
+def _base_model(cfg: TrainConfig, registry: ModelRegistry):
+    """(model, tokenizer, parent ref or path) for a fine-tune; raises ModelNotFound / ConfigError early."""
+    from mass.registry.store import _load_hf_dir
+
+    base = cfg.model.base
+    if Path(base).expanduser().is_dir():
+        model, tokenizer = _load_hf_dir(Path(base).expanduser(), "text-generation")
+        return model, tokenizer, str(Path(base).expanduser().resolve())
+    info = registry.resolve(ModelRef.parse(base))
+    if info.task != "text-generation":
+        raise ConfigError(f"model.base {base!r} is a {info.task} model; fine-tuning needs a text-generation "
+                          "model", field="model.base")
+    model, tokenizer, _ = registry.load(info.ref)
+    return model, tokenizer, info.ref
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else key, item, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, type(None))) else str(value)
+    return out
+
+
+def run_training(cfg: TrainConfig, address: str | None = None, settings: Settings | None = None) -> TrainResult:
+    """Train ``cfg`` on Ray Train, log it to MLflow and register the final model.
+
+    Args:
+        cfg: the validated recipe.
+        address: Ray cluster address; default ``RAY_ADDRESS`` or a new local Ray.
+        settings: deployment settings; read from the environment when omitted.
+
+    Raises:
+        ConfigError, DataError, ModelNotFound, InsufficientResources: before anything is written.
+        JobFailed: the Ray Train run failed after retries (its MLflow run is marked FAILED).
+    """
+    import torch
+    from transformers import GPT2Config
+
+    from mass.data.tokenizer import train_tokenizer
+    from mass.training.loop import STATE_FILE, build_model, train_loop_per_worker
+    from mass.training.prep import prepare, read_splits
+
+    settings = settings or get_settings()
+    registry = ModelRegistry(settings)
+    resolved = cfg.model_dump(mode="json")
+
+    # ---- 1. everything checkable before a run exists
+    registry.experiment_id()  # the repository is reachable
+    parent = None
+    if cfg.model.base:
+        base_model, tokenizer, parent = _base_model(cfg, registry)
+        model_spec = base_model.config.to_dict()
+    else:
+        base_model = None
+        corpus_dir = Path(cfg.data.corpus_dir or settings.corpus_dir()).expanduser()
+        tokenizer_texts = read_splits(cfg.data, corpus_dir, cfg.optim.seed)["train"]
+        tokenizer = train_tokenizer(tokenizer_texts, cfg.model.vocab_size, cfg.model.arch.n_positions)
+        arch = cfg.model.arch
+        model_spec = GPT2Config(vocab_size=len(tokenizer), n_positions=arch.n_positions, n_embd=arch.n_embd,
+                                n_layer=arch.n_layer, n_head=arch.n_head, resid_pdrop=arch.dropout,
+                                embd_pdrop=arch.dropout, attn_pdrop=arch.dropout,
+                                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                pad_token_id=tokenizer.eos_token_id).to_dict()
+    max_positions = model_spec.get("n_positions") or model_spec.get("max_position_embeddings") or 0
+    if max_positions and cfg.data.block_size > max_positions:
+        raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model's context of "
+                          f"{max_positions} tokens", field="data.block_size")
+    connect_ray(address, settings)
+    check_resources(cfg)
+    corpus_dir = Path(cfg.data.corpus_dir or settings.corpus_dir()).expanduser()
+    data = prepare(cfg.data, tokenizer, corpus_dir, cfg.optim.seed,
+                   min_blocks=cfg.scaling.num_workers * cfg.optim.batch_size)
+
+    # ---- 2. the MLflow run; from here on a failure marks it FAILED
+    client = registry.client
+    run = client.create_run(registry.experiment_id(), run_name=f"train-{cfg.name}",
+                            tags={"mass.kind": "train", "mass.model_name": cfg.name,
+                                  "mass.parent": parent or ""})
+    run_id = run.info.run_id
+    try:
+        params = _flatten("", resolved, {})
+        from mlflow.entities import Param
+
+        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
+        client.log_dict(run_id, resolved, "resolved_config.json")
+        for split, tokens in data.counts().items():
+            client.log_metric(run_id, f"data_tokens_{split}", tokens)
+
+        result = _fit(cfg, settings, run_id, model_spec, base_model, data, train_loop_per_worker)
+        metrics = {k: float(v) for k, v in result.metrics.items()
+                   if isinstance(v, (int, float)) and k not in ("epoch", "step", "start_epoch")}
+        if result.checkpoint is None:
+            raise JobFailed("training finished without a checkpoint; nothing to register")
+        model = base_model if base_model is not None else build_model(model_spec)
+        with result.checkpoint.as_directory() as ckpt_dir:
+            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        model_ref = None
+        if cfg.register.enabled:
+            with tempfile.TemporaryDirectory() as out:
+                model.save_pretrained(out)
+                tokenizer.save_pretrained(out)
+                info = registry.register(
+                    out, cfg.name, "text-generation", metrics=metrics, config=resolved, run_id=run_id,
+                    lineage={"source_run": run_id, "parent": parent, "method": "finetune" if parent else "train"},
+                    aliases=cfg.register.aliases, description=cfg.register.description)
+            model_ref = info.ref
+        client.set_terminated(run_id, "FINISHED")
+    except BaseException as exc:
+        try:
+            client.set_terminated(run_id, "FAILED")
+        finally:
+            if isinstance(exc, MassError) or not isinstance(exc, Exception):
+                raise
+            raise JobFailed(f"training run {run_id} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                            run_id=run_id) from exc
+    resumed = int(result.metrics.get("start_epoch", 0))
+    return TrainResult(run_id=run_id, model_ref=model_ref, metrics=metrics, resumed_from_epoch=resumed,
+                       checkpoint=result.checkpoint.path, data_tokens=data.counts())
+
+
+def _fit(cfg: TrainConfig, settings: Settings, run_id: str, model_spec: dict[str, Any], base_model,
+         data, loop):
+    """Run the TorchTrainer and return its Result; JobFailed when it ends in error."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    data_ref = ray.put({"train": data.train, "validation": data.validation, "test": data.test})
+    init_ref = ray.put(base_model.state_dict()) if base_model is not None else None
+    loop_config = {
+        "run_id": run_id, "tracking_uri": settings.tracking_uri, "model_spec": model_spec,
+        "data_ref": data_ref, "init_state_ref": init_ref, "epochs": cfg.optim.epochs,
+        "optim": cfg.optim.model_dump(), "threads_per_worker": max(1, math.floor(cfg.scaling.cpus_per_worker)),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker=loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=f"{cfg.name}-{run_id[:12]}",
+            storage_path=settings.storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+            failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        raise JobFailed(f"Ray Train run failed after {cfg.checkpoint.max_failures} retries: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", run_id=run_id) from exc
+    if getattr(result, "error", None):
+        raise JobFailed(f"Ray Train run failed: {result.error}", run_id=run_id)
+    return result
