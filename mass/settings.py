@@ -80,7 +80,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 #: No process of ours may reach a model hub: these machines are offline and runs must be reproducible.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
 def apply_offline_env() -> None:

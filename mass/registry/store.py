@@ -187,6 +187,9 @@ class ModelRegistry:
         model, tokenizer = _load_hf_dir(model_dir, task)
         import mlflow
 
+        # mlflow.transformers looks for a hub model card and license; we are offline by design
+        logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+
         tags = self._version_tags(task, metrics, config, lineage, dir_size(model_dir))
         own_run = run_id is None
         with self._translate("start a registration run"):
@@ -406,6 +409,9 @@ def _version_info(mv, aliases: tuple[str, ...]) -> ModelVersionInfo:
 def _load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None):
     """Load model + tokenizer from an HF directory with the Auto class for ``task`` (offline only)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     tokenizer_dir = tokenizer_dir or model_dir
     try:

@@ -1,0 +1,208 @@
+"""``mass``: the command-line interface. Parsing is instant; heavy imports happen inside commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from mass.errors import MassError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    """Register a handler for a (sub)command path such as ``models list``."""
+    def wrap(fn):
+        COMMANDS[name] = fn
+        return fn
+    return wrap
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole CLI grammar."""
+    parser = argparse.ArgumentParser(prog="mass", description="MASS: train, register and serve models on Ray.")
+    parser.add_argument("--output", "-o", choices=["table", "json"], default="table",
+                        help="table for people, json for scripts")
+    sub = parser.add_subparsers(dest="group", required=True, metavar="COMMAND")
+
+    models = sub.add_parser("models", help="the model repository").add_subparsers(dest="cmd", required=True)
+    models.add_parser("list", help="every model with versions, aliases, status, size and metrics")
+    show = models.add_parser("show", help="one version in full: name, name/3 or name@alias")
+    show.add_argument("ref")
+    alias = models.add_parser("alias", help="point NAME@ALIAS at VERSION, or --remove it")
+    alias.add_argument("name")
+    alias.add_argument("alias")
+    alias.add_argument("version", nargs="?", type=int)
+    alias.add_argument("--remove", action="store_true")
+    delete = models.add_parser("delete", help="delete a version: NAME/VERSION")
+    delete.add_argument("ref")
+    register = models.add_parser("register", help="register an HF model directory as a new version")
+    register.add_argument("path")
+    register.add_argument("--name", required=True)
+    register.add_argument("--task", required=True, choices=["text-generation", "embedding"])
+    register.add_argument("--alias", action="append", default=[])
+    minilm = models.add_parser("import-minilm", help="register the pretrained all-MiniLM-L6-v2 as minilm-l6")
+    minilm.add_argument("--name", default="minilm-l6")
+    minilm.add_argument("--alias", action="append", default=None, help="default: production")
+    minilm.add_argument("--force", action="store_true", help="register a new version even if one exists")
+
+    data = sub.add_parser("data", help="datasets").add_subparsers(dest="cmd", required=True)
+    corpus = data.add_parser("build-corpus", help="docstrings of installed modules -> parquet splits")
+    corpus.add_argument("--out", default=None, help="default: $MASS_HOME/corpus")
+    corpus.add_argument("--packages", default=None, help="comma-separated module names (default: a stdlib set)")
+
+    train = sub.add_parser("train", help="train and register a model (local Ray, or --address to submit)")
+    train.add_argument("--config", required=True)
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    train.add_argument("--address", default=None,
+                       help="Ray dashboard address (http://HOST:8265): submit as a Ray job and stream logs")
+    train.add_argument("--no-follow", action="store_true", help="with --address: submit and return")
+
+    sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mass`` console script; returns the exit code for the error kind."""
+    args = build_parser().parse_args(argv)
+    from mass.logs import setup_logging
+    from mass.settings import apply_offline_env, get_settings
+
+    apply_offline_env()
+    setup_logging(get_settings().log_level)
+    key = f"{args.group} {args.cmd}" if getattr(args, "cmd", None) else args.group
+    try:
+        return COMMANDS[key](args)
+    except MassError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if args.output == "json":
+            print(json.dumps({"error": exc.to_dict()}, default=str))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------ models
+def _registry():
+    from mass.registry import ModelRegistry
+
+    return ModelRegistry()
+
+
+@command("models list")
+def _models_list(args) -> int:
+    from mass.cli.output import emit, models_table
+
+    models = _registry().list_models()
+    emit(args.output, [m.to_dict() for m in models], models_table(models))
+    return 0
+
+
+@command("models show")
+def _models_show(args) -> int:
+    from mass.cli.output import emit, version_detail
+
+    info = _registry().resolve(args.ref)
+    emit(args.output, info.to_dict(), version_detail(info))
+    return 0
+
+
+@command("models alias")
+def _models_alias(args) -> int:
+    from mass.cli.output import emit
+    from mass.errors import InvalidRequest
+
+    registry = _registry()
+    if args.remove:
+        registry.remove_alias(args.name, args.alias)
+        emit(args.output, {"removed": f"{args.name}@{args.alias}"}, f"removed {args.name}@{args.alias}")
+        return 0
+    if args.version is None:
+        raise InvalidRequest("give a VERSION to point the alias at, or --remove", field="version")
+    info = registry.set_alias(args.name, args.alias, args.version)
+    emit(args.output, info.to_dict(), f"{args.name}@{args.alias} -> {info.ref}")
+    return 0
+
+
+@command("models delete")
+def _models_delete(args) -> int:
+    from mass.cli.output import emit
+    from mass.errors import InvalidRequest
+    from mass.refs import ModelRef
+
+    ref = ModelRef.parse(args.ref)
+    if ref.version is None:
+        raise InvalidRequest(f"delete needs a fixed version, e.g. {ref.name}/1 (got {args.ref!r})", field="ref")
+    _registry().delete_version(ref.name, ref.version)
+    emit(args.output, {"deleted": str(ref)}, f"deleted {ref}")
+    return 0
+
+
+@command("models register")
+def _models_register(args) -> int:
+    from mass.cli.output import emit, version_detail
+
+    info = _registry().register(args.path, args.name, args.task, aliases=args.alias,
+                                lineage={"method": "register", "source": args.path})
+    emit(args.output, info.to_dict(), version_detail(info))
+    return 0
+
+
+@command("models import-minilm")
+def _models_import_minilm(args) -> int:
+    from mass.cli.output import emit
+    from mass.registry.imports import import_minilm
+
+    aliases = tuple(args.alias) if args.alias is not None else ("production",)
+    info, created = import_minilm(_registry(), name=args.name, aliases=aliases, force=args.force)
+    verb = "imported" if created else "already imported"
+    emit(args.output, {**info.to_dict(), "created": created}, f"{verb}: {info.ref} ({', '.join(info.aliases)})")
+    return 0
+
+
+# ------------------------------------------------------------------ data, train, demo
+@command("data build-corpus")
+def _data_build_corpus(args) -> int:
+    from mass.cli.output import emit
+    from mass.data.corpus import DEFAULT_PACKAGES, build_corpus
+
+    packages = [p.strip() for p in args.packages.split(",") if p.strip()] if args.packages else DEFAULT_PACKAGES
+    result = build_corpus(args.out, packages)
+    emit(args.output, result.to_dict(), f"corpus {result.path}: {result.counts} (digest {result.digest})")
+    return 0
+
+
+@command("train")
+def _train(args) -> int:
+    from mass.cli.output import emit
+    from mass.training.config import TrainConfig
+
+    cfg = TrainConfig.load(args.config, args.overrides)  # fail fast, before any submission
+    if args.address:
+        from mass.cli.submit import submit_train
+
+        result = submit_train(args.config, args.overrides, args.address, follow=not args.no_follow)
+    else:
+        from mass.training.job import run_training
+
+        result = run_training(cfg).to_dict()
+    text = json.dumps(result, default=str)
+    if result.get("model_ref"):
+        text = f"registered {result['model_ref']}  " + " ".join(
+            f"{k}={v:.4g}" for k, v in result["metrics"].items()) + f"\n{text}"
+    emit(args.output, result, text)
+    return 0
+
+
+@command("demo")
+def _demo(args) -> int:
+    from mass.demo import run_demo
+
+    return run_demo()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

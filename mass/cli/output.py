@@ -1,0 +1,63 @@
+"""Rendering for the CLI: plain tables for people, one JSON document for scripts."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterable
+
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def table(headers: list[str], rows: Iterable[list[Any]]) -> str:
+    """A left-aligned text table."""
+    rows = [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _metrics(metrics: dict[str, float]) -> str:
+    keys = [k for k in ("val_loss", "test_loss", "test_perplexity", "dim") if k in metrics]
+    keys += sorted(k for k in metrics if k not in keys and k not in ("initial_val_loss", "val_perplexity",
+                                                                      "train_loss"))
+    return " ".join(f"{k}={metrics[k]:.4g}" for k in keys[:4])
+
+
+def models_table(models: list) -> str:
+    """The registry table: one row per version, newest first within a model."""
+    rows = []
+    for model in models:
+        for v in model.versions:
+            rows.append([v.name, v.version, ",".join(v.aliases), v.status, v.task, human_size(v.size_bytes),
+                         v.lineage.get("method", ""), _metrics(v.metrics),
+                         time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created_at))])
+    if not rows:
+        return "no registered models (train one with `mass train`, or `mass models import-minilm`)"
+    return table(["MODEL", "VERSION", "ALIASES", "STATUS", "TASK", "SIZE", "METHOD", "METRICS", "CREATED"], rows)
+
+
+def version_detail(info) -> str:
+    """Every field of one version, one per line."""
+    d = info.to_dict()
+    lines = [f"{k:12} {d[k]}" for k in ("ref", "status", "task", "aliases", "run_id", "source", "description")]
+    lines.append(f"{'size':12} {human_size(info.size_bytes)}")
+    lines += [f"{'metric':12} {k} = {v:.6g}" for k, v in sorted(info.metrics.items())]
+    lines += [f"{'lineage':12} {k} = {v}" for k, v in sorted(info.lineage.items())]
+    if info.config:
+        lines.append(f"{'config':12} {json.dumps(info.config, sort_keys=True)}")
+    return "\n".join(lines)
+
+
+def emit(output: str, data: Any, text: str) -> None:
+    """Print ``text`` for people or ``data`` as one JSON document when ``output == 'json'``."""
+    print(json.dumps(data, default=str) if output == "json" else text, flush=True)

@@ -1,0 +1,107 @@
+"""``mass train --address``: submit ``jobs/train.py`` to a Ray cluster, stream its logs, show progress."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from pathlib import Path
+
+from mass.errors import ConfigError, JobFailed, MassError
+from mass.settings import get_settings, settings_env
+
+PROGRESS_RE = re.compile(r"\[mass\] epoch (\d+)/(\d+) step (\d+)/(\d+) loss ([\d.]+)")
+EXCLUDES = [".venv", ".git", "*.egg-info", ".mass", "mlruns", "__pycache__", ".pytest_cache", "notebooks"]
+
+
+def project_root() -> Path:
+    """The directory holding ``jobs/train.py`` and ``mass/`` (uploaded as the job's working dir)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "jobs" / "train.py").is_file():
+        raise ConfigError(f"jobs/train.py not found under {root}; run from a MASS checkout", field="address")
+    return root
+
+
+def submit_train(config: str, overrides: list[str], address: str, follow: bool = True) -> dict:
+    """Submit a training job; with ``follow``, stream its logs to stderr and return its result dict.
+
+    Raises:
+        JobFailed (or the job's own error class): when the job ends in failure.
+    """
+    from ray.job_submission import JobSubmissionClient
+
+    root = project_root()
+    cfg_path = Path(config).resolve()
+    try:
+        rel = cfg_path.relative_to(root)
+    except ValueError as exc:
+        raise ConfigError(f"{config} is outside the project directory {root}; the job's working dir is the "
+                          "project, so put the recipe under jobs/configs/", field="config") from exc
+    entry = ["python", "jobs/train.py", "--config", str(rel)]
+    for item in overrides:
+        entry += ["--set", item]
+    url = address if "://" in address else f"http://{address}"
+    try:
+        client = JobSubmissionClient(url)
+    except Exception as exc:
+        raise MassError(f"cannot reach the Ray job server at {url}: {str(exc).splitlines()[0]}; check the "
+                        "dashboard port (default 8265) and RAY_AUTH_MODE/token", address=url) from exc
+    env = {k: v for k, v in settings_env(get_settings()).items() if v}
+    job_id = client.submit_job(entrypoint=" ".join(_quote(a) for a in entry),
+                               runtime_env={"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env})
+    print(f"submitted job {job_id} to {url}", file=sys.stderr, flush=True)
+    if not follow:
+        return {"job_id": job_id}
+    lines = asyncio.run(_follow(client, job_id))
+    status = str(client.get_job_status(job_id)).split(".")[-1]
+    result = _last_json(lines)
+    if status != "SUCCEEDED" or result is None or "error" in result:
+        if result and "error" in result:
+            err = result["error"]
+            raise MassError.class_for(err.get("code", ""))(err.get("message", "job failed"), job_id=job_id)
+        raise JobFailed(f"job {job_id} ended {status}; see `ray job logs {job_id}`", job_id=job_id)
+    result["job_id"] = job_id
+    return result
+
+
+async def _follow(client, job_id: str) -> list[str]:
+    from tqdm import tqdm
+
+    lines: list[str] = []
+    bar = None
+    async for chunk in client.tail_job_logs(job_id):
+        for line in chunk.splitlines():
+            lines.append(line)
+            match = PROGRESS_RE.search(line)
+            if match:
+                epoch, epochs, step, steps, loss = match.groups()
+                if bar is None or bar.total != int(steps):
+                    if bar is not None:
+                        bar.close()
+                    bar = tqdm(total=int(steps), file=sys.stderr, unit="step")
+                bar.set_description(f"epoch {epoch}/{epochs}")
+                bar.n = int(step)
+                bar.set_postfix(loss=loss)
+                bar.refresh()
+            elif not line.startswith("{"):
+                (bar.write if bar else print)(line, file=sys.stderr)
+    if bar is not None:
+        bar.close()
+    return lines
+
+
+def _last_json(lines: list[str]) -> dict | None:
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
