@@ -49,6 +49,7 @@ class ModelRef:
             return cls(name, alias=alias)
         if "/" in text:
             name, _, version = text.partition("/")
+            validate_name(name)
             if not version.isdigit():
                 raise InvalidModelRef(f"model ref {text!r}: version after '/' must be a positive integer")
             return cls(name, version=int(version))

@@ -108,7 +108,7 @@ class TrainConfig(MassConfig):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    register: RegisterConfig = Field(default_factory=RegisterConfig)
+    registration: RegisterConfig = Field(default_factory=RegisterConfig)
 
     @field_validator("name")
     @classmethod

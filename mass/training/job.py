@@ -171,14 +171,14 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
             state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         model_ref = None
-        if cfg.register.enabled:
+        if cfg.registration.enabled:
             with tempfile.TemporaryDirectory() as out:
                 model.save_pretrained(out)
                 tokenizer.save_pretrained(out)
                 info = registry.register(
                     out, cfg.name, "text-generation", metrics=metrics, config=resolved, run_id=run_id,
                     lineage={"source_run": run_id, "parent": parent, "method": "finetune" if parent else "train"},
-                    aliases=cfg.register.aliases, description=cfg.register.description)
+                    aliases=cfg.registration.aliases, description=cfg.registration.description)
             model_ref = info.ref
         client.set_terminated(run_id, "FINISHED")
     except BaseException as exc:

@@ -1,0 +1,41 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mass.cli.main import build_parser, main
+
+
+def test_help_lists_every_command():
+    text = build_parser().format_help()
+    for cmd in ("models", "data", "train", "demo"):
+        assert cmd in text
+
+
+def test_mass_help_does_not_import_heavy_libraries():
+    code = "import sys; from mass.cli.main import build_parser; build_parser(); " \
+           "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_illegal_ref_exits_2_with_one_line(mass_home, capsys):
+    assert main(["models", "show", "bad name!"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: illegal model name 'bad name!': use letters, digits, '.', '_' or '-', "
+                   "starting with a letter or digit, at most 64 characters"]
+
+
+def test_bad_recipe_exits_2_before_touching_ray(tmp_path, mass_home, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\noptim: {epochs: 1, bogus: 2}\n")
+    assert main(["-o", "json", "train", "--config", str(recipe), "--address", "http://127.0.0.1:9"]) == 2
+    out = capsys.readouterr().out
+    assert json.loads(out)["error"]["field"] == "optim.bogus"
+
+
+@pytest.mark.parametrize("argv", [["models", "delete", "m"], ["models", "alias", "m", "prod"]])
+def test_incomplete_commands_exit_2(argv, mass_home, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: ")
