@@ -217,6 +217,7 @@ class ModelRegistry:
                     self.client.create_registered_model(name, tags={"mass.task": task})
                     new_model = True
                 mv = self.client.create_model_version(name, logged.model_uri, run_id=run_id, tags=tags,
+                                                      model_id=logged.model_id,
                                                       description=description or None)
                 created = int(mv.version)
                 self._wait_ready(name, created)
@@ -414,10 +415,13 @@ def _load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None):
     hf_logging.disable_progress_bar()
 
     tokenizer_dir = tokenizer_dir or model_dir
+    if not any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        raise ConfigError(f"no tokenizer in {tokenizer_dir}: save it beside the model with "
+                          "tokenizer.save_pretrained(dir)", field="tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except Exception as exc:
-        raise ConfigError(f"no loadable tokenizer in {tokenizer_dir}: {str(exc).splitlines()[0]}",
+        raise ConfigError(f"cannot load the tokenizer in {tokenizer_dir}: {str(exc).splitlines()[0]}",
                           field="tokenizer") from exc
     auto = AutoModelForCausalLM if task == "text-generation" else AutoModel
     try:

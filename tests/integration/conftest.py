@@ -1,0 +1,84 @@
+"""One real Ray cluster (``ray start --head``) and one MASS_HOME for the whole integration session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.support import VENV_BIN, SMOKE, free_port, wait_for
+
+
+@dataclass(frozen=True)
+class Cluster:
+    gcs_address: str
+    dashboard_url: str
+    env: dict
+
+
+@pytest.fixture(scope="session")
+def session_home(tmp_path_factory):
+    """MASS_HOME for the session, exported so Ray (started later) and subprocesses inherit it."""
+    home = tmp_path_factory.mktemp("mass-session")
+    saved = {k: os.environ.get(k) for k in ("MASS_HOME", "MASS_TRACKING_URI", "MASS_ARTIFACT_ROOT",
+                                             "MASS_STORAGE_PATH", "RAY_ADDRESS")}
+    os.environ["MASS_HOME"] = str(home)
+    for key in saved:
+        if key != "MASS_HOME":
+            os.environ.pop(key, None)
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(session_home):
+    """A head node started the way the README shows (own ports; token auth off for the tests)."""
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+           "--dashboard-host=127.0.0.1", "--num-cpus=4", "--include-dashboard=true", "--disable-usage-stats"]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
+    cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", env)
+
+    def dashboard_up():
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{cluster.dashboard_url}/api/version", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    wait_for(dashboard_up, 120, "the Ray dashboard / job server")
+    import ray
+
+    ray.init(address=cluster.gcs_address, configure_logging=False, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def corpus(session_home):
+    """The docstring corpus in the session MASS_HOME."""
+    from mass.data.corpus import build_corpus
+
+    return build_corpus(progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained(ray_cluster, corpus):
+    """The smoke recipe trained once on the session cluster (tiny-gpt/1)."""
+    from mass.training.config import TrainConfig
+    from mass.training.job import run_training
+
+    return run_training(TrainConfig.load(SMOKE), address=ray_cluster.gcs_address)

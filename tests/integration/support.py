@@ -1,0 +1,47 @@
+"""Helpers shared by integration tests: ports, polling, CLI subprocesses, JSON result lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+SMOKE = ROOT / "jobs" / "configs" / "tiny-gpt-smoke.yaml"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (never Redis's 6379)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed ``mass`` console script in a subprocess."""
+    return subprocess.run([str(VENV_BIN / "mass"), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env or os.environ.copy(), cwd=ROOT)
+
+
+def last_json(stdout: str) -> dict:
+    """The last JSON object line a job or CLI printed."""
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in output:\n{stdout[-2000:]}")

