@@ -206,7 +206,7 @@ class ModelRegistry:
                     logged = mlflow.transformers.log_model(
                         transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
                         task=TASKS[task], pip_requirements=_PIP_REQUIREMENTS)
-                    if metrics:
+                    if metrics and own_run:  # a training run already logged its own metrics
                         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
                     if config is not None:
                         mlflow.log_dict(config, "resolved_config.json")

@@ -34,7 +34,7 @@ def evaluate(model, blocks, batch_size: int, rank: int, world: int, device) -> f
     mine = blocks[rank::world]
     with torch.no_grad():
         for i in range(0, len(mine), batch_size):
-            x = torch.as_tensor(mine[i:i + batch_size], dtype=torch.long, device=device)
+            x = torch.tensor(mine[i:i + batch_size], dtype=torch.long, device=device)  # copy: shared memory is read-only
             loss = model(input_ids=x, labels=x).loss
             tokens = x.numel() - x.shape[0]  # one target fewer than inputs per row
             total += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64, device=device)

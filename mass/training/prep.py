@@ -56,7 +56,7 @@ def pack(texts: list[str], tokenizer, block_size: int, max_tokens: int | None = 
     """Tokenize documents, join them with EOS and cut the stream into equal blocks."""
     eos = tokenizer.eos_token_id
     stream: list[int] = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         stream.extend(ids)
         stream.append(eos)
         if max_tokens is not None and len(stream) >= max_tokens:

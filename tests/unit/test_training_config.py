@@ -43,7 +43,7 @@ def test_bad_recipes_fail_fast_naming_the_field(override, exc, needle):
 class _ByteTokenizer:
     eos_token_id = 0
 
-    def __call__(self, texts, add_special_tokens=False):
+    def __call__(self, texts, add_special_tokens=False, verbose=True):
         return {"input_ids": [[b + 1 for b in t.encode()] for t in texts]}
 
 
