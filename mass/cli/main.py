@@ -189,10 +189,13 @@ def _train(args) -> int:
         from mass.training.job import run_training
 
         result = run_training(cfg).to_dict()
-    text = json.dumps(result, default=str)
     if result.get("model_ref"):
-        text = f"registered {result['model_ref']}  " + " ".join(
-            f"{k}={v:.4g}" for k, v in result["metrics"].items()) + f"\n{text}"
+        text = f"registered {result['model_ref']} (run {result['run_id']})  " + " ".join(
+            f"{k}={v:.4g}" for k, v in result["metrics"].items())
+    elif result.get("run_id"):
+        text = f"trained run {result['run_id']} (registration disabled)"
+    else:
+        text = f"submitted job {result['job_id']}"
     emit(args.output, result, text)
     return 0
 

@@ -29,7 +29,11 @@ def submit_train(config: str, overrides: list[str], address: str, follow: bool =
     Raises:
         JobFailed (or the job's own error class): when the job ends in failure.
     """
+    import logging
+
     from ray.job_submission import JobSubmissionClient
+
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # per-connection chatter
 
     root = project_root()
     cfg_path = Path(config).resolve()
