@@ -184,7 +184,7 @@ class ModelRegistry:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"{model_dir} is not an HF model directory (no config.json)", field="model_dir")
-        model, tokenizer = _load_hf_dir(model_dir, task)
+        model, tokenizer = load_hf_dir(model_dir, task)
         import mlflow
 
         # mlflow.transformers looks for a hub model card and license; we are offline by design
@@ -366,7 +366,7 @@ class ModelRegistry:
         """Load a version back as ``(model, tokenizer, info)``; the model class follows the task."""
         info = self.resolve(ref)
         path = self.download(info.ref)
-        model, tokenizer = _load_hf_dir(path / "model", info.task, tokenizer_dir=path / "components" / "tokenizer")
+        model, tokenizer = load_hf_dir(path / "model", info.task, tokenizer_dir=path / "components" / "tokenizer")
         if device:
             model.to(device)
         return model, tokenizer, info
@@ -407,7 +407,7 @@ def _version_info(mv, aliases: tuple[str, ...]) -> ModelVersionInfo:
         config=config, description=mv.description or "")
 
 
-def _load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None):
+def load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None):
     """Load model + tokenizer from an HF directory with the Auto class for ``task`` (offline only)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -73,11 +73,11 @@ def check_resources(cfg: TrainConfig) -> None:
 
 def _base_model(cfg: TrainConfig, registry: ModelRegistry):
     """(model, tokenizer, parent ref or path) for a fine-tune; raises ModelNotFound / ConfigError early."""
-    from mass.registry.store import _load_hf_dir
+    from mass.registry.store import load_hf_dir
 
     base = cfg.model.base
     if Path(base).expanduser().is_dir():
-        model, tokenizer = _load_hf_dir(Path(base).expanduser(), "text-generation")
+        model, tokenizer = load_hf_dir(Path(base).expanduser(), "text-generation")
         return model, tokenizer, str(Path(base).expanduser().resolve())
     info = registry.resolve(ModelRef.parse(base))
     if info.task != "text-generation":
@@ -121,13 +121,13 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
 
     # ---- 1. everything checkable before a run exists
     registry.experiment_id()  # the repository is reachable
+    corpus_dir = Path(cfg.data.corpus_dir or settings.corpus_dir()).expanduser()
     parent = None
     if cfg.model.base:
         base_model, tokenizer, parent = _base_model(cfg, registry)
         model_spec = base_model.config.to_dict()
     else:
         base_model = None
-        corpus_dir = Path(cfg.data.corpus_dir or settings.corpus_dir()).expanduser()
         tokenizer_texts = read_splits(cfg.data, corpus_dir, cfg.optim.seed)["train"]
         tokenizer = train_tokenizer(tokenizer_texts, cfg.model.vocab_size, cfg.model.arch.n_positions)
         arch = cfg.model.arch
@@ -142,7 +142,6 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
                           f"{max_positions} tokens", field="data.block_size")
     connect_ray(address, settings)
     check_resources(cfg)
-    corpus_dir = Path(cfg.data.corpus_dir or settings.corpus_dir()).expanduser()
     data = prepare(cfg.data, tokenizer, corpus_dir, cfg.optim.seed,
                    min_blocks=cfg.scaling.num_workers * cfg.optim.batch_size)
 

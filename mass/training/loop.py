@@ -16,6 +16,13 @@ from typing import Any
 STATE_FILE = "state.pt"
 
 
+def say(message: str) -> None:
+    """One progress line on the worker's stdout. Not ``print``: Ray Train V2 patches print and, with a
+    wrapped stdout, emits every line twice."""
+    sys.stdout.write(f"[mass] {message}\n")
+    sys.stdout.flush()
+
+
 def build_model(spec: dict[str, Any]):
     """A causal LM from its HF config dict (weights are random until a state dict is loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -94,7 +101,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, step, initial_val = state["epoch"] + 1, state["step"], state["initial_val_loss"]
         if rank == 0:
-            print(f"[mass] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
+            say(f"resumed from checkpoint after epoch {state['epoch'] + 1}")
     if initial_val is None:
         initial_val = evaluate(model, val, batch, rank, world, device)
 
@@ -121,9 +128,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             running += loss.item()
             if rank == 0 and (step % opt["log_every"] == 0 or i == steps_per_epoch - 1):
                 rate = (i + 1) / (time.perf_counter() - started)
-                print(f"[mass] epoch {epoch + 1}/{cfg['epochs']} step {i + 1}/{steps_per_epoch} "
-                      f"loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} steps/s",
-                      file=sys.stdout, flush=True)
+                say(f"epoch {epoch + 1}/{cfg['epochs']} step {i + 1}/{steps_per_epoch} "
+                    f"loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} steps/s")
                 if mlflow_client is not None:
                     mlflow_client.log_metric(cfg["run_id"], "train_loss", loss.item(), step=step)
         val_loss = evaluate(model, val, batch, rank, world, device)
