@@ -1,0 +1,1 @@
+"""Serving: inference engines and the Ray Serve deployments that host them."""

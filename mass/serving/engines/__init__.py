@@ -1,0 +1,1 @@
+"""Inference engines: plain Python objects that Serve deployments wrap (testable without Ray)."""

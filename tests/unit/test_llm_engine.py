@@ -1,0 +1,136 @@
+"""The continuous-batching engine against HF ``generate`` on a real (randomly initialised) GPT-2."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from mass.errors import InvalidRequest
+from mass.serving.engines.llm import LLMEngine
+from mass.serving.engines.sampling import SamplingParams
+
+PROMPTS = ["Return the", "This module provides helpers for", "A", "Create a new thread and start it, then wait"]
+
+
+@pytest.fixture(scope="module")
+def lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mass.data.corpus import collect_documents
+    from mass.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([d["text"] for d in collect_documents(["json", "textwrap"], progress=False)], 512)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    return GPT2LMHeadModel(cfg).eval(), tok
+
+
+@pytest.fixture
+def engine(lm):
+    eng = LLMEngine(*lm, max_running=8)
+    yield eng
+    eng.shutdown()
+
+
+def reference(lm, prompt: str, n: int) -> str:
+    model, tok = lm
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         pad_token_id=tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_staggered_greedy_batch_matches_one_by_one_generate(engine, lm):
+    async def run():
+        tasks = []
+        for i, prompt in enumerate(PROMPTS):  # each arrives while the earlier ones are mid-decode
+            tasks.append(asyncio.create_task(engine.generate(prompt, SamplingParams(max_tokens=10 + 7 * i,
+                                                                                   temperature=0))))
+            await asyncio.sleep(0.01)
+        return await asyncio.gather(*tasks)
+
+    outs = asyncio.run(run())
+    for i, (prompt, out) in enumerate(zip(PROMPTS, outs)):
+        assert out.text == reference(lm, prompt, 10 + 7 * i), prompt
+        assert out.finish_reason in ("length", "stop") and out.prompt_tokens == len(lm[1](prompt)["input_ids"])
+    assert engine.stats() == {"waiting": 0, "running": 0, "steps": engine.steps}
+
+
+def test_streaming_deltas_join_to_the_full_text(engine):
+    async def run():
+        parts = [ev async for ev in engine.stream("Return the", SamplingParams(max_tokens=24, temperature=0))]
+        return parts, await engine.generate("Return the", SamplingParams(max_tokens=24, temperature=0))
+
+    parts, whole = asyncio.run(run())
+    assert len(parts) > 3 and "".join(p.text for p in parts) == whole.text
+    assert [p.finish_reason for p in parts][-1] == "length" and all(p.finish_reason is None for p in parts[:-1])
+    assert parts[-1].completion_tokens == 24
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+    async def run():
+        return await asyncio.gather(engine.generate("A", params), engine.generate("A", params),
+                                    engine.generate("A", SamplingParams(max_tokens=20, seed=8)))
+
+    a, b, c = asyncio.run(run())
+    assert a.text == b.text and a.text != c.text
+
+
+def test_stop_strings_end_generation_and_never_stream(engine, lm):
+    full = reference(lm, "Return the", 30)
+    stop = full[10:14]
+    assert stop.strip(), full
+
+    async def run():
+        return [ev async for ev in engine.stream("Return the", SamplingParams(max_tokens=30, temperature=0,
+                                                                              stop=(stop,)))]
+
+    events = asyncio.run(run())
+    text = "".join(e.text for e in events)
+    assert text == full[: full.find(stop)] and events[-1].finish_reason == "stop"
+
+
+def test_requests_that_cannot_fit_are_rejected_naming_the_limit(engine):
+    with pytest.raises(InvalidRequest, match="exceeds the model's context of 128 tokens"):
+        asyncio.run(engine.generate("word " * 100, SamplingParams(max_tokens=64)))
+    with pytest.raises(InvalidRequest, match="prompt is empty"):
+        asyncio.run(engine.generate("", SamplingParams()))
+
+
+def test_cancelled_stream_frees_its_slot(lm):
+    engine = LLMEngine(*lm, max_running=1)
+    try:
+        async def run():
+            stream = engine.stream("Return the", SamplingParams(max_tokens=100, temperature=0))
+            await stream.__anext__()             # it holds the only slot now
+            await stream.aclose()                # the client went away
+            return await asyncio.wait_for(engine.generate("A", SamplingParams(max_tokens=5, temperature=0)), 30)
+
+        out = asyncio.run(run())
+        assert out.completion_tokens == 5 or out.finish_reason == "stop"
+        assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_running_batch_is_capped(lm):
+    engine = LLMEngine(*lm, max_running=2)
+    seen = []
+    try:
+        async def run():
+            tasks = [asyncio.create_task(engine.generate(p, SamplingParams(max_tokens=30, temperature=0)))
+                     for p in PROMPTS]
+            while not all(t.done() for t in tasks):
+                seen.append(engine.stats())
+                await asyncio.sleep(0.002)
+            return await asyncio.gather(*tasks)
+
+        outs = asyncio.run(run())
+        assert max(s["running"] for s in seen) <= 2 and max(s["waiting"] for s in seen) >= 1
+        assert all(o.completion_tokens > 0 for o in outs)
+    finally:
+        engine.shutdown()
