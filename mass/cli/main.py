@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray dashboard address (http://HOST:8265): submit as a Ray job and stream logs")
     train.add_argument("--no-follow", action="store_true", help="with --address: submit and return")
 
+    serve_cmd = sub.add_parser("serve", help="serving").add_subparsers(dest="cmd", required=True)
+    up = serve_cmd.add_parser("up", help="deploy a Serve app config (gateway + models) and serve it")
+    up.add_argument("--config", required=True, help="e.g. serve_apps/configs/demo.yaml")
+    up.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    up.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS or a local Ray)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--detach", action="store_true", help="return once ready (the app stays on the cluster)")
+
     sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")
     return parser
 
@@ -197,6 +206,19 @@ def _train(args) -> int:
     else:
         text = f"submitted job {result['job_id']}"
     emit(args.output, result, text)
+    return 0
+
+
+@command("serve up")
+def _serve_up(args) -> int:
+    from mass.serving.app import load_app_args
+    from mass.serving.launch import serve_up
+
+    app_args = load_app_args(args.config, args.overrides)  # fail fast, before Ray starts
+    url = serve_up(app_args, address=args.address, host=args.host, port=args.port, block=not args.detach)
+    from mass.cli.output import emit
+
+    emit(args.output, {"url": url, "models": [m.name for m in app_args.models]}, f"serving at {url}")
     return 0
 
 

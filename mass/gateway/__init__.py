@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: one folder per endpoint family (router, protocol, serving)."""

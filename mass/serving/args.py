@@ -1,0 +1,87 @@
+"""Serve application config: which registered models are served, by which engine, with what resources.
+
+Read from ``serve_apps/configs/*.yaml`` (the ``args:`` of a Serve config, or ``mass serve up``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from mass.config import MassConfig
+from mass.refs import ModelRef
+
+
+class AutoscalingArgs(MassConfig):
+    """Ray Serve autoscaling for one deployment (min_replicas 0 = scale to zero)."""
+
+    min_replicas: int = Field(1, ge=0, description="Replicas kept when idle (0 scales to zero).")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time.")
+    max_replicas: int = Field(1, ge=1, description="Upper bound under load.")
+    target_ongoing_requests: float = Field(4.0, gt=0, description="In-flight requests per replica to aim for.")
+    upscale_delay_s: float = Field(3.0, ge=0, description="Load must persist this long before scaling up.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="Idleness must persist this long before scaling down.")
+    look_back_period_s: float = Field(12.0, gt=10, description="Window for averaging load (Ray needs > 10).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "AutoscalingArgs":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
+class BatchArgs(MassConfig):
+    """Dynamic batching of embedding requests (``@serve.batch``)."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Requests merged into one forward pass.")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=5, description="Wait this long to fill a batch.")
+
+
+class ModelArgs(MassConfig):
+    """One served model."""
+
+    name: str = Field(..., description="Model id clients send (`model` in the OpenAI API).")
+    ref: str = Field(..., description="Registered ModelRef to serve, usually an alias: tiny-gpt@production.")
+    engine: Literal["llm", "embedding"] = Field(..., description="llm: text generation; embedding: encoders.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
+    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
+    max_queued_requests: int = Field(-1, ge=-1, description="Queued per caller before 503 (-1: unbounded).")
+    max_running: int = Field(16, ge=1, description="LLM: sequences decoded together.")
+    max_batch_tokens: int = Field(8192, ge=16, description="LLM: prompt+max_tokens summed over the batch.")
+    max_tokens_limit: int = Field(512, ge=1, description="LLM: largest max_tokens a request may ask for.")
+    batch: BatchArgs = Field(default_factory=BatchArgs)
+    max_length: int = Field(256, ge=8, description="Embedding: inputs truncated to this many tokens.")
+    normalize: bool = Field(True, description="Embedding: L2-normalise vectors.")
+
+    @field_validator("ref")
+    @classmethod
+    def _ref(cls, value: str) -> str:
+        ModelRef.parse(value)
+        return value
+
+
+class GatewayArgs(MassConfig):
+    """The OpenAI-compatible gateway."""
+
+    request_timeout_s: float = Field(60.0, gt=0, description="Upstream timeout; exceeded -> 504.")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 on backpressure.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per gateway replica.")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests a gateway replica accepts at once.")
+
+
+class AppArgs(MassConfig):
+    """A whole Serve application: models behind one gateway."""
+
+    models: list[ModelArgs] = Field(..., min_length=1)
+    gateway: GatewayArgs = Field(default_factory=GatewayArgs)
+
+    @model_validator(mode="after")
+    def _unique(self) -> "AppArgs":
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"model names must be unique; repeated: {dupes}")
+        return self

@@ -1,0 +1,1 @@
+"""Thin Ray Serve application builders; the logic lives in ``mass.serving`` and ``mass.gateway``."""

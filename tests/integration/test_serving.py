@@ -1,0 +1,136 @@
+"""The serving plane on a real Ray Serve: gateway + tiny-gpt + MiniLM, called with the official openai client."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+import torch
+
+from mass.registry import ModelRegistry
+from mass.registry.imports import import_minilm
+from mass.serving.app import build_app, load_app_args
+from mass.serving.launch import APP_NAME, wait_ready
+from tests.integration.support import ROOT, free_port, wait_for
+
+
+@pytest.fixture(scope="module")
+def gateway(trained, ray_cluster):
+    from ray import serve
+
+    import_minilm(ModelRegistry())
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml")
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, timeout=240)
+    yield url
+    serve.delete(APP_NAME)
+    serve.shutdown()
+
+
+@pytest.fixture
+def client(gateway):
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_health_and_openapi(gateway, client):
+    assert sorted(m.id for m in client.models.list()) == ["minilm", "tiny-gpt"]
+    assert httpx.get(f"{gateway}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{gateway}/readyz").json()
+    assert ready == {"status": "ready", "models": {"minilm": "ready", "tiny-gpt": "ready"}}
+    paths = httpx.get(f"{gateway}/openapi.json").json()["paths"]
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"} <= set(paths)
+
+
+def test_greedy_completion_matches_the_registered_model(client, trained):
+    model, tokenizer, _ = ModelRegistry().load(trained.model_ref)
+    ids = tokenizer("Return the", return_tensors="pt")["input_ids"]
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                         pad_token_id=tokenizer.eos_token_id)
+    expected = tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+    out = client.completions.create(model="tiny-gpt", prompt="Return the", max_tokens=12, temperature=0)
+    assert out.choices[0].text == expected and out.choices[0].finish_reason == "length"
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (ids.shape[1], 12)
+
+
+def test_chat_and_streaming(client):
+    chat = client.chat.completions.create(model="tiny-gpt", messages=[{"role": "user", "content": "hello"}],
+                                          max_tokens=8, seed=1)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 8
+
+    full = client.completions.create(model="tiny-gpt", prompt="The module", max_tokens=16, temperature=0)
+    chunks = list(client.completions.create(model="tiny-gpt", prompt="The module", max_tokens=16, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 16
+
+    chat_chunks = list(client.chat.completions.create(model="tiny-gpt", max_tokens=8, temperature=0, stream=True,
+                                                      messages=[{"role": "user", "content": "hi"}]))
+    assert chat_chunks[0].choices[0].delta.role == "assistant"
+    assert chat_chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_embeddings_float_and_base64(client, gateway):
+    out = client.embeddings.create(model="minilm", input=["a cat sits on the mat", "a kitten rests on a rug",
+                                                          "quarterly tax filing"])
+    v = torch.tensor([d.embedding for d in out.data])  # the client asked for base64 and decoded it
+    assert v.shape == (3, 384) and float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.2
+    raw = httpx.post(f"{gateway}/v1/embeddings", json={"model": "minilm", "input": "a cat",
+                                                       "encoding_format": "float"}).json()
+    assert torch.allclose(torch.tensor(raw["data"][0]["embedding"]),
+                          torch.tensor(client.embeddings.create(model="minilm", input="a cat").data[0].embedding),
+                          atol=1e-6)
+    assert raw["usage"]["prompt_tokens"] > 0
+
+
+@pytest.mark.parametrize("path,body,status,needle", [
+    ("/v1/completions", {"model": "ghost", "prompt": "x"}, 404, "model 'ghost' is not served here"),
+    ("/v1/completions", {"model": "tiny-gpt"}, 400, "prompt: Field required"),
+    ("/v1/completions", {"model": "tiny-gpt", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": "tiny-gpt", "prompt": "word " * 300}, 400, "exceeds the model's context of 256"),
+    ("/v1/completions", {"model": "tiny-gpt", "prompt": "x", "max_tokens": 4096}, 400, "limit of 128"),
+    ("/v1/completions", {"model": "tiny-gpt", "prompt": "x", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": "tiny-gpt", "prompt": "x", "temperature": 1e9}, 400, "temperature"),
+    ("/v1/completions", {"model": "minilm", "prompt": "x"}, 400, "does not do text generation"),
+    ("/v1/chat/completions", {"model": "tiny-gpt", "messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "tiny-gpt", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+    ("/v1/embeddings", {"model": "minilm", "input": []}, 400, "at least one text"),
+    ("/v1/embeddings", {"model": "tiny-gpt", "input": "x"}, 400, "does not do embeddings"),
+    ("/v1/embeddings", {"model": "minilm", "input": "x", "dimensions": 8}, 400, "returns 384 dimensions"),
+])
+def test_bad_inputs_get_openai_errors(gateway, path, body, status, needle):
+    resp = httpx.post(f"{gateway}{path}", json=body)
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_malformed_json_is_a_400(gateway):
+    resp = httpx.post(f"{gateway}/v1/completions", content=b'{"model": "tiny-gpt", "prompt": ',
+                      headers={"content-type": "application/json"})
+    assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
+
+
+def test_openai_client_raises_its_own_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="ghost", prompt="x")
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny-gpt", prompt="word " * 300)
+
+
+def test_client_disconnect_mid_stream_frees_the_slot(gateway):
+    from ray import serve
+
+    llm = serve.get_deployment_handle("llm-tiny-gpt", APP_NAME)
+    body = {"model": "tiny-gpt", "prompt": "The", "max_tokens": 120, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{gateway}/v1/completions", json=body) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
+                break  # got real tokens; now hang up
+    wait_for(lambda: llm.stats.remote().result()["running"] == 0, 30, "the engine to drop the sequence")
+    out = httpx.post(f"{gateway}/v1/completions", json={**body, "stream": False, "max_tokens": 4}).json()
+    assert out["usage"]["completion_tokens"] == 4

@@ -1,0 +1,42 @@
+"""Serve app configs are validated up front; every error names the field."""
+
+from pathlib import Path
+
+import pytest
+
+from mass.config import load_config
+from mass.errors import ConfigError, InvalidModelRef
+from mass.serving.app import load_app_args
+from mass.serving.args import AppArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = {"models": [{"name": "m", "ref": "tiny-gpt@production", "engine": "llm"}]}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "serve_apps" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_serve_configs_are_valid(path):
+    args = load_app_args(path)
+    assert args.models and all(m.ref for m in args.models)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"engine": "vision"}, "models.0.engine"),
+    ({"num_cpus": -1}, "models.0.num_cpus"),
+    ({"autoscaling": {"min_replicas": 3, "max_replicas": 1}}, "min_replicas (3) > max_replicas (1)"),
+    ({"autoscaling": {"look_back_period_s": 5}}, "look_back_period_s"),
+    ({"max_ongoing": 3}, "models.0.max_ongoing: unknown key"),
+    ({"batch": {"max_batch_size": 0}}, "models.0.batch.max_batch_size"),
+])
+def test_bad_model_args_name_the_field(change, needle):
+    data = {"models": [{**GOOD["models"][0], **change}]}
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_config(AppArgs, data=data)
+
+
+def test_duplicate_names_and_bad_refs():
+    with pytest.raises(ConfigError, match="repeated: \\['m'\\]"):
+        load_config(AppArgs, data={"models": GOOD["models"] * 2})
+    with pytest.raises(InvalidModelRef):
+        load_config(AppArgs, data={"models": [{**GOOD["models"][0], "ref": "bad ref"}]})
+    with pytest.raises(ConfigError, match="models: List should have at least 1 item"):
+        load_config(AppArgs, data={"models": []})
