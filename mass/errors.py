@@ -102,6 +102,22 @@ class InsufficientResources(MassError):
     exit_code = 4
 
 
+class Overloaded(MassError):
+    """A model is at capacity (Serve backpressure); retry after ``retry_after`` seconds."""
+
+    code = "backpressure"
+    http_status = 503
+    exit_code = 7
+
+
+class UpstreamTimeout(MassError):
+    """A model did not answer within the gateway's request timeout."""
+
+    code = "upstream_timeout"
+    http_status = 504
+    exit_code = 8
+
+
 class RegistryError(MassError):
     """The model repository (MLflow) failed or could not be reached."""
 

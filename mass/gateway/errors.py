@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from mass.errors import MassError
+from mass.errors import MassError, Overloaded, UpstreamTimeout
 from mass.gateway.protocol import error_body
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,27 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
-    """Map any exception to (status, OpenAI error body)."""
+async def call_upstream(response, timeout: float, model: str, retry_after_s: int):
+    """Await a Serve handle response; backpressure -> Overloaded (503), timeout -> UpstreamTimeout (504).
+
+    Translating here, inside the route, matters: Serve installs its own plain-text 503 handler for
+    BackPressureError on the app, which would bypass the OpenAI error body and ``Retry-After``.
+    """
     from ray.serve.exceptions import BackPressureError
 
+    try:
+        return await asyncio.wait_for(response, timeout)
+    except BackPressureError as exc:
+        raise Overloaded(f"model {model!r} is at capacity; retry in {retry_after_s}s",
+                         retry_after=retry_after_s) from exc
+    except asyncio.TimeoutError as exc:
+        if hasattr(response, "cancel"):  # a DeploymentResponse; a stream is cancelled by its owner
+            response.cancel()
+        raise UpstreamTimeout(f"model {model!r} did not answer within {timeout:g}s") from exc
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """Map any exception to (status, OpenAI error body); never a traceback."""
     exc = unwrap(exc)
     if isinstance(exc, MassError):
         status = exc.http_status
@@ -37,16 +54,14 @@ def error_response(exc: BaseException, retry_after_s: int = 1) -> JSONResponse:
         body = error_body(exc.message, _TYPES.get(status, "server_error"), exc.code, param)
         if status >= 500:
             log.warning("request failed: %s", exc.message)
-        return JSONResponse(body, status_code=status)
-    if isinstance(exc, BackPressureError):
-        return JSONResponse(error_body("the model is overloaded; retry shortly", "overloaded_error",
-                                       "backpressure"), status_code=503,
-                            headers={"Retry-After": str(retry_after_s)})
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-        return JSONResponse(error_body("the model did not answer in time", "timeout_error", "upstream_timeout"),
-                            status_code=504)
+        headers = {"Retry-After": str(exc.details["retry_after"])} if "retry_after" in exc.details else None
+        return JSONResponse(body, status_code=status, headers=headers)
     log.exception("unexpected gateway error", exc_info=exc)
     return JSONResponse(error_body("internal error", "server_error", "internal_error"), status_code=500)
+
+
+async def _expected(request: Request, exc: Exception):
+    return error_response(exc)
 
 
 def install(app: FastAPI) -> None:
@@ -70,9 +85,9 @@ def install(app: FastAPI) -> None:
         return JSONResponse(error_body(str(exc.detail), _TYPES.get(exc.status_code, "invalid_request_error")),
                             status_code=exc.status_code)
 
-    @app.exception_handler(MassError)
-    async def _mass(request: Request, exc: MassError):
-        return error_response(exc)
+    # MassError is answered by Starlette's ExceptionMiddleware and ends there; the handler for plain
+    # Exception runs in ServerErrorMiddleware, which re-raises after answering (a real crash).
+    app.add_exception_handler(MassError, _expected)
 
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -11,7 +10,7 @@ from typing import Any, AsyncIterator, Callable
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mass.errors import InvalidRequest, MassError
-from mass.gateway.errors import error_response
+from mass.gateway.errors import call_upstream, error_response
 from mass.gateway.protocol import SamplingFields
 from mass.gateway.state import GatewayState
 
@@ -36,20 +35,15 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
                              param="max_tokens", limit=limit)
     request = {**payload, "sampling": body.sampling()}
     rid, created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
-    timeout = state.args.gateway.request_timeout_s
+    timeout, retry = state.args.gateway.request_timeout_s, state.args.gateway.retry_after_s
     if not body.stream:
-        response = route.handle.generate.remote(request)
-        try:
-            result = await asyncio.wait_for(response, timeout)
-        except asyncio.TimeoutError:
-            response.cancel()
-            raise
+        result = await call_upstream(route.handle.generate.remote(request), timeout, body.model, retry)
         raise_if_error(result)
         return JSONResponse(full(result, rid, created), headers={"X-Request-Id": rid})
 
     stream = route.handle.options(stream=True).stream.remote(request)
     try:  # the first event surfaces request errors (context overflow...) as a status, not a broken stream
-        first = await asyncio.wait_for(stream.__anext__(), timeout)
+        first = await call_upstream(stream.__anext__(), timeout, body.model, retry)
     except StopAsyncIteration:
         first = None
     except BaseException:
@@ -72,7 +66,7 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
                         yield _sse(chunk(rid, created, None, None, False, _usage(event)))
                     break
                 try:
-                    event = await asyncio.wait_for(stream.__anext__(), timeout)
+                    event = await call_upstream(stream.__anext__(), timeout, body.model, retry)
                 except StopAsyncIteration:
                     break
             yield "data: [DONE]\n\n"

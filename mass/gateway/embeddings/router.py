@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 
 import numpy as np
@@ -10,6 +9,7 @@ from fastapi import APIRouter, Depends
 
 from mass.errors import InvalidRequest
 from mass.gateway.embeddings.protocol import EmbeddingRequest
+from mass.gateway.errors import call_upstream
 from mass.gateway.state import GatewayState, get_state
 
 router = APIRouter()
@@ -23,12 +23,9 @@ async def create_embeddings(body: EmbeddingRequest, state: GatewayState = Depend
     if body.dimensions is not None and body.dimensions != facts["dim"]:
         raise InvalidRequest(f"dimensions={body.dimensions}: this model returns {facts['dim']} dimensions",
                              param="dimensions")
-    response = route.handle.embed.remote(body.texts())
-    try:
-        result = await asyncio.wait_for(response, state.args.gateway.request_timeout_s)
-    except asyncio.TimeoutError:
-        response.cancel()
-        raise
+    gw = state.args.gateway
+    result = await call_upstream(route.handle.embed.remote(body.texts()), gw.request_timeout_s, body.model,
+                                 gw.retry_after_s)
     data = []
     for i, vector in enumerate(result["data"]):
         if body.encoding_format == "base64":
