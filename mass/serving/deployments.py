@@ -16,12 +16,12 @@ log = logging.getLogger(__name__)
 
 
 def _load(args: ModelArgs):
+    """(model, tokenizer, version info) of the served ref, on the GPU when the replica has one."""
     from mass.registry import ModelRegistry
     from mass.settings import apply_offline_env
 
     apply_offline_env()
-    model, tokenizer, info = ModelRegistry().load(args.ref)
-    return model, tokenizer, info
+    return ModelRegistry().load(args.ref, device="cuda" if args.num_gpus > 0 else None)
 
 
 @serve.deployment
@@ -33,8 +33,6 @@ class LLMServer:
 
         self.args = ModelArgs.model_validate(args)
         model, tokenizer, self.info = _load(self.args)
-        if self.args.num_gpus > 0:
-            model.to("cuda")
         self.engine = LLMEngine(model, tokenizer, max_running=self.args.max_running,
                                 max_batch_tokens=self.args.max_batch_tokens)
         self.chat_template = getattr(tokenizer, "chat_template", None)
@@ -102,8 +100,6 @@ class EmbeddingServer:
 
         self.args = ModelArgs.model_validate(args)
         model, tokenizer, self.info = _load(self.args)
-        if self.args.num_gpus > 0:
-            model.to("cuda")
         self.engine = EmbeddingEngine(model, tokenizer, max_length=self.args.max_length,
                                       normalize=self.args.normalize)
         self._embed_batch.set_max_batch_size(self.args.batch.max_batch_size)
