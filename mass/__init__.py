@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigError", "DataError", "InsufficientResources", "InvalidModelRef", "InvalidRequest", "JobFailed",
     "MassError", "ModelNotFound", "NotFound", "RegistryError", "ModelRef", "Settings", "get_settings",
-    "ModelRegistry", "TrainConfig", "run_training", "build_corpus", "__version__",
+    "ModelRegistry", "TrainConfig", "run_training", "build_corpus", "Client", "Completion", "__version__",
 ]
 
 _LAZY = {
@@ -25,11 +25,14 @@ _LAZY = {
     "TrainConfig": "mass.training.config",
     "run_training": "mass.training.job",
     "build_corpus": "mass.data.corpus",
+    "Client": "mass.sdk",
+    "Completion": "mass.sdk",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from mass.data.corpus import build_corpus
     from mass.registry import ModelRegistry
+    from mass.sdk import Client, Completion
     from mass.training.config import TrainConfig
     from mass.training.job import run_training
 

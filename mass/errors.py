@@ -46,6 +46,12 @@ class MassError(Exception):
         return {"code": self.code, "message": self.message, **self.details}
 
     @staticmethod
+    def from_dict(error: dict[str, Any]) -> "MassError":
+        """Rebuild the error from ``to_dict()`` output (or an OpenAI error body's ``error``)."""
+        details = {k: v for k, v in error.items() if k not in ("code", "message", "type") and v is not None}
+        return MassError.class_for(error.get("code") or "")(error.get("message") or "request failed", **details)
+
+    @staticmethod
     def class_for(code: str) -> type["MassError"]:
         """Return the registered class for ``code`` (``MassError`` itself when unknown)."""
         return _BY_CODE.get(code, MassError)

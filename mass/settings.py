@@ -17,6 +17,7 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MASS_EXPERIMENT": ("mass", "MLflow experiment that training and registration runs are logged under."),
     "MASS_STORAGE_PATH": ("", "Ray Train storage for checkpoints. Empty: $MASS_HOME/ray_results. Multi-node: shared storage (s3://, NFS)."),
     "MASS_LOG_LEVEL": ("INFO", "Log level for MASS loggers (DEBUG, INFO, WARNING, ERROR)."),
+    "MASS_GATEWAY_URL": ("http://127.0.0.1:8000", "Gateway the SDK calls over HTTP when it runs outside the Ray cluster."),
     "RAY_ADDRESS": ("", "Ray's own variable: the cluster to join. Empty: jobs start a local Ray."),
 }
 
@@ -36,6 +37,7 @@ class Settings:
     storage_path: str
     log_level: str
     ray_address: str
+    gateway_url: str
 
     @property
     def embedded(self) -> bool:
@@ -62,6 +64,7 @@ def get_settings() -> Settings:
         storage_path=_env("MASS_STORAGE_PATH") or str(home / "ray_results"),
         log_level=_env("MASS_LOG_LEVEL").upper(),
         ray_address=_env("RAY_ADDRESS"),
+        gateway_url=_env("MASS_GATEWAY_URL").rstrip("/"),
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mass.errors import InvalidRequest, MassError
+from mass.errors import MassError
 from mass.gateway.errors import call_upstream, error_response
 from mass.gateway.protocol import SamplingFields
 from mass.gateway.state import GatewayState
@@ -27,12 +27,7 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
         full: builds the non-streaming body from (engine result, id, created).
         chunk: builds one stream chunk from (id, created, text, finish_reason, first, usage).
     """
-    route = state.route(body.model, "llm")
-    facts = await state.facts(route)
-    limit = min(route.args.max_tokens_limit, facts["context_length"])
-    if body.max_tokens is not None and body.max_tokens > limit:
-        raise InvalidRequest(f"max_tokens={body.max_tokens} exceeds this model's limit of {limit}",
-                             param="max_tokens", limit=limit)
+    route = state.route(body.model, "llm")  # limits are checked by the model deployment, for SDK calls too
     request = {**payload, "sampling": body.sampling()}
     rid, created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
     timeout, retry = state.args.gateway.request_timeout_s, state.args.gateway.retry_after_s
@@ -81,9 +76,7 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
 def raise_if_error(result: dict[str, Any]) -> None:
     """Re-raise an error the model deployment returned as the same MassError class."""
     if "error" in result:
-        err = dict(result["error"])
-        code, message = err.pop("code", ""), err.pop("message", "request failed")
-        raise MassError.class_for(code)(message, **err)
+        raise MassError.from_dict(result["error"])
 
 
 def _sse(data: dict[str, Any]) -> str:

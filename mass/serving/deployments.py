@@ -9,7 +9,7 @@ from typing import Any, AsyncIterator
 
 from ray import serve
 
-from mass.errors import MassError
+from mass.errors import InvalidRequest, MassError
 from mass.serving.args import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,13 @@ class LLMServer:
 
         prompt = request["prompt"] if "prompt" in request else self.render_chat(request["messages"])
         ids = self.engine.encode(prompt)
-        params = SamplingParams(**request["sampling"])
+        sampling = dict(request["sampling"])
+        sampling["stop"] = tuple(sampling.get("stop") or ())
+        params = SamplingParams(**sampling)
+        limit = min(self.args.max_tokens_limit, self.engine.context_length)
+        if params.max_tokens > limit:
+            raise InvalidRequest(f"max_tokens={params.max_tokens} exceeds this model's limit of {limit}",
+                                 param="max_tokens", limit=limit)
         self.engine.check(ids, params)
         return ids, params
 
@@ -122,8 +128,6 @@ class EmbeddingServer:
 
     async def embed(self, texts: list[str]) -> dict[str, Any]:
         """Vectors for ``texts`` (in order) and the prompt tokens they used."""
-        from mass.errors import InvalidRequest
-
         if not texts:
             raise InvalidRequest("input must contain at least one text", field="input")
         vectors, tokens = await self._embed_batch(texts)

@@ -181,3 +181,38 @@ def test_backpressure_is_503_with_retry_after_and_nothing_is_mixed_up(gateway, c
             assert again.choices[0].text == text
     finally:
         serve.delete("mass-tight")
+
+
+def _sdk_session(client_kwargs: dict) -> dict:
+    """Everything the SDK test compares, run with one transport."""
+    from mass import Client, MassError
+
+    c = Client(**client_kwargs)
+    out = {"via": c.via, "models": c.models(),
+           "complete": c.complete("tiny-gpt", "Return the", max_tokens=8, temperature=0),
+           "chat": c.chat("tiny-gpt", "hello", max_tokens=6, temperature=0),
+           "stream": "".join(c.stream("tiny-gpt", "The module", max_tokens=10, temperature=0)),
+           "embed": c.embed("minilm", ["a cat sits on the mat"])[0][:8]}
+    for name, call in {"ghost": lambda: c.complete("ghost", "x"),
+                       "too_long": lambda: c.complete("tiny-gpt", "word " * 300),
+                       "limit": lambda: c.complete("tiny-gpt", "x", max_tokens=4096),
+                       "wrong_kind": lambda: c.embed("tiny-gpt", "x")}.items():
+        try:
+            call()
+            out[name] = None
+        except MassError as exc:
+            out[name] = (type(exc).__name__, exc.message)
+    return out
+
+
+def test_sdk_gives_the_same_results_and_errors_over_http_and_serve_handles(gateway):
+    import ray
+
+    over_http = _sdk_session({"base_url": gateway, "via": "http"})
+    in_cluster = ray.get(ray.remote(_sdk_session).remote({}))  # inside a Ray task: handles, chosen by itself
+    assert over_http["via"] == "http" and in_cluster["via"] == "handle"
+    for key in ("models", "complete", "chat", "stream", "ghost", "too_long", "limit", "wrong_kind"):
+        assert over_http[key] == in_cluster[key], key
+    assert torch.allclose(torch.tensor(over_http["embed"]), torch.tensor(in_cluster["embed"]), atol=1e-6)
+    assert over_http["ghost"][0] == "ModelNotFound" and over_http["too_long"][0] == "InvalidRequest"
+    assert over_http["complete"].completion_tokens == 8 and over_http["stream"]

@@ -1,0 +1,206 @@
+"""``mass.Client``: call served models from Python — Serve handles inside the Ray cluster, HTTP outside.
+
+Both transports return the same results and raise the same ``MassError`` classes. The SDK talks to the
+gateway's HTTP API or to the model deployments directly; it never imports the gateway.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+from mass.errors import InvalidRequest, MassError, ModelNotFound
+
+APP_NAME = "mass"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """Generated text with its finish reason and token counts."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None,
+              stop: str | list[str] | None) -> dict[str, Any]:
+    if max_tokens < 1 or not 0 <= temperature <= 2 or not 0 < top_p <= 1:
+        raise InvalidRequest("max_tokens must be >= 1, temperature in [0, 2], top_p in (0, 1]", field="sampling")
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stops}
+
+
+class Client:
+    """A client for the models MASS serves.
+
+    Args:
+        base_url: the gateway for HTTP (default ``MASS_GATEWAY_URL``).
+        via: ``handle`` (Serve handles; needs Ray), ``http``, or ``auto`` (handles when this process is
+            connected to a Ray cluster that runs the app, HTTP otherwise).
+        app_name: the Serve application to call through handles.
+        timeout_s: per-request timeout.
+    """
+
+    def __init__(self, base_url: str | None = None, via: Literal["auto", "handle", "http"] = "auto",
+                 app_name: str = APP_NAME, timeout_s: float = 60.0) -> None:
+        from mass.settings import get_settings
+
+        self.base_url = (base_url or get_settings().gateway_url).rstrip("/")
+        self.app_name = app_name
+        self.timeout_s = timeout_s
+        self.via = self._pick(via)
+
+    def _pick(self, via: str) -> str:
+        if via != "auto":
+            return via
+        try:
+            import ray
+        except ImportError:
+            return "http"
+        if not ray.is_initialized():
+            return "http"
+        from ray import serve
+
+        try:
+            return "handle" if self.app_name in serve.status().applications else "http"
+        except Exception:  # no Serve controller on this cluster
+            return "http"
+
+    # ------------------------------------------------------------------ public API
+    def models(self) -> list[str]:
+        """Ids of the served models."""
+        if self.via == "http":
+            return [m["id"] for m in self._post_or_get("GET", "/v1/models")["data"]]
+        from ray import serve
+
+        app = serve.status().applications.get(self.app_name)
+        names = app.deployments if app else {}
+        return sorted(n.split("-", 1)[1] for n in names if n.startswith(("llm-", "embedding-")))
+
+    def complete(self, model: str, prompt: str, max_tokens: int = 16, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None) -> Completion:
+        """Complete ``prompt``."""
+        sampling = _sampling(max_tokens, temperature, top_p, seed, stop)
+        if self.via == "http":
+            body = self._post_or_get("POST", "/v1/completions", {"model": model, "prompt": prompt, **sampling})
+            return _from_openai(body, body["choices"][0]["text"])
+        return _from_engine(self._call(model, "llm", "generate", {"prompt": prompt, "sampling": sampling}))
+
+    def chat(self, model: str, messages: str | list[dict[str, str]], max_tokens: int = 16,
+             temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
+             stop: str | list[str] | None = None) -> Completion:
+        """Answer a chat (a string is one user message)."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        sampling = _sampling(max_tokens, temperature, top_p, seed, stop)
+        if self.via == "http":
+            body = self._post_or_get("POST", "/v1/chat/completions",
+                                     {"model": model, "messages": messages, **sampling})
+            return _from_openai(body, body["choices"][0]["message"]["content"])
+        return _from_engine(self._call(model, "llm", "generate", {"messages": messages, "sampling": sampling}))
+
+    def stream(self, model: str, prompt: str, max_tokens: int = 16, temperature: float = 1.0,
+               top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None) -> Iterator[str]:
+        """Yield the completion of ``prompt`` piece by piece."""
+        sampling = _sampling(max_tokens, temperature, top_p, seed, stop)
+        if self.via == "http":
+            yield from self._http_stream({"model": model, "prompt": prompt, "stream": True, **sampling})
+            return
+        handle = self._handle(model, "llm").options(stream=True)
+        for event in handle.stream.remote({"prompt": prompt, "sampling": sampling}):
+            if "error" in event:
+                raise MassError.from_dict(event["error"])
+            if event["text"]:
+                yield event["text"]
+
+    def embed(self, model: str, texts: str | list[str]) -> list[list[float]]:
+        """One vector per text, in order."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.via == "http":
+            body = self._post_or_get("POST", "/v1/embeddings",
+                                     {"model": model, "input": texts, "encoding_format": "float"})
+            return [d["embedding"] for d in body["data"]]
+        if not texts or any(not t for t in texts):
+            raise InvalidRequest("input must contain at least one non-empty text", field="input")
+        return self._call(model, "embedding", "embed", texts)["data"]
+
+    # ------------------------------------------------------------------ transports
+    def _handle(self, model: str, engine: str):
+        """The deployment handle for ``model``; the gateway's 404/400 when it is missing or the wrong kind."""
+        from ray import serve
+
+        app = serve.status().applications.get(self.app_name)
+        deployments = set(app.deployments) if app else set()
+        if f"{engine}-{model}" in deployments:
+            return serve.get_deployment_handle(f"{engine}-{model}", self.app_name)
+        served = self.models()
+        if model in served:
+            verb = "text generation" if engine == "llm" else "embeddings"
+            other = "embedding" if engine == "llm" else "llm"
+            raise InvalidRequest(f"model {model!r} is a {other} model and does not do {verb}", param="model")
+        raise ModelNotFound(f"model {model!r} is not served here; served models: {', '.join(served) or 'none'}",
+                            param="model")
+
+    def _call(self, model: str, engine: str, method: str, payload: Any) -> dict[str, Any]:
+        from ray.serve.exceptions import BackPressureError
+
+        from mass.errors import Overloaded, UpstreamTimeout
+
+        response = getattr(self._handle(model, engine), method).remote(payload)
+        try:
+            result = response.result(timeout_s=self.timeout_s)
+        except BackPressureError as exc:
+            raise Overloaded(f"model {model!r} is at capacity; retry shortly", retry_after=1) from exc
+        except TimeoutError as exc:
+            response.cancel()
+            raise UpstreamTimeout(f"model {model!r} did not answer within {self.timeout_s:g}s") from exc
+        if isinstance(result, dict) and "error" in result:
+            raise MassError.from_dict(result["error"])
+        return result
+
+    def _post_or_get(self, verb: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        import httpx
+
+        try:
+            resp = httpx.request(verb, self.base_url + path, json=body, timeout=self.timeout_s)
+        except httpx.HTTPError as exc:
+            raise MassError(f"cannot reach the gateway at {self.base_url}: {exc}", url=self.base_url) from exc
+        if resp.status_code >= 400:
+            raise _http_error(resp)
+        return resp.json()
+
+    def _http_stream(self, body: dict[str, Any]) -> Iterator[str]:
+        import httpx
+
+        with httpx.stream("POST", self.base_url + "/v1/completions", json=body, timeout=self.timeout_s) as resp:
+            if resp.status_code >= 400:
+                resp.read()
+                raise _http_error(resp)
+            for line in resp.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise MassError.from_dict(chunk["error"])
+                for choice in chunk.get("choices", []):
+                    if choice.get("text"):
+                        yield choice["text"]
+
+
+def _http_error(resp) -> MassError:
+    try:
+        return MassError.from_dict(resp.json()["error"])
+    except (ValueError, KeyError, TypeError):
+        return MassError(f"gateway answered {resp.status_code}: {resp.text[:200]}")
+
+
+def _from_openai(body: dict[str, Any], text: str) -> Completion:
+    usage = body["usage"]
+    return Completion(text, body["choices"][0]["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"])
+
+
+def _from_engine(result: dict[str, Any]) -> Completion:
+    return Completion(result["text"], result["finish_reason"], result["prompt_tokens"], result["completion_tokens"])
