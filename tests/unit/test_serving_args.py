@@ -40,3 +40,19 @@ def test_duplicate_names_and_bad_refs():
         load_config(AppArgs, data={"models": [{**GOOD["models"][0], "ref": "bad ref"}]})
     with pytest.raises(ConfigError, match="models: List should have at least 1 item"):
         load_config(AppArgs, data={"models": []})
+
+
+def test_serve_config_import_path_builds_the_application():
+    """What `serve run serve_apps/configs/demo.yaml` imports and calls: one gateway bound to two models."""
+    import importlib
+
+    from mass.config import read_yaml
+
+    config = read_yaml(ROOT / "serve_apps" / "configs" / "demo.yaml")
+    app_config = config["applications"][0]
+    module, attr = app_config["import_path"].split(":")
+    app = getattr(importlib.import_module(module), attr)(app_config["args"])
+    from ray.serve import Application
+
+    assert isinstance(app, Application)
+    assert config["http_options"]["port"] != 6379
