@@ -51,6 +51,7 @@ class Client:
         self.base_url = (base_url or get_settings().gateway_url).rstrip("/")
         self.app_name = app_name
         self.timeout_s = timeout_s
+        self._table: dict[str, dict[str, Any]] | None = None
         self.via = self._pick(via)
 
     def _pick(self, via: str) -> str:
@@ -74,11 +75,7 @@ class Client:
         """Ids of the served models."""
         if self.via == "http":
             return [m["id"] for m in self._post_or_get("GET", "/v1/models")["data"]]
-        from ray import serve
-
-        app = serve.status().applications.get(self.app_name)
-        names = app.deployments if app else {}
-        return sorted(n.split("-", 1)[1] for n in names if n.startswith(("llm-", "embedding-")))
+        return sorted(self._routes())
 
     def complete(self, model: str, prompt: str, max_tokens: int = 16, temperature: float = 1.0,
                  top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None) -> Completion:
@@ -128,21 +125,28 @@ class Client:
         return self._call(model, "embedding", "embed", texts)["data"]
 
     # ------------------------------------------------------------------ transports
+    def _routes(self) -> dict[str, dict[str, Any]]:
+        """The app's routing table, asked once of its gateway (its ingress deployment)."""
+        if self._table is None:
+            from ray import serve
+
+            self._table = serve.get_app_handle(self.app_name).routes.remote().result(timeout_s=self.timeout_s)
+        return self._table
+
     def _handle(self, model: str, engine: str):
         """The deployment handle for ``model``; the gateway's 404/400 when it is missing or the wrong kind."""
         from ray import serve
 
-        app = serve.status().applications.get(self.app_name)
-        deployments = set(app.deployments) if app else set()
-        if f"{engine}-{model}" in deployments:
-            return serve.get_deployment_handle(f"{engine}-{model}", self.app_name)
-        served = self.models()
-        if model in served:
+        route = self._routes().get(model)
+        if route is None:
+            raise ModelNotFound(f"model {model!r} is not served here; served models: "
+                                f"{', '.join(sorted(self._routes())) or 'none'}", param="model")
+        if route["engine"] != engine:
             verb = "text generation" if engine == "llm" else "embeddings"
-            other = "embedding" if engine == "llm" else "llm"
-            raise InvalidRequest(f"model {model!r} is a {other} model and does not do {verb}", param="model")
-        raise ModelNotFound(f"model {model!r} is not served here; served models: {', '.join(served) or 'none'}",
-                            param="model")
+            raise InvalidRequest(f"model {model!r} is a {route['engine']} model and does not do {verb}",
+                                 param="model")
+        handle = serve.get_deployment_handle(route["deployment"], self.app_name)
+        return handle.options(multiplexed_model_id=model) if route["multiplexed"] else handle
 
     def _call(self, model: str, engine: str, method: str, payload: Any) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError

@@ -34,3 +34,9 @@ class Gateway:
         from mass.serving.args import AppArgs
 
         set_state(GatewayState(handles, AppArgs.model_validate(args)))
+
+    def routes(self) -> dict[str, dict[str, Any]]:
+        """The routing table, for SDK handle calls (not an HTTP route)."""
+        from mass.gateway.state import get_state
+
+        return get_state().table()

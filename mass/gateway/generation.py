@@ -32,11 +32,11 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
     rid, created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
     timeout, retry = state.args.gateway.request_timeout_s, state.args.gateway.retry_after_s
     if not body.stream:
-        result = await call_upstream(route.handle.generate.remote(request), timeout, body.model, retry)
+        result = await call_upstream(route.target.generate.remote(request), timeout, body.model, retry)
         raise_if_error(result)
         return JSONResponse(full(result, rid, created), headers={"X-Request-Id": rid})
 
-    stream = route.handle.options(stream=True).stream.remote(request)
+    stream = route.target.options(stream=True).stream.remote(request)
     try:  # the first event surfaces request errors (context overflow...) as a status, not a broken stream
         first = await call_upstream(stream.__anext__(), timeout, body.model, retry)
     except StopAsyncIteration:

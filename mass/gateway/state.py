@@ -17,6 +17,11 @@ class Route:
     handle: Any
     facts: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def target(self):
+        """The handle to call: pooled models carry their name as the multiplexed model id."""
+        return self.handle.options(multiplexed_model_id=self.args.name) if self.args.pool else self.handle
+
 
 class GatewayState:
     """Everything a request handler needs, built once per gateway replica."""
@@ -37,10 +42,15 @@ class GatewayState:
                                  param="model")
         return route
 
+    def table(self) -> dict[str, dict[str, Any]]:
+        """The routing table the SDK uses for handle calls: name -> deployment, engine, pooled."""
+        return {name: {"deployment": self.args.deployment_of(r.args), "engine": r.args.engine,
+                       "multiplexed": r.args.pool is not None} for name, r in self.routes.items()}
+
     async def facts(self, route: Route) -> dict[str, Any]:
         """The deployment's ``describe()`` (cached after the first call)."""
         if not route.facts:
-            route.facts = await route.handle.describe.remote()
+            route.facts = await route.target.describe.remote()
         return route.facts
 
 

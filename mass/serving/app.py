@@ -12,11 +12,11 @@ from mass.serving.args import AppArgs
 def build_app(args: AppArgs | dict[str, Any]):
     """A bound Serve application for ``args`` (validated; ConfigError names the bad field)."""
     from mass.gateway.app import Gateway
-    from mass.serving.deployments import bind_model
+    from mass.serving.deployments import bind_app_models
 
     if not isinstance(args, AppArgs):
         args = load_config(AppArgs, data=args)
-    handles = {m.name: bind_model(m) for m in args.models}
+    handles = bind_app_models(args)
     gw = args.gateway
     return Gateway.options(ray_actor_options={"num_cpus": gw.num_cpus},
                            max_ongoing_requests=gw.max_ongoing_requests).bind(handles, args.model_dump())

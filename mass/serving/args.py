@@ -44,6 +44,8 @@ class ModelArgs(MassConfig):
     name: str = Field(..., description="Model id clients send (`model` in the OpenAI API).")
     ref: str = Field(..., description="Registered ModelRef to serve, usually an alias: tiny-gpt@production.")
     engine: Literal["llm", "embedding"] = Field(..., description="llm: text generation; embedding: encoders.")
+    pool: str | None = Field(None, description="Serve from this shared pool (multiplexed, LRU) instead of a "
+                                               "dedicated deployment; resources then come from the pool.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
@@ -63,6 +65,20 @@ class ModelArgs(MassConfig):
         return value
 
 
+class PoolArgs(MassConfig):
+    """A pool deployment: many small models per replica through ``@serve.multiplexed`` with an LRU limit."""
+
+    name: str = Field(..., description="Pool name; models join it with `pool: <name>`.")
+    engine: Literal["llm", "embedding"] = Field(..., description="The engine kind of every model in the pool.")
+    max_models_per_replica: int = Field(3, ge=1, le=64, description="Loaded models per replica; the least "
+                                                                    "recently used is evicted past this.")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
+    autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
+    max_queued_requests: int = Field(-1, ge=-1, description="Queued per caller before 503 (-1: unbounded).")
+
+
 class GatewayArgs(MassConfig):
     """The OpenAI-compatible gateway."""
 
@@ -76,6 +92,7 @@ class AppArgs(MassConfig):
     """A whole Serve application: models behind one gateway."""
 
     models: list[ModelArgs] = Field(..., min_length=1)
+    pools: list[PoolArgs] = Field(default_factory=list, description="Shared multiplexed deployments.")
     gateway: GatewayArgs = Field(default_factory=GatewayArgs)
 
     @model_validator(mode="after")
@@ -84,4 +101,18 @@ class AppArgs(MassConfig):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"model names must be unique; repeated: {dupes}")
+        pools = {p.name: p for p in self.pools}
+        for model in self.models:
+            if model.pool is None:
+                continue
+            if model.pool not in pools:
+                raise ValueError(f"model {model.name!r}: pool {model.pool!r} is not defined; pools: "
+                                 f"{sorted(pools) or 'none'}")
+            if pools[model.pool].engine != model.engine:
+                raise ValueError(f"model {model.name!r} ({model.engine}) cannot join pool {model.pool!r} "
+                                 f"({pools[model.pool].engine})")
         return self
+
+    def deployment_of(self, model: ModelArgs) -> str:
+        """The Serve deployment that serves ``model``."""
+        return f"pool-{model.pool}" if model.pool else f"{model.engine}-{model.name}"

@@ -1,4 +1,9 @@
-"""Ray Serve deployments that host the engines: one class per engine kind, options from ``ModelArgs``."""
+"""Ray Serve deployments that host the engines: a dedicated deployment per big model, or a pool that
+multiplexes many small ones (``@serve.multiplexed``, LRU). Options come from ``ModelArgs``/``PoolArgs``.
+
+Requests a model cannot take are answered with ``{"error": ...}`` values instead of raised, so client
+mistakes are not logged by Serve as replica errors.
+"""
 
 from __future__ import annotations
 
@@ -10,46 +15,52 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from mass.errors import InvalidRequest, MassError
-from mass.serving.args import ModelArgs
+from mass.serving.args import AppArgs, ModelArgs, PoolArgs
 
 log = logging.getLogger(__name__)
 
 
-def _load(args: ModelArgs):
-    """(model, tokenizer, version info) of the served ref, on the GPU when the replica has one."""
-    from mass.registry import ModelRegistry
-    from mass.settings import apply_offline_env
+class Served:
+    """One loaded model: its engine plus the request logic shared by dedicated and pooled deployments."""
 
-    apply_offline_env()
-    return ModelRegistry().load(args.ref, device="cuda" if args.num_gpus > 0 else None)
+    def __init__(self, args: ModelArgs) -> None:
+        from mass.registry import ModelRegistry
+        from mass.settings import apply_offline_env
 
+        apply_offline_env()
+        self.args = args
+        model, tokenizer, self.info = ModelRegistry().load(args.ref, device="cuda" if args.num_gpus > 0 else None)
+        if args.engine == "llm":
+            from mass.serving.engines.llm import LLMEngine
 
-@serve.deployment
-class LLMServer:
-    """Continuous-batching text generation for one registered causal LM."""
+            self.engine = LLMEngine(model, tokenizer, max_running=args.max_running,
+                                    max_batch_tokens=args.max_batch_tokens)
+        else:
+            from mass.serving.engines.embedding import EmbeddingEngine
 
-    def __init__(self, args: dict[str, Any]) -> None:
-        from mass.serving.engines.llm import LLMEngine
+            self.engine = EmbeddingEngine(model, tokenizer, max_length=args.max_length, normalize=args.normalize)
 
-        self.args = ModelArgs.model_validate(args)
-        model, tokenizer, self.info = _load(self.args)
-        self.engine = LLMEngine(model, tokenizer, max_running=self.args.max_running,
-                                max_batch_tokens=self.args.max_batch_tokens)
-        self.chat_template = getattr(tokenizer, "chat_template", None)
+    def __del__(self) -> None:  # called by Serve's multiplexer on LRU eviction
+        shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def describe(self) -> dict[str, Any]:
-        """Model facts the gateway needs (context length, chat template, version)."""
-        return {"context_length": self.engine.context_length, "has_chat_template": bool(self.chat_template),
-                "ref": self.info.ref, "max_tokens_limit": self.args.max_tokens_limit}
+        """Model facts the gateway needs."""
+        if self.args.engine == "llm":
+            return {"context_length": self.engine.context_length, "ref": self.info.ref,
+                    "max_tokens_limit": self.args.max_tokens_limit}
+        return {"dim": self.engine.dim, "ref": self.info.ref, "max_length": self.args.max_length}
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The prompt for a chat: the tokenizer's template, or a plain role-prefixed one."""
-        if self.chat_template:
-            return self.engine.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        lines = [f"{m['role']}: {m['content']}" for m in messages]
-        return "\n".join(lines) + "\nassistant:"
+        tokenizer = self.engine.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
 
-    def _prepare(self, request: dict[str, Any]):
+    def prepare(self, request: dict[str, Any]):
+        """(prompt ids, SamplingParams) for a generation request; InvalidRequest when it cannot fit."""
         from mass.serving.engines.sampling import SamplingParams
 
         prompt = request["prompt"] if "prompt" in request else self.render_chat(request["messages"])
@@ -65,13 +76,9 @@ class LLMServer:
         return ids, params
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yield token events as dicts; cancelling the call (client gone) cancels the sequence.
-
-        A request the model cannot take yields one ``{"error": ...}`` event instead of raising, so
-        client mistakes are answered, not logged as replica crashes.
-        """
+        """Token events as dicts; cancelling the call (client gone) cancels the sequence."""
         try:
-            ids, params = self._prepare(request)
+            ids, params = self.prepare(request)
         except MassError as exc:
             yield {"error": exc.to_dict()}
             return
@@ -79,21 +86,52 @@ class LLMServer:
             yield {k: v for k, v in asdict(event).items() if k != "error"}
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The whole completion at once (or ``{"error": ...}`` for a request the model cannot take)."""
+        """The whole completion at once."""
         try:
-            ids, params = self._prepare(request)
+            ids, params = self.prepare(request)
         except MassError as exc:
             return {"error": exc.to_dict()}
         event = await self.engine.generate(ids, params)
         return {k: v for k, v in asdict(event).items() if k != "error"}
 
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
+        """Vectors and token counts for ``texts`` (off the event loop)."""
+        if not texts:
+            raise InvalidRequest("input must contain at least one text", field="input")
+        return await asyncio.to_thread(self.engine.embed, texts)
+
+
+@serve.deployment
+class LLMServer:
+    """Continuous-batching text generation for one registered causal LM."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self.served = Served(ModelArgs.model_validate(args))
+
+    def ready(self) -> bool:
+        """Readiness probe: the replica is up (a pool loads no model for it)."""
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        """Model facts (context length, limits, version)."""
+        return self.served.describe()
+
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one generation."""
+        async for event in self.served.stream(request):
+            yield event
+
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One generation, whole."""
+        return await self.served.generate(request)
+
     def stats(self) -> dict[str, int]:
         """The engine's queue depths (waiting, running) and steps taken."""
-        return self.engine.stats()
+        return self.served.engine.stats()
 
     def check_health(self) -> None:
         """Serve's health probe: the engine thread must be alive."""
-        if not self.engine._thread.is_alive():
+        if not self.served.engine._thread.is_alive():
             raise RuntimeError("LLM engine thread died")
 
 
@@ -102,23 +140,22 @@ class EmbeddingServer:
     """Dynamically batched sentence embeddings for one registered encoder."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from mass.serving.engines.embedding import EmbeddingEngine
+        self.served = Served(ModelArgs.model_validate(args))
+        batch = self.served.args.batch
+        self._embed_batch.set_max_batch_size(batch.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
 
-        self.args = ModelArgs.model_validate(args)
-        model, tokenizer, self.info = _load(self.args)
-        self.engine = EmbeddingEngine(model, tokenizer, max_length=self.args.max_length,
-                                      normalize=self.args.normalize)
-        self._embed_batch.set_max_batch_size(self.args.batch.max_batch_size)
-        self._embed_batch.set_batch_wait_timeout_s(self.args.batch.batch_wait_timeout_s)
+    def ready(self) -> bool:
+        """Readiness probe: the replica is up (a pool loads no model for it)."""
+        return True
 
     def describe(self) -> dict[str, Any]:
-        """Model facts for the gateway."""
-        return {"dim": self.engine.dim, "ref": self.info.ref, "max_length": self.args.max_length}
+        """Model facts (dimension, version)."""
+        return self.served.describe()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, requests: list[list[str]]) -> list[tuple[list[list[float]], int]]:
-        flat = [text for texts in requests for text in texts]
-        vectors, lengths = await asyncio.to_thread(self.engine.embed, flat)
+        vectors, lengths = await self.served.embed([text for texts in requests for text in texts])
         results, start = [], 0
         for texts in requests:
             end = start + len(texts)
@@ -129,19 +166,88 @@ class EmbeddingServer:
     async def embed(self, texts: list[str]) -> dict[str, Any]:
         """Vectors for ``texts`` (in order) and the prompt tokens they used."""
         if not texts:
-            raise InvalidRequest("input must contain at least one text", field="input")
+            return {"error": InvalidRequest("input must contain at least one text", field="input").to_dict()}
         vectors, tokens = await self._embed_batch(texts)
         return {"data": vectors, "prompt_tokens": tokens}
 
 
-def bind_model(args: ModelArgs):
-    """The Serve deployment (bound, with options from ``args``) for one served model."""
-    cls = LLMServer if args.engine == "llm" else EmbeddingServer
-    scaling = args.autoscaling.model_dump(exclude_none=True)
-    return cls.options(
-        name=f"{args.engine}-{args.name}",
-        autoscaling_config=scaling,
-        max_ongoing_requests=args.max_ongoing_requests,
-        max_queued_requests=args.max_queued_requests,
-        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
-    ).bind(args.model_dump())
+class _Pool:
+    """Many registered models behind one deployment; the model id of each call picks (and loads) one."""
+
+    def __init__(self, models: dict[str, dict[str, Any]]) -> None:
+        self.models = {name: ModelArgs.model_validate(a) for name, a in models.items()}
+        self.loads: list[str] = []
+
+    async def _load(self, model_id: str) -> Served:
+        if model_id not in self.models:
+            raise InvalidRequest(f"model {model_id!r} is not in this pool", param="model")
+        served = await asyncio.to_thread(Served, self.models[model_id])
+        self.loads.append(model_id)
+        return served
+
+    async def _served(self) -> Served:
+        return await self.engine_for(serve.get_multiplexed_model_id())
+
+    def ready(self) -> bool:
+        """Readiness probe: the replica is up (a pool loads no model for it)."""
+        return True
+
+    async def describe(self) -> dict[str, Any]:
+        """Facts of the requested model (loading it if needed)."""
+        return (await self._served()).describe()
+
+    async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one generation from the requested model."""
+        async for event in (await self._served()).stream(request):
+            yield event
+
+    async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One generation from the requested model."""
+        return await (await self._served()).generate(request)
+
+    async def embed(self, texts: list[str]) -> dict[str, Any]:
+        """Embeddings from the requested model."""
+        try:
+            vectors, lengths = await (await self._served()).embed(texts)
+        except MassError as exc:
+            return {"error": exc.to_dict()}
+        return {"data": vectors, "prompt_tokens": sum(lengths)}
+
+    def stats(self) -> dict[str, Any]:
+        """Which models this replica loaded, in order (evictions show up as reloads)."""
+        return {"loads": list(self.loads)}
+
+
+def _pool_deployment(pool: PoolArgs):
+    """A pool deployment class whose LRU size comes from the config (a decorator argument in Serve)."""
+
+    class PoolServer(_Pool):
+        @serve.multiplexed(max_num_models_per_replica=pool.max_models_per_replica)
+        async def engine_for(self, model_id: str) -> Served:
+            return await self._load(model_id)
+
+    PoolServer.__name__ = PoolServer.__qualname__ = f"PoolServer_{pool.name}"
+    return serve.deployment(PoolServer)
+
+
+def bind_app_models(args: AppArgs) -> dict[str, Any]:
+    """Bound deployments for every served model name (pooled models share their pool's deployment)."""
+    bound: dict[str, Any] = {}
+    for pool in args.pools:
+        members = {m.name: m.model_dump() for m in args.models if m.pool == pool.name}
+        if not members:
+            continue
+        app = _pool_deployment(pool).options(
+            name=f"pool-{pool.name}", autoscaling_config=pool.autoscaling.model_dump(exclude_none=True),
+            max_ongoing_requests=pool.max_ongoing_requests, max_queued_requests=pool.max_queued_requests,
+            ray_actor_options={"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}).bind(members)
+        bound.update({name: app for name in members})
+    for model in args.models:
+        if model.pool is None:
+            cls = LLMServer if model.engine == "llm" else EmbeddingServer
+            bound[model.name] = cls.options(
+                name=args.deployment_of(model), autoscaling_config=model.autoscaling.model_dump(exclude_none=True),
+                max_ongoing_requests=model.max_ongoing_requests, max_queued_requests=model.max_queued_requests,
+                ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+            ).bind(model.model_dump())
+    return bound

@@ -209,10 +209,59 @@ def test_sdk_gives_the_same_results_and_errors_over_http_and_serve_handles(gatew
     import ray
 
     over_http = _sdk_session({"base_url": gateway, "via": "http"})
-    in_cluster = ray.get(ray.remote(_sdk_session).remote({}))  # inside a Ray task: handles, chosen by itself
+    in_cluster = ray.get(ray.remote(num_cpus=0)(_sdk_session).remote({}))  # inside a Ray task: handles, chosen by itself
     assert over_http["via"] == "http" and in_cluster["via"] == "handle"
     for key in ("models", "complete", "chat", "stream", "ghost", "too_long", "limit", "wrong_kind"):
         assert over_http[key] == in_cluster[key], key
     assert torch.allclose(torch.tensor(over_http["embed"]), torch.tensor(in_cluster["embed"]), atol=1e-6)
     assert over_http["ghost"][0] == "ModelNotFound" and over_http["too_long"][0] == "InvalidRequest"
     assert over_http["complete"].completion_tokens == 8 and over_http["stream"]
+
+
+def test_pool_multiplexes_models_with_lru_eviction(gateway, client, tmp_path):
+    """Two registered versions in one pool deployment that holds one model per replica: each switch
+    loads the other model (the least recently used one is evicted), answers stay correct."""
+    import ray
+    from ray import serve
+
+    reg = ModelRegistry()
+    model, tokenizer, _ = reg.load("tiny-gpt@latest-train")
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    reg.register(tmp_path, "tiny-gpt-b", "text-generation", lineage={"method": "register"}, aliases=["production"])
+    args = load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml")
+    data = args.model_dump()
+    first = data["models"][0]
+    data.update(pools=[{"name": "small", "engine": "llm", "max_models_per_replica": 1, "num_cpus": 0.5}],
+                models=[{**first, "name": "pa", "pool": "small"},
+                        {**first, "name": "pb", "ref": "tiny-gpt-b@production", "pool": "small"}],
+                gateway={**data["gateway"], "num_cpus": 0.25})
+    pooled = type(args).model_validate(data)
+    serve.run(build_app(pooled), name="mass-pool", route_prefix="/pool")
+    base = f"{gateway}/pool"
+    try:
+        wait_ready(base, timeout=240)
+        pool_client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        assert sorted(m.id for m in pool_client.models.list()) == ["pa", "pb"]
+        expected = client.completions.create(model="tiny-gpt", prompt="Return the", max_tokens=6,
+                                             temperature=0).choices[0].text
+        pool_stats = serve.get_deployment_handle("pool-small", "mass-pool").stats
+        counts = []
+        for name in ("pa", "pb", "pa", "pb"):
+            out = pool_client.completions.create(model=name, prompt="Return the", max_tokens=6, temperature=0)
+            assert out.choices[0].text == expected, name
+            loads = pool_stats.remote().result()["loads"]
+            assert loads[-1] == name  # the requested model is the one loaded now
+            counts.append(len(loads))
+        # one model per replica: every switch after the first evicts the other and loads again
+        assert counts[1:] == [counts[0] + 1, counts[0] + 2, counts[0] + 3]
+
+        def in_cluster():
+            from mass import Client
+
+            c = Client(app_name="mass-pool")
+            return c.via, c.complete("pb", "Return the", max_tokens=6, temperature=0).text
+
+        assert ray.get(ray.remote(num_cpus=0)(in_cluster).remote()) == ("handle", expected)
+    finally:
+        serve.delete("mass-pool")

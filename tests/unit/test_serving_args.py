@@ -56,3 +56,14 @@ def test_serve_config_import_path_builds_the_application():
 
     assert isinstance(app, Application)
     assert config["http_options"]["port"] != 6379
+
+
+def test_pools_are_checked():
+    pool = {"name": "small", "engine": "llm"}
+    model = {**GOOD["models"][0], "pool": "small"}
+    args = load_config(AppArgs, data={"models": [model], "pools": [pool]})
+    assert args.deployment_of(args.models[0]) == "pool-small"
+    with pytest.raises(ConfigError, match="pool 'big' is not defined"):
+        load_config(AppArgs, data={"models": [{**model, "pool": "big"}], "pools": [pool]})
+    with pytest.raises(ConfigError, match="cannot join pool 'small'"):
+        load_config(AppArgs, data={"models": [{**model, "engine": "embedding"}], "pools": [pool]})

@@ -30,10 +30,11 @@ async def healthz():
 
 @router.get("/readyz")
 async def readyz(state: GatewayState = Depends(get_state)):
-    """Readiness: every served model's deployment answers within 5 s (scaled-to-zero ones wake up)."""
+    """Readiness: every served model's deployment answers within 5 s (scaled-to-zero ones wake up;
+    pools are probed without loading a model, so probing never churns their LRU)."""
     async def probe(route):
         try:
-            await asyncio.wait_for(state.facts(route), 5)
+            await asyncio.wait_for(route.handle.ready.remote(), 5)
             return "ready"
         except Exception as exc:  # reported, not raised: readiness is a status
             return f"not ready: {type(exc).__name__}"
