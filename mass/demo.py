@@ -1,4 +1,5 @@
-"""The ``make demo`` story, end to end on embedded defaults: corpus -> train -> import -> registry table."""
+"""The ``make demo`` story, end to end on embedded defaults: corpus -> train -> import -> registry table ->
+serve both models behind the gateway -> chat, streaming, SDK embeddings and a semantic search."""
 
 from __future__ import annotations
 
@@ -9,6 +10,56 @@ from pathlib import Path
 
 def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
+
+
+def _serve(corpus_dir: str) -> str:
+    """Deploy the demo app on a free port, query it over HTTP and through the SDK, then take it down."""
+    import socket
+
+    import httpx
+    from ray import serve
+
+    from mass.data.loaders import load_corpus_split
+    from mass.sdk import Client
+    from mass.serving.app import load_app_args
+    from mass.serving.launch import APP_NAME, serve_up
+
+    with socket.socket() as sock:  # a free port, so the demo never collides with a running server
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = load_app_args(Path(__file__).resolve().parents[1] / "serve_apps" / "configs" / "demo.yaml")
+    url = serve_up(args, port=port, block=False)
+    try:
+        chat = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "tiny-gpt", "max_tokens": 24, "seed": 0,
+            "messages": [{"role": "user", "content": "How do I parse a JSON string?"}]}).json()
+        print(f"chat (HTTP):  {chat['choices'][0]['message']['content']!r}", flush=True)
+        print("stream (HTTP SSE): ", end="", flush=True)
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+                "model": "tiny-gpt", "prompt": "Return the", "max_tokens": 24, "temperature": 0, "stream": True}) as resp:
+            for line in resp.iter_lines():
+                if line.startswith("data: {"):
+                    import json
+
+                    for choice in json.loads(line[6:])["choices"]:
+                        print(choice["text"], end="", flush=True)
+        print(flush=True)
+
+        _step("6/6 semantic search over the corpus: MiniLM embeddings through the SDK (Serve handles)")
+        client = Client()  # this process is inside the Ray cluster, so it calls the deployments directly
+        docs = load_corpus_split(corpus_dir, "train")[:500]
+        vectors = client.embed("minilm", docs)
+        print(f"embedded {len(docs)} docstrings via {client.via}s", flush=True)
+        for query in ("read and write JSON files", "run a command in a subprocess", "parse dates and times"):
+            q = client.embed("minilm", query)[0]
+            scores = sorted(((sum(a * b for a, b in zip(q, v)), d) for v, d in zip(vectors, docs)), reverse=True)
+            print(f"\n  query: {query}", flush=True)
+            for score, doc in scores[:3]:
+                print(f"    {score:.3f}  {doc.splitlines()[0][:90]}", flush=True)
+    finally:
+        serve.delete(APP_NAME)
+        serve.shutdown()
+    return url
 
 
 def run_demo(recipe: str | None = None) -> int:
@@ -25,23 +76,27 @@ def run_demo(recipe: str | None = None) -> int:
     started = time.perf_counter()
     print(f"MASS demo  (MASS_HOME={settings.home}, registry {settings.tracking_uri})", flush=True)
 
-    _step("1/4 build the docstring corpus")
+    _step("1/6 build the docstring corpus")
     corpus = build_corpus()
     print(f"corpus {corpus.path}: {corpus.counts}", flush=True)
 
-    _step("2/4 train tiny-gpt on a local Ray cluster (Ray Train, 2 DDP workers)")
+    _step("2/6 train tiny-gpt on a local Ray cluster (Ray Train, 2 DDP workers)")
     recipe = recipe or str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny-gpt-smoke.yaml")
     result = run_training(TrainConfig.load(recipe))
     m = result.metrics
     print(f"registered {result.model_ref}: val_loss {m['initial_val_loss']:.3f} -> {m['val_loss']:.3f}, "
           f"test perplexity {m['test_perplexity']:.1f}", flush=True)
 
-    _step("3/4 import the pretrained all-MiniLM-L6-v2 from its package")
+    _step("3/6 import the pretrained all-MiniLM-L6-v2 from its package")
     registry = ModelRegistry(settings)
     info, created = import_minilm(registry)
     print(f"{'imported' if created else 'already imported'} {info.ref} ({', '.join(info.aliases)})", flush=True)
 
-    _step("4/4 the model repository")
+    _step("4/6 the model repository")
     print(models_table(registry.list_models()), flush=True)
+
+    _step("5/6 serve tiny-gpt and MiniLM behind the OpenAI-compatible gateway (Ray Serve)")
+    url = _serve(corpus.path)
+    print(f"\ndemo done; the API was served at {url}/v1", flush=True)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
     return 0

@@ -103,11 +103,28 @@ class ModelRegistry:
         if self._client is None:
             from mlflow import MlflowClient
 
-            if self.tracking_uri.startswith("sqlite:"):
-                self.settings.home.mkdir(parents=True, exist_ok=True)
-            with self._translate("connect"):
-                self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+            with self._translate("connect"), self._schema_lock():
+                client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+                client.search_experiments(max_results=1)  # creates/upgrades the schema now, under the lock
+                self._client = client
         return self._client
+
+    @contextlib.contextmanager
+    def _schema_lock(self) -> Iterator[None]:
+        """Serialise first connections to an embedded sqlite store: MLflow creates its schema on
+        connect, and two processes doing that at once (e.g. two replicas starting) collide."""
+        if not self.tracking_uri.startswith("sqlite:"):
+            yield
+            return
+        import fcntl
+
+        self.settings.home.mkdir(parents=True, exist_ok=True)
+        with open(self.settings.home / ".registry.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     @contextlib.contextmanager
     def _translate(self, action: str) -> Iterator[None]:

@@ -12,13 +12,13 @@ from mass.serving.args import AppArgs
 def build_app(args: AppArgs | dict[str, Any]):
     """A bound Serve application for ``args`` (validated; ConfigError names the bad field)."""
     from mass.gateway.app import Gateway
-    from mass.serving.deployments import bind_app_models
+    from mass.serving.deployments import actor_options, bind_app_models
 
     if not isinstance(args, AppArgs):
         args = load_config(AppArgs, data=args)
     handles = bind_app_models(args)
     gw = args.gateway
-    return Gateway.options(ray_actor_options={"num_cpus": gw.num_cpus},
+    return Gateway.options(ray_actor_options=actor_options(gw.num_cpus),
                            max_ongoing_requests=gw.max_ongoing_requests).bind(handles, args.model_dump())
 
 

@@ -230,6 +230,14 @@ def _pool_deployment(pool: PoolArgs):
     return serve.deployment(PoolServer)
 
 
+def actor_options(num_cpus: float, num_gpus: float = 0.0) -> dict[str, Any]:
+    """Replica resources, plus the deployer's ``MASS_*`` settings so replicas read the same registry."""
+    from mass.settings import get_settings, settings_env
+
+    env = {k: v for k, v in settings_env(get_settings()).items() if v}
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus, "runtime_env": {"env_vars": env}}
+
+
 def bind_app_models(args: AppArgs) -> dict[str, Any]:
     """Bound deployments for every served model name (pooled models share their pool's deployment)."""
     bound: dict[str, Any] = {}
@@ -240,7 +248,7 @@ def bind_app_models(args: AppArgs) -> dict[str, Any]:
         app = _pool_deployment(pool).options(
             name=f"pool-{pool.name}", autoscaling_config=pool.autoscaling.model_dump(exclude_none=True),
             max_ongoing_requests=pool.max_ongoing_requests, max_queued_requests=pool.max_queued_requests,
-            ray_actor_options={"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus}).bind(members)
+            ray_actor_options=actor_options(pool.num_cpus, pool.num_gpus)).bind(members)
         bound.update({name: app for name in members})
     for model in args.models:
         if model.pool is None:
@@ -248,6 +256,6 @@ def bind_app_models(args: AppArgs) -> dict[str, Any]:
             bound[model.name] = cls.options(
                 name=args.deployment_of(model), autoscaling_config=model.autoscaling.model_dump(exclude_none=True),
                 max_ongoing_requests=model.max_ongoing_requests, max_queued_requests=model.max_queued_requests,
-                ray_actor_options={"num_cpus": model.num_cpus, "num_gpus": model.num_gpus},
+                ray_actor_options=actor_options(model.num_cpus, model.num_gpus),
             ).bind(model.model_dump())
     return bound

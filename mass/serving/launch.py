@@ -29,6 +29,32 @@ def wait_ready(url: str, timeout: float = 300.0) -> dict:
     raise MassError(f"app not ready after {timeout:.0f}s: {last.get('models', 'gateway not answering')}")
 
 
+def required_cpus(args: AppArgs) -> float:
+    """CPUs the app needs at its starting replica counts (gateway, dedicated models, used pools)."""
+    def start(scaling) -> int:
+        return scaling.initial_replicas if scaling.initial_replicas is not None else max(1, scaling.min_replicas)
+
+    need = args.gateway.num_cpus
+    need += sum(m.num_cpus * start(m.autoscaling) for m in args.models if m.pool is None)
+    used_pools = {m.pool for m in args.models if m.pool}
+    need += sum(p.num_cpus * start(p.autoscaling) for p in args.pools if p.name in used_pools)
+    return need
+
+
+def check_resources(args: AppArgs) -> None:
+    """Fail fast, naming the numbers, when the cluster cannot place the app's replicas."""
+    import ray
+
+    from mass.errors import InsufficientResources
+
+    have = ray.cluster_resources().get("CPU", 0)
+    need = required_cpus(args)
+    if need > have:
+        raise InsufficientResources(
+            f"the app needs {need:g} CPUs (gateway.num_cpus + each model's num_cpus x its starting replicas) "
+            f"but the cluster has {have:g}; lower num_cpus in the config or add nodes", need=need, have=have)
+
+
 def serve_up(args: AppArgs, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
              block: bool = True) -> str:
     """Deploy ``args`` as the ``mass`` app; with ``block``, serve until interrupted. Returns the base URL."""
@@ -38,6 +64,7 @@ def serve_up(args: AppArgs, address: str | None = None, host: str = "127.0.0.1",
     from mass.training.job import connect_ray
 
     connect_ray(address)
+    check_resources(args)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"

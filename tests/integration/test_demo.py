@@ -10,8 +10,12 @@ def test_demo_runs_to_the_end(ray_cluster, tmp_path):
     proc = run_cli(["demo"], env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for step in ("1/4 build the docstring corpus", "2/4 train tiny-gpt", "3/4 import", "4/4 the model repository"):
+    for step in ("1/6 build the docstring corpus", "2/6 train tiny-gpt", "3/6 import", "4/6 the model repository",
+                 "5/6 serve tiny-gpt and MiniLM", "6/6 semantic search"):
         assert step in out
+    assert "chat (HTTP):" in out and "stream (HTTP SSE):" in out and "embedded 500 docstrings via handles" in out
+    hits = [line for line in out.splitlines() if line.startswith("    0.")]
+    assert len(hits) == 9  # three hits for each of three queries
     rows = [line.split()[:5] for line in out.splitlines() if line.startswith(("minilm-l6 ", "tiny-gpt "))]
     assert ["minilm-l6", "1", "production", "READY", "embedding"] in rows
     assert ["tiny-gpt", "1", "latest-train", "READY", "text-generation"] in rows

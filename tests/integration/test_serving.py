@@ -265,3 +265,48 @@ def test_pool_multiplexes_models_with_lru_eviction(gateway, client, tmp_path):
         assert ray.get(ray.remote(num_cpus=0)(in_cluster).remote()) == ("handle", expected)
     finally:
         serve.delete("mass-pool")
+
+
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(gateway):
+    """A deployment with min 1 / max 2 replicas scales up while 24 clients stream, and back down after."""
+    import asyncio
+    import threading
+
+    from ray import serve
+
+    args = load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml")
+    data = args.model_dump()
+    data.update(models=[{**data["models"][0], "num_cpus": 0.5, "autoscaling": {
+                    "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                    "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 11}}],
+                gateway={**data["gateway"], "num_cpus": 0.25})
+    serve.run(build_app(type(args).model_validate(data)), name="mass-auto", route_prefix="/auto")
+    base = f"{gateway}/auto"
+
+    def replicas() -> int:
+        deployment = serve.status().applications["mass-auto"].deployments["llm-tiny-gpt"]
+        return deployment.replica_states.get("RUNNING", 0)
+
+    stop = threading.Event()
+
+    async def load():
+        body = {"model": "tiny-gpt", "prompt": "The", "max_tokens": 128, "temperature": 0}
+        async with httpx.AsyncClient(timeout=120) as http:
+            async def worker():
+                while not stop.is_set():
+                    await http.post(f"{base}/v1/completions", json=body)
+            await asyncio.gather(*[worker() for _ in range(24)])
+
+    try:
+        wait_ready(base, timeout=240)
+        assert replicas() == 1
+        loader = threading.Thread(target=lambda: asyncio.run(load()), daemon=True)
+        loader.start()
+        try:
+            wait_for(lambda: replicas() == 2, 180, "a second replica under load", interval=1)
+        finally:
+            stop.set()
+            loader.join(timeout=180)
+        wait_for(lambda: replicas() == 1, 180, "scale back down to one replica", interval=1)
+    finally:
+        serve.delete("mass-auto")

@@ -67,3 +67,16 @@ def test_pools_are_checked():
         load_config(AppArgs, data={"models": [{**model, "pool": "big"}], "pools": [pool]})
     with pytest.raises(ConfigError, match="cannot join pool 'small'"):
         load_config(AppArgs, data={"models": [{**model, "engine": "embedding"}], "pools": [pool]})
+
+
+def test_required_cpus_counts_starting_replicas():
+    from mass.serving.launch import required_cpus
+
+    data = {"gateway": {"num_cpus": 0.5},
+            "pools": [{"name": "p", "engine": "llm", "num_cpus": 1, "autoscaling": {"min_replicas": 2,
+                                                                                     "max_replicas": 3}},
+                      {"name": "unused", "engine": "llm", "num_cpus": 8}],
+            "models": [{**GOOD["models"][0], "num_cpus": 0.5, "autoscaling": {"min_replicas": 0, "max_replicas": 2}},
+                       {**GOOD["models"][0], "name": "x", "pool": "p"}]}
+    assert required_cpus(load_config(AppArgs, data=data)) == 0.5 + 0.5 * 1 + 1 * 2
+    assert required_cpus(load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml")) <= 2  # fits a 2-core box
