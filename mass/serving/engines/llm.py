@@ -152,8 +152,9 @@ class LLMEngine:
 
     def stats(self) -> dict[str, int]:
         """Queue depths and steps taken (for readiness and metrics)."""
-        with self._cond:
-            return {"waiting": len(self._waiting), "running": len(self._running), "steps": self.steps}
+        with self._cond:  # finished sequences leave the lists at the next step; they no longer count
+            return {"waiting": sum(not s.done for s in self._waiting),
+                    "running": sum(not s.done for s in self._running), "steps": self.steps}
 
     def shutdown(self) -> None:
         """Stop the engine thread; queued requests fail."""
