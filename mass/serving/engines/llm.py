@@ -1,8 +1,8 @@
 """``LLMEngine``: iteration-level (continuous) batching for HF causal LMs, with token streaming.
 
 Requests join the running batch between decode steps and leave the moment they finish or are
-cancelled. Each sequence keeps its own KV cache; a decode step left-pads the caches into one batch,
-runs one forward pass for every running sequence, and splits the grown caches back.
+cancelled. A joining request is prefilled alone; the running batch keeps one left-padded KV cache that
+grows by a column per step and is re-padded only when a request joins or leaves.
 """
 
 from __future__ import annotations
@@ -80,6 +80,11 @@ class LLMEngine:
         self._cond = threading.Condition()
         self._stopped = False
         self.steps = 0
+        # the running batch's KV cache, left-padded: rows follow _batch_ids; rebuilt only on join/leave
+        self._batch_ids: list[int] = []
+        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._mask: torch.Tensor | None = None
+        self._lens: list[int] = []
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -188,6 +193,7 @@ class LLMEngine:
             except Exception as exc:  # a model failure fails the requests in flight, not the engine
                 log.exception("engine step failed")
                 error = MassError(f"generation failed: {type(exc).__name__}: {exc}")
+                self._batch_ids = []
                 with self._cond:
                     failed, self._running = self._running, []
                 for seq in failed:
@@ -227,34 +233,42 @@ class LLMEngine:
         self._advance(seq, out.logits[0, -1])
 
     def _decode(self) -> None:
+        """One token for every running sequence in one forward pass over the batch cache."""
         batch = self._running
-        if len(batch) == 1:
-            seq = batch[0]
-            out = self.model(input_ids=torch.tensor([[seq.generated[-1]]], device=self.device),
-                             cache=_cache(seq.cache), use_cache=True)
-            seq.cache = _layers(out.cache)
-            self._advance(seq, out.logits[0, -1])
-            return
-        lengths = [s.length for s in batch]
-        longest = max(lengths)
-        mask = torch.zeros(len(batch), longest + 1, dtype=torch.long, device=self.device)
-        for row, n in enumerate(lengths):
-            mask[row, longest - n:] = 1
-        layers = []
-        for layer in range(len(batch[0].cache)):
-            keys = [_left_pad(s.cache[layer][0], longest) for s in batch]
-            values = [_left_pad(s.cache[layer][1], longest) for s in batch]
-            layers.append((torch.cat(keys), torch.cat(values)))
+        if [s.id for s in batch] != self._batch_ids:  # someone joined or left: re-pad once
+            self._rebuild(batch)
+        mask = torch.cat([self._mask, self._mask.new_ones(len(batch), 1)], dim=1)
         out = self.model(
             input_ids=torch.tensor([[s.generated[-1]] for s in batch], device=self.device),
             attention_mask=mask,
-            position_ids=torch.tensor([[n] for n in lengths], device=self.device),
-            cache=_cache(layers), use_cache=True)
-        grown = _layers(out.cache)
-        for row, (seq, n) in enumerate(zip(batch, lengths)):
-            start = longest - n
-            seq.cache = [(k[row:row + 1, :, start:], v[row:row + 1, :, start:]) for k, v in grown]
+            position_ids=torch.tensor([[n] for n in self._lens], device=self.device),
+            cache=_cache(self._kv), use_cache=True)
+        self._kv, self._mask = _layers(out.cache), mask
+        self._lens = [n + 1 for n in self._lens]
+        for row, seq in enumerate(batch):
             self._advance(seq, out.logits[row, -1])
+
+    def _rebuild(self, batch: list[_Sequence]) -> None:
+        """Left-pad the caches of ``batch`` (rows kept from the last batch, new ones from prefill) into one."""
+        old_rows = {sid: row for row, sid in enumerate(self._batch_ids)}
+        old_width = self._mask.shape[1] if self._mask is not None else 0
+        parts = []
+        for seq in batch:
+            if seq.id in old_rows:
+                row, n = old_rows[seq.id], self._lens[old_rows[seq.id]]
+                parts.append(([(k[row:row + 1, :, old_width - n:], v[row:row + 1, :, old_width - n:])
+                               for k, v in self._kv], n))
+            else:
+                parts.append((seq.cache, seq.length))
+                seq.cache = None  # from now on it lives in the batch cache
+        longest = max(n for _, n in parts)
+        mask = torch.zeros(len(batch), longest, dtype=torch.long, device=self.device)
+        for row, (_, n) in enumerate(parts):
+            mask[row, longest - n:] = 1
+        self._kv = [(torch.cat([_left_pad(layers[i][0], longest) for layers, _ in parts]),
+                     torch.cat([_left_pad(layers[i][1], longest) for layers, _ in parts]))
+                    for i in range(len(parts[0][0]))]
+        self._mask, self._lens, self._batch_ids = mask, [n for _, n in parts], [s.id for s in batch]
 
     def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
         """Sample one token for ``seq``, stream the new text, finish it when a stop condition holds."""
