@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def submit_train(config: str, overrides: list[str], address: str, follow: bool =
         raise MassError(f"cannot reach the Ray job server at {url}: {str(exc).splitlines()[0]}; check the "
                         "dashboard port (default 8265) and RAY_AUTH_MODE/token", address=url) from exc
     env = {k: v for k, v in settings_env(get_settings()).items() if v}
-    job_id = client.submit_job(entrypoint=" ".join(_quote(a) for a in entry),
+    job_id = client.submit_job(entrypoint=shlex.join(entry),
                                runtime_env={"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env})
     print(f"submitted job {job_id} to {url}", file=sys.stderr, flush=True)
     if not follow:
@@ -104,8 +105,3 @@ def _last_json(lines: list[str]) -> dict | None:
                 continue
     return None
 
-
-def _quote(arg: str) -> str:
-    import shlex
-
-    return shlex.quote(arg)

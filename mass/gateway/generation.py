@@ -58,7 +58,7 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
                     yield _sse(chunk(rid, created, event["text"], event["finish_reason"], False, None))
                 if event["finish_reason"] is not None:
                     if include_usage:
-                        yield _sse(chunk(rid, created, None, None, False, _usage(event)))
+                        yield _sse(chunk(rid, created, None, None, False, usage(event)))
                     break
                 try:
                     event = await call_upstream(stream.__anext__(), timeout, body.model, retry)
@@ -83,9 +83,7 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
-def _usage(result: dict[str, Any]) -> dict[str, int]:
+def usage(result: dict[str, Any]) -> dict[str, int]:
     return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
             "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
 
-
-usage = _usage

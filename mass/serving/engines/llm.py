@@ -179,7 +179,7 @@ class LLMEngine:
                     self._waiting.clear()
                     self._running.clear()
                     break
-                self._drop_cancelled()
+                self._drop_done()
                 admitted = self._admit()
             try:
                 with torch.inference_mode():
@@ -201,7 +201,8 @@ class LLMEngine:
         for seq in pending:
             self._finish(seq, None, error=MassError("engine shut down"))
 
-    def _drop_cancelled(self) -> None:
+    def _drop_done(self) -> None:
+        """Forget finished or cancelled sequences (caller holds the lock)."""
         for seq in [s for s in self._running if s.done]:
             self._running.remove(seq)
             self._by_id.pop(seq.id, None)
@@ -305,10 +306,7 @@ class LLMEngine:
 
     def _drop_finished(self) -> None:
         with self._cond:
-            for seq in [s for s in self._running if s.done]:
-                self._running.remove(seq)
-                self._by_id.pop(seq.id, None)
-
+            self._drop_done()
 
 def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
