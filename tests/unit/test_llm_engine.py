@@ -134,3 +134,43 @@ def test_running_batch_is_capped(lm):
         assert all(o.completion_tokens > 0 for o in outs)
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["gpt2-runner", "hf-runner"])
+def test_runner_logits_match_the_hf_forward(lm, fast):
+    """Batched left-padded prefill + decode steps give the logits of running each sequence alone."""
+    from mass.serving.engines.runners import GPT2Runner, make_runner, split_rows
+
+    model, tok = lm
+    runner = make_runner(model, fast=fast)
+    assert isinstance(runner, GPT2Runner) == fast
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    nxt = [[5, 9, 11], [7, 3, 2], [1, 1, 4], [8, 6, 10]]
+    with torch.inference_mode():
+        logits, kv = runner.prefill(prompts)
+        state = runner.start(split_rows(kv, [len(p) for p in prompts]), room=1)  # decode must grow past room
+        steps = [logits]
+        for step in range(3):
+            steps.append(runner.decode(state, [n[step] for n in nxt], [len(p) + step for p in prompts]))
+        for row, prompt in enumerate(prompts):
+            alone = model(input_ids=torch.tensor([prompt + nxt[row]])).logits[0, len(prompt) - 1:]
+            got = torch.stack([s[row] for s in steps])
+            torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_generic_runner_matches_generate(lm):
+    engine = LLMEngine(*lm, max_running=8, fast=False)
+    try:
+        async def run():
+            tasks = []
+            for i, prompt in enumerate(PROMPTS):
+                tasks.append(asyncio.create_task(engine.generate(prompt, SamplingParams(max_tokens=8 + 5 * i,
+                                                                                       temperature=0))))
+                await asyncio.sleep(0.01)
+            return await asyncio.gather(*tasks)
+
+        for i, (prompt, out) in enumerate(zip(PROMPTS, asyncio.run(run()))):
+            assert out.text == reference(lm, prompt, 8 + 5 * i), prompt
+            assert len(out.token_ids) == out.completion_tokens
+    finally:
+        engine.shutdown()

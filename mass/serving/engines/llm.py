@@ -1,8 +1,8 @@
 """``LLMEngine``: iteration-level (continuous) batching for HF causal LMs, with token streaming.
 
 Requests join the running batch between decode steps and leave the moment they finish or are
-cancelled. A joining request is prefilled alone; the running batch keeps one left-padded KV cache that
-grows by a column per step and is re-padded only when a request joins or leaves.
+cancelled. Joining requests are prefilled together; the running batch keeps one left-padded KV cache
+that grows by a column per step and is re-packed only when a request joins or leaves.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 import torch
 
 from mass.errors import InvalidRequest, MassError
+from mass.serving.engines.runners import KV, BatchState, make_runner, split_rows
 from mass.serving.engines.sampling import SamplingParams, make_generator, sample
 
 log = logging.getLogger(__name__)
@@ -41,17 +42,18 @@ class _Sequence:
     id: int
     prompt_ids: list[int]
     params: SamplingParams
-    emit: Callable[[TokenEvent], None]
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
     generator: torch.Generator
     generated: list[int] = field(default_factory=list)
-    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    sent_chars: int = 0
+    cache: KV | None = None  # its own cache between prefill and joining the batch
+    text: str = ""  # decoded so far (complete characters only)
+    sent_chars: int = 0  # of ``text``, already streamed
+    unsent_ids: list[int] = field(default_factory=list)  # tokens whose text is not streamed yet
+    prefix_offset: int = 0  # incremental detokenisation window over ``generated``
+    read_offset: int = 0
     done: bool = False  # finished or cancelled: removed at the next step
     started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def length(self) -> int:  # tokens held in the KV cache
-        return 0 if self.cache is None else self.cache[0][0].shape[2]
 
 
 class LLMEngine:
@@ -62,12 +64,14 @@ class LLMEngine:
         tokenizer: its tokenizer.
         max_running: sequences decoded together at most.
         max_batch_tokens: prompt + max_tokens summed over running sequences at most (KV budget).
+        fast: use the lean GPT-2 runner when the model is an unquantized GPT-2 (False: always HF forward).
     """
 
-    def __init__(self, model, tokenizer, max_running: int = 16, max_batch_tokens: int = 8192) -> None:
+    def __init__(self, model, tokenizer, max_running: int = 16, max_batch_tokens: int = 8192,
+                 fast: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
+        self.runner = make_runner(self.model, fast=fast)
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
         config = model.config
@@ -79,11 +83,11 @@ class LLMEngine:
         self._by_id: dict[int, _Sequence] = {}
         self._cond = threading.Condition()
         self._stopped = False
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenEvent]]] = defaultdict(list)
         self.steps = 0
-        # the running batch's KV cache, left-padded: rows follow _batch_ids; rebuilt only on join/leave
+        # the running batch: rows follow _batch_ids; _lens are each row's real tokens in the cache
         self._batch_ids: list[int] = []
-        self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._mask: torch.Tensor | None = None
+        self._state: BatchState | None = None
         self._lens: list[int] = []
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
@@ -105,10 +109,11 @@ class LLMEngine:
             raise InvalidRequest(f"request needs {len(prompt_ids) + params.max_tokens} tokens; this engine's "
                                  f"batch budget is {self.max_batch_tokens}", field="max_tokens")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, emit: Callable[[TokenEvent], None]) -> int:
-        """Queue a request; ``emit`` is called from the engine thread for every event. Returns its id."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue,
+               loop: asyncio.AbstractEventLoop) -> int:
+        """Queue a request; its events are put on ``queue`` in ``loop``. Returns the request id."""
         self.check(prompt_ids, params)
-        seq = _Sequence(next(self._ids), list(prompt_ids), params, emit, make_generator(params.seed))
+        seq = _Sequence(next(self._ids), list(prompt_ids), params, queue, loop, make_generator(params.seed))
         with self._cond:
             if self._stopped:
                 raise MassError("engine is shut down")
@@ -128,9 +133,8 @@ class LLMEngine:
     async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
         """Yield events for one request; closing the iterator early cancels the request."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        request_id = self.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        request_id = self.submit(ids, params, queue, asyncio.get_running_loop())
         finished = False
         try:
             while True:
@@ -183,8 +187,8 @@ class LLMEngine:
                 admitted = self._admit()
             try:
                 with torch.inference_mode():
-                    for seq in admitted:
-                        self._prefill(seq)
+                    if admitted:
+                        self._prefill(admitted)
                     self._drop_finished()
                     if self._running:
                         self._decode()
@@ -193,13 +197,15 @@ class LLMEngine:
             except Exception as exc:  # a model failure fails the requests in flight, not the engine
                 log.exception("engine step failed")
                 error = MassError(f"generation failed: {type(exc).__name__}: {exc}")
-                self._batch_ids = []
+                self._batch_ids, self._state = [], None
                 with self._cond:
                     failed, self._running = self._running, []
                 for seq in failed:
                     self._finish(seq, None, error=error)
+            self._flush()
         for seq in pending:
             self._finish(seq, None, error=MassError("engine shut down"))
+        self._flush()
 
     def _drop_done(self) -> None:
         """Forget finished or cancelled sequences (caller holds the lock)."""
@@ -214,6 +220,10 @@ class LLMEngine:
                 kept.append(seq)
         self._waiting = kept
 
+    def _drop_finished(self) -> None:
+        with self._cond:
+            self._drop_done()
+
     def _admit(self) -> list[_Sequence]:
         budget = sum(len(s.prompt_ids) + s.params.max_tokens for s in self._running)
         admitted = []
@@ -227,100 +237,105 @@ class LLMEngine:
             admitted.append(seq)
         return admitted
 
-    def _prefill(self, seq: _Sequence) -> None:
-        ids = torch.tensor([seq.prompt_ids], device=self.device)
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        seq.cache = _layers(out.cache)
-        self._advance(seq, out.logits[0, -1])
+    def _prefill(self, seqs: list[_Sequence]) -> None:
+        """Prompts of the joining sequences in one forward pass; each keeps its own cache until it joins."""
+        logits, kv = self.runner.prefill([s.prompt_ids for s in seqs])
+        for seq, cache in zip(seqs, split_rows(kv, [len(s.prompt_ids) for s in seqs])):
+            seq.cache = cache
+        self._advance(seqs, logits)
 
     def _decode(self) -> None:
         """One token for every running sequence in one forward pass over the batch cache."""
         batch = self._running
-        if [s.id for s in batch] != self._batch_ids:  # someone joined or left: re-pad once
+        if [s.id for s in batch] != self._batch_ids:  # someone joined or left: re-pack once
             self._rebuild(batch)
-        mask = torch.cat([self._mask, self._mask.new_ones(len(batch), 1)], dim=1)
-        out = self.model(
-            input_ids=torch.tensor([[s.generated[-1]] for s in batch], device=self.device),
-            attention_mask=mask,
-            position_ids=torch.tensor([[n] for n in self._lens], device=self.device),
-            cache=_cache(self._kv), use_cache=True)
-        self._kv, self._mask = _layers(out.cache), mask
+        logits = self.runner.decode(self._state, [s.generated[-1] for s in batch], self._lens)
         self._lens = [n + 1 for n in self._lens]
-        for row, seq in enumerate(batch):
-            self._advance(seq, out.logits[row, -1])
+        self._advance(batch, logits)
 
     def _rebuild(self, batch: list[_Sequence]) -> None:
-        """Left-pad the caches of ``batch`` (rows kept from the last batch, new ones from prefill) into one."""
+        """One left-padded cache for ``batch``: rows kept from the last batch, new ones from prefill."""
         old_rows = {sid: row for row, sid in enumerate(self._batch_ids)}
-        old_width = self._mask.shape[1] if self._mask is not None else 0
-        parts = []
+        kept = split_rows(self._state.filled(), self._lens) if self._state is not None else []
+        caches, lens = [], []
         for seq in batch:
             if seq.id in old_rows:
-                row, n = old_rows[seq.id], self._lens[old_rows[seq.id]]
-                parts.append(([(k[row:row + 1, :, old_width - n:], v[row:row + 1, :, old_width - n:])
-                               for k, v in self._kv], n))
+                caches.append(kept[old_rows[seq.id]])
+                lens.append(self._lens[old_rows[seq.id]])
             else:
-                parts.append((seq.cache, seq.length))
+                caches.append(seq.cache)
+                lens.append(seq.cache[0][0].shape[2])
                 seq.cache = None  # from now on it lives in the batch cache
-        longest = max(n for _, n in parts)
-        mask = torch.zeros(len(batch), longest, dtype=torch.long, device=self.device)
-        for row, (_, n) in enumerate(parts):
-            mask[row, longest - n:] = 1
-        self._kv = [(torch.cat([_left_pad(layers[i][0], longest) for layers, _ in parts]),
-                     torch.cat([_left_pad(layers[i][1], longest) for layers, _ in parts]))
-                    for i in range(len(parts[0][0]))]
-        self._mask, self._lens, self._batch_ids = mask, [n for _, n in parts], [s.id for s in batch]
+        room = max(s.params.max_tokens - len(s.generated) for s in batch) + 1
+        self._state = self.runner.start(caches, room)
+        self._lens, self._batch_ids = lens, [s.id for s in batch]
 
-    def _advance(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Sample one token for ``seq``, stream the new text, finish it when a stop condition holds."""
-        token = sample(logits, seq.params, seq.generator)
+    def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Sample the next token of every sequence (greedy rows in one argmax) and stream their text."""
+        greedy = logits.argmax(-1).tolist() if any(s.params.temperature <= 0 for s in seqs) else None
+        for row, seq in enumerate(seqs):
+            if seq.params.temperature <= 0:
+                token = greedy[row]
+            else:
+                token = sample(logits[row], seq.params, seq.generator)
+            self._emit_token(seq, token)
+
+    def _emit_token(self, seq: _Sequence, token: int) -> None:
+        """Record ``token`` for ``seq``, stream its new text, finish it when a stop condition holds."""
         finish = None
         if token == self.eos_id:
             finish = "stop"
         else:
             seq.generated.append(token)
+            seq.unsent_ids.append(token)
+            seq.text += self._detokenize(seq)
             if len(seq.generated) >= seq.params.max_tokens:
                 finish = "length"
-        text = self.tokenizer.decode(seq.generated, skip_special_tokens=True)
-        end = len(text)
+        text, end = seq.text, len(seq.text)
         for stop in seq.params.stop:
             at = text.find(stop, max(0, seq.sent_chars - len(stop) + 1))
             if at != -1 and at < end:
                 end, finish = at, "stop"
-        if finish is None:
-            held = max((len(s) for s in seq.params.stop), default=1) - 1  # may be the start of a stop string
+        if finish is None:  # hold back what may be the start of a stop string
+            held = max((len(s) for s in seq.params.stop), default=1) - 1
             end = max(seq.sent_chars, end - held)
-            if text[seq.sent_chars:end].endswith("\ufffd"):  # half of a multi-byte character
-                end -= 1
         delta = text[seq.sent_chars:end] if end > seq.sent_chars else ""
         seq.sent_chars = max(seq.sent_chars, end)
         if finish is not None:
-            self._finish(seq, finish, delta=delta, token_ids=[token] if token != self.eos_id else [])
+            self._finish(seq, finish, delta=delta, token_ids=seq.unsent_ids)
         elif delta:
-            seq.emit(TokenEvent(delta, [token], None, len(seq.prompt_ids), len(seq.generated)))
+            self._send(seq, TokenEvent(delta, seq.unsent_ids, None, len(seq.prompt_ids), len(seq.generated)))
+            seq.unsent_ids = []
+
+    def _detokenize(self, seq: _Sequence) -> str:
+        """Text added by the newest token, decoding only a short window (complete characters only)."""
+        ids = seq.generated
+        prefix = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+        full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):  # not half of a multi-byte character
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+            return full[len(prefix):]
+        return ""
 
     def _finish(self, seq: _Sequence, reason: str | None, delta: str = "", token_ids: list[int] | None = None,
                 error: MassError | None = None) -> None:
         seq.done = True
-        seq.emit(TokenEvent(delta, token_ids or [], reason, len(seq.prompt_ids), len(seq.generated), error=error))
+        self._send(seq, TokenEvent(delta, list(token_ids or []), reason, len(seq.prompt_ids), len(seq.generated),
+                                   error=error))
 
-    def _drop_finished(self) -> None:
-        with self._cond:
-            self._drop_done()
+    def _send(self, seq: _Sequence, event: TokenEvent) -> None:
+        self._outbox[seq.loop].append((seq.queue, event))
 
-def _layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop, not one per token."""
+        outbox, self._outbox = self._outbox, defaultdict(list)
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that loop is closed: its requests are gone
+                pass
 
 
-def _cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=layers)
-
-
-def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    missing = length - tensor.shape[2]
-    if missing == 0:
-        return tensor
-    pad = tensor.new_zeros(tensor.shape[0], tensor.shape[1], missing, tensor.shape[3])
-    return torch.cat([pad, tensor], dim=2)
+def _deliver(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
