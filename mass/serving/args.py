@@ -51,6 +51,10 @@ class ModelArgs(MassConfig):
     autoscaling: AutoscalingArgs = Field(default_factory=AutoscalingArgs)
     max_ongoing_requests: int = Field(64, ge=1, description="Requests a replica accepts at once.")
     max_queued_requests: int = Field(-1, ge=-1, description="Queued per caller before 503 (-1: unbounded).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype at load time (auto: as saved).")
+    quantization: Literal["none", "int8", "nf4"] = Field(
+        "none", description="Load weights quantized with bitsandbytes (int8, or 4-bit nf4).")
     max_running: int = Field(16, ge=1, description="LLM: sequences decoded together.")
     max_batch_tokens: int = Field(8192, ge=16, description="LLM: prompt+max_tokens summed over the batch.")
     max_tokens_limit: int = Field(512, ge=1, description="LLM: largest max_tokens a request may ask for.")

@@ -29,7 +29,8 @@ class Served:
 
         apply_offline_env()
         self.args = args
-        model, tokenizer, self.info = ModelRegistry().load(args.ref, device="cuda" if args.num_gpus > 0 else None)
+        model, tokenizer, self.info = ModelRegistry().load(args.ref, device="cuda" if args.num_gpus > 0 else None,
+                                                            dtype=args.dtype, quantization=args.quantization)
         if args.engine == "llm":
             from mass.serving.engines.llm import LLMEngine
 

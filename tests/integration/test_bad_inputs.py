@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mass.registry import ModelRegistry
-from tests.integration.support import SMOKE, run_cli
+from tests.integration.support import ROOT, SMOKE, run_cli
 
 
 def _state():
@@ -51,3 +51,25 @@ def test_bad_resources_and_references(ray_cluster, corpus, override, code, needl
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
     _assert_one_line_error(run_cli(["train", "--config", str(SMOKE), "--set", override], env=env), code, needle)
     assert _state() == before
+
+
+def test_serve_up_refuses_an_app_the_cluster_cannot_place(ray_cluster):
+    """`mass serve up` checks the app's CPUs against the cluster before deploying anything."""
+    apps_before = _serve_apps()
+    env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
+    proc = run_cli(["serve", "up", "--config", str(ROOT / "serve_apps" / "configs" / "demo.yaml"),
+                    "--set", "gateway.num_cpus=64", "--detach"], env=env)
+    _assert_one_line_error(proc, 4, "the app needs 65 CPUs")
+    assert "but the cluster has 4" in proc.stderr and "lower num_cpus" in proc.stderr
+    assert _serve_apps() == apps_before
+
+
+def _serve_apps() -> set[str]:
+    """Applications on the cluster's Serve (none when Serve is not running)."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return set(serve.status().applications)
+    except RayServeException:
+        return set()

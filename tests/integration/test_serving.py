@@ -241,11 +241,14 @@ def test_pool_multiplexes_models_with_lru_eviction(gateway, client, tmp_path):
     base = f"{gateway}/pool"
     try:
         wait_ready(base, timeout=240)
+        pool_stats = serve.get_deployment_handle("pool-small", "mass-pool").stats
+        assert pool_stats.remote().result()["loads"] == []  # readiness and listing load no pooled model
         pool_client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
         assert sorted(m.id for m in pool_client.models.list()) == ["pa", "pb"]
+        assert httpx.get(f"{base}/readyz").json()["models"] == {"pa": "ready", "pb": "ready"}
+        assert pool_stats.remote().result()["loads"] == []
         expected = client.completions.create(model="tiny-gpt", prompt="Return the", max_tokens=6,
                                              temperature=0).choices[0].text
-        pool_stats = serve.get_deployment_handle("pool-small", "mass-pool").stats
         counts = []
         for name in ("pa", "pb", "pa", "pb"):
             out = pool_client.completions.create(model=name, prompt="Return the", max_tokens=6, temperature=0)
@@ -310,3 +313,42 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(gateway):
         wait_for(lambda: replicas() == 1, 180, "scale back down to one replica", interval=1)
     finally:
         serve.delete("mass-auto")
+
+
+def test_scale_to_zero_wakes_on_demand_and_a_slow_upstream_is_a_504(gateway):
+    """min_replicas 0: an idle deployment drops to zero replicas; the next request wakes it. The first one
+    waits longer than the gateway's request_timeout_s (the replica is still starting), so it gets a 504
+    with an OpenAI error body; requests after the cold start succeed."""
+    from ray import serve
+
+    args = load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml")
+    data = args.model_dump()
+    data.update(models=[{**data["models"][0], "num_cpus": 0.5, "autoscaling": {
+                    "min_replicas": 0, "initial_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 2,
+                    "upscale_delay_s": 0, "downscale_delay_s": 1, "look_back_period_s": 11}}],
+                gateway={**data["gateway"], "num_cpus": 0.25, "request_timeout_s": 1.5})
+    serve.run(build_app(type(args).model_validate(data)), name="mass-zero", route_prefix="/zero")
+    base = f"{gateway}/zero"
+    body = {"model": "tiny-gpt", "prompt": "Return the", "max_tokens": 4, "temperature": 0}
+
+    def replicas() -> int:
+        return serve.status().applications["mass-zero"].deployments["llm-tiny-gpt"].replica_states.get("RUNNING", 0)
+
+    try:
+        wait_ready(base, timeout=240)
+        warm = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert warm.status_code == 200, warm.text
+        wait_for(lambda: replicas() == 0, 180, "the idle deployment to scale to zero", interval=1)
+
+        cold = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert cold.status_code == 504, cold.text
+        error = cold.json()["error"]
+        assert error["type"] == "timeout_error" and "did not answer within 1.5s" in error["message"]
+
+        wait_for(lambda: httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200, 180,
+                 "the woken replica to answer", interval=1)
+        assert replicas() == 1
+        again = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+        assert again["choices"][0]["text"] == warm.json()["choices"][0]["text"]
+    finally:
+        serve.delete("mass-zero")

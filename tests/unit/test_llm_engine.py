@@ -174,3 +174,50 @@ def test_generic_runner_matches_generate(lm):
             assert len(out.token_ids) == out.completion_tokens
     finally:
         engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def saved_lm(lm, tmp_path_factory):
+    path = tmp_path_factory.mktemp("lm")
+    lm[0].save_pretrained(path)
+    lm[1].save_pretrained(path)
+    return path
+
+
+def test_bf16_weights_run_on_the_fast_path(saved_lm, lm):
+    from mass.registry.store import load_hf_dir
+    from mass.serving.engines.runners import GPT2Runner
+
+    model, tok = load_hf_dir(saved_lm, "text-generation", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    engine = LLMEngine(model, tok, max_running=4)
+    try:
+        assert isinstance(engine.runner, GPT2Runner)
+        with torch.inference_mode():
+            ids = tok(PROMPTS[1])["input_ids"]
+            logits, _ = engine.runner.prefill([ids])
+            ref = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        assert logits.dtype == torch.bfloat16
+        torch.testing.assert_close(logits[0].float(), ref.float(), atol=0.05, rtol=0.05)
+        out = asyncio.run(engine.generate(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0)))
+        assert out.completion_tokens == 12 or out.finish_reason == "stop"
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4"])
+def test_bitsandbytes_quantized_weights_generate_like_hf(saved_lm, quantization):
+    """A bitsandbytes-quantized model goes through the generic runner and matches its own HF generate."""
+    from mass.registry.store import load_hf_dir
+    from mass.serving.engines.runners import HFRunner
+
+    model, tok = load_hf_dir(saved_lm, "text-generation", quantization=quantization)
+    layer = type(model.transformer.h[0].attn.c_attn).__name__
+    assert layer == {"int8": "Linear8bitLt", "nf4": "Linear4bit"}[quantization], layer
+    engine = LLMEngine(model, tok, max_running=4)
+    try:
+        assert isinstance(engine.runner, HFRunner)
+        out = asyncio.run(engine.generate(PROMPTS[1], SamplingParams(max_tokens=10, temperature=0)))
+        assert out.text == reference((model, tok), PROMPTS[1], 10)
+    finally:
+        engine.shutdown()

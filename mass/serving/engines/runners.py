@@ -148,14 +148,17 @@ class GPT2Runner:
         real = real.to(self.device)
         n, width = real.shape
         positions = (real.long().cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
-        mask = (causal[None] & real[:, None, :])[:, None]  # [n, 1, width, width]
-        mask |= ~real[:, None, :, None]  # padding queries attend to everything: no all-masked rows (NaN)
+        mask = None
+        if not bool(real.all()):  # ragged: causal and padding mask; else SDPA's own causal path
+            causal = torch.ones(width, width, dtype=torch.bool, device=self.device).tril()
+            mask = (causal[None] & real[:, None, :])[:, None]  # [n, 1, width, width]
+            mask |= ~real[:, None, :, None]  # padding queries attend to everything: no all-masked rows (NaN)
         kv: KV = []
 
         def attend(i, q, k, v):
             kv.append((k, v))
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.blocks[i][3])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                  scale=self.blocks[i][3])
 
         x = self._forward(torch.tensor(ids, device=self.device), positions, attend)
         return self._logits(x[:, -1]), kv
