@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import httpx
 import openai
@@ -13,7 +14,7 @@ from mass.registry import ModelRegistry
 from mass.registry.imports import import_minilm
 from mass.serving.app import build_app, load_app_args
 from mass.serving.launch import APP_NAME, wait_ready
-from tests.integration.support import ROOT, free_port, wait_for
+from tests.integration.support import ROOT, VENV_BIN, free_port, run_cli, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -352,3 +353,37 @@ def test_scale_to_zero_wakes_on_demand_and_a_slow_upstream_is_a_504(gateway):
         assert again["choices"][0]["text"] == warm.json()["choices"][0]["text"]
     finally:
         serve.delete("mass-zero")
+
+
+def test_the_config_file_runs_with_mass_serve_up_serve_run_and_serve_deploy(gateway, ray_cluster):
+    """serve_apps/configs/demo.yaml as is, through each of the three CLIs, onto the session's cluster (this
+    test comes last in the module: `serve run`/`serve deploy` replace the cluster's set of apps). Each one
+    redeploys the same `mass` app and the gateway answers afterwards."""
+    from ray import serve
+
+    config = ROOT / "serve_apps" / "configs" / "demo.yaml"
+    env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
+    port = int(gateway.rsplit(":", 1)[1])
+    body = {"model": "tiny-gpt", "prompt": "Return the", "max_tokens": 6, "temperature": 0}
+    expected = httpx.post(f"{gateway}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+
+    def answers() -> bool:
+        wait_ready(gateway, timeout=240)
+        out = httpx.post(f"{gateway}/v1/completions", json=body, timeout=60).json()
+        return out["choices"][0]["text"] == expected
+
+    up = run_cli(["-o", "json", "serve", "up", "--config", str(config), "--port", str(port), "--detach"], env=env)
+    assert up.returncode == 0, up.stderr[-2000:]
+    assert json.loads(up.stdout.strip().splitlines()[-1]) == {"url": gateway, "models": ["tiny-gpt", "minilm"]}
+    assert answers()
+
+    for command in (["run", "--non-blocking", "--address", ray_cluster.gcs_address, str(config)],
+                    ["deploy", str(config), "--address", ray_cluster.dashboard_url]):
+        proc = subprocess.run([str(VENV_BIN / "serve"), *command], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, (command, proc.stderr[-2000:])
+        wait_for(lambda: serve.status().applications["mass"].status == "RUNNING", 240, f"serve {command[0]}")
+        deployed = subprocess.run([str(VENV_BIN / "serve"), "config", "--address", ray_cluster.dashboard_url],
+                                  env=env, capture_output=True, text=True, timeout=60).stdout
+        assert "import_path: serve_apps.mass_app:app_builder" in deployed, deployed  # the file's app is live
+        assert answers(), command
