@@ -189,6 +189,7 @@ class LLMEngine:
                 with torch.inference_mode():
                     if admitted:
                         self._prefill(admitted)
+                        self._flush()  # first tokens go out now, not after the decode step
                     self._drop_finished()
                     if self._running:
                         self._decode()

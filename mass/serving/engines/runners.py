@@ -54,7 +54,7 @@ def join_rows(caches: list[KV], room: int = 0) -> tuple[KV, int]:
     return layers, width
 
 
-def _TANH_GELU(x: torch.Tensor) -> torch.Tensor:  # GPT-2's "gelu_new" in one fused op
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:  # GPT-2's "gelu_new" in one fused op
     return F.gelu(x, approximate="tanh")
 
 
@@ -138,7 +138,7 @@ class GPT2Runner:
         self.wte, self.wpe = t.wte.weight, t.wpe.weight
         act = model.config.activation_function
         self.blocks = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.attn.scaling, b.ln_2, b.mlp.c_fc,
-                        _TANH_GELU if act in ("gelu_new", "gelu_pytorch_tanh") else b.mlp.act, b.mlp.c_proj)
+                        _gelu_tanh if act in ("gelu_new", "gelu_pytorch_tanh") else b.mlp.act, b.mlp.c_proj)
                        for b in t.h]
         self.ln_f, self.lm_head = t.ln_f, model.lm_head.weight
 
