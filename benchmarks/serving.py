@@ -58,7 +58,7 @@ def run_engine(model, tok, reqs) -> tuple[float, list[float], int]:
 
     engine = LLMEngine(model, tok, max_running=16, max_batch_tokens=16 * 512)
 
-    async def one(prompt, n, delay, start):
+    async def one(prompt, n, delay):
         await asyncio.sleep(delay)
         sent, first, count = time.perf_counter(), None, 0
         async for ev in engine.stream(prompt, SamplingParams(max_tokens=n, temperature=0)):
@@ -69,7 +69,7 @@ def run_engine(model, tok, reqs) -> tuple[float, list[float], int]:
 
     async def main():
         start = time.perf_counter()
-        results = await asyncio.gather(*[one(p, n, d, start) for p, n, d in reqs])
+        results = await asyncio.gather(*[one(p, n, d) for p, n, d in reqs])
         return time.perf_counter() - start, results
 
     wall, results = asyncio.run(main())
@@ -154,9 +154,8 @@ async def drive(call, texts: list[str], requests: int, concurrency: int = 32) ->
 def http_embedder(session, url: str, model: str):
     """A call that embeds texts through the gateway, the way the official client does (base64).
 
-    The load generator is aiohttp: httpx (the openai client's transport) tops out near 430 requests/s
-    against a bare FastAPI endpoint on this 2-core machine, where aiohttp does about 2,800, so httpx
-    would measure itself, not the gateway.
+    The load generator is aiohttp: httpx (the openai client's transport) spends so much CPU per request
+    that, on a 2-core machine, it would measure itself rather than the gateway.
     """
     import base64
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
-from mass.errors import InvalidRequest, MassError, ModelNotFound
+from mass.errors import InvalidRequest, MassError
 
 APP_NAME = "mass"
 
@@ -137,14 +137,10 @@ class Client:
         """The deployment handle for ``model``; the gateway's 404/400 when it is missing or the wrong kind."""
         from ray import serve
 
+        from mass.serving.args import check_served
+
         route = self._routes().get(model)
-        if route is None:
-            raise ModelNotFound(f"model {model!r} is not served here; served models: "
-                                f"{', '.join(sorted(self._routes())) or 'none'}", param="model")
-        if route["engine"] != engine:
-            verb = "text generation" if engine == "llm" else "embeddings"
-            raise InvalidRequest(f"model {model!r} is a {route['engine']} model and does not do {verb}",
-                                 param="model")
+        check_served(model, route["engine"] if route else None, engine, self._routes())
         handle = serve.get_deployment_handle(route["deployment"], self.app_name)
         return handle.options(multiplexed_model_id=model) if route["multiplexed"] else handle
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mass.errors import InvalidRequest, MassError, ModelNotFound
-from mass.serving.args import AppArgs, ModelArgs
+from mass.errors import MassError
+from mass.serving.args import AppArgs, ModelArgs, check_served
 
 
 @dataclass
@@ -33,13 +33,7 @@ class GatewayState:
     def route(self, model: str, engine: str) -> Route:
         """The route for ``model``; 404 naming the served models, 400 when it is the wrong kind."""
         route = self.routes.get(model)
-        if route is None:
-            raise ModelNotFound(f"model {model!r} is not served here; served models: "
-                                f"{', '.join(sorted(self.routes)) or 'none'}", param="model")
-        if route.args.engine != engine:
-            verb = "text generation" if engine == "llm" else "embeddings"
-            raise InvalidRequest(f"model {model!r} is a {route.args.engine} model and does not do {verb}",
-                                 param="model")
+        check_served(model, route.args.engine if route else None, engine, self.routes)
         return route
 
     def table(self) -> dict[str, dict[str, Any]]:

@@ -96,9 +96,7 @@ class Served:
         return {k: v for k, v in asdict(event).items() if k != "error"}
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        """Vectors and token counts for ``texts`` (off the event loop)."""
-        if not texts:
-            raise InvalidRequest("input must contain at least one text", field="input")
+        """Vectors and token counts for ``texts`` (off the event loop; the engine rejects an empty list)."""
         return await asyncio.to_thread(self.engine.embed, texts)
 
 
@@ -158,8 +156,8 @@ class EmbeddingServer:
     async def _embed_batch(self, requests: list[list[str]]) -> list[tuple[list[list[float]], int]]:
         # The forward runs on the replica's event loop, not in a worker thread: requests that arrive
         # meanwhile wait in Ray's queue and form the next batch whole. Off-loop (asyncio.to_thread) the loop
-        # and the forward fight over the GIL, requests trickle in, and batches shrank to 1-2 texts under
-        # 32 concurrent HTTP clients (benchmarks/serving.py: 29 -> 46 texts/s through the gateway).
+        # and the forward fight over the GIL, requests trickle in, and batches shrank to one or two texts
+        # under 32 concurrent HTTP clients.
         vectors, lengths = self.served.engine.embed([text for texts in requests for text in texts])
         results, start = [], 0
         for texts in requests:

@@ -69,9 +69,8 @@ class LLMEngine:
 
     def __init__(self, model, tokenizer, max_running: int = 16, max_batch_tokens: int = 8192,
                  fast: bool = True) -> None:
-        self.model = model.eval()
         self.tokenizer = tokenizer
-        self.runner = make_runner(self.model, fast=fast)
+        self.runner = make_runner(model.eval(), fast=fast)
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
         config = model.config
