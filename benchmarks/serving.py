@@ -6,9 +6,12 @@
   ``generate`` vs one static HF batch of the same prompts; p50/p95 time to first token.
 - gateway efficiency: MiniLM embeddings through the HTTP gateway on a local Ray Serve vs the same engine
   called in-process behind the same dynamic batching, 32 concurrent clients, one short text per request.
+  Ray runs in the ingress mode MASS starts it in (``MASS_SERVE_INGRESS``, default HAProxy). The served
+  deployment is two single-CPU replicas (one torch thread each); the in-process engine gets both cores as
+  torch's two threads. A row for one two-CPU replica shows what that choice is worth.
 - dynamic batching: the same load through the gateway, ``max_batch_size=32`` vs ``max_batch_size=1``.
   The same two deployments are also called through Serve handles (the SDK's in-cluster path), which
-  shows how much of the gap is the HTTP path (Serve's proxy and the gateway replica).
+  shows how much of the gap is the HTTP path.
 
 Every system runs ``--rounds`` times, interleaved; the table reports each one's median.
 Prints a table and one JSON line.  Run:  .venv/bin/python benchmarks/serving.py
@@ -171,8 +174,6 @@ def http_embedder(session, url: str, model: str):
 
 def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
     """Embeddings in-process vs through the gateway (batched, and with max_batch_size=1): texts/s per round."""
-    import socket
-
     import aiohttp
     import ray
     from ray import serve
@@ -183,7 +184,8 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
     from mass.serving.app import build_app
     from mass.serving.args import AppArgs
     from mass.serving.engines.embedding import EmbeddingEngine
-    from mass.serving.launch import APP_NAME, wait_ready
+    from mass.serving.launch import APP_NAME, free_port, wait_ready
+    from mass.settings import apply_ray_start_env, get_settings
 
     import_minilm(ModelRegistry())
     texts = [d["text"].strip().splitlines()[0] for d in collect_documents(["json", "argparse", "textwrap"],
@@ -191,15 +193,17 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
     model, tokenizer, _ = ModelRegistry().load("minilm-l6@production")
     batcher = InProcessBatcher(EmbeddingEngine(model, tokenizer), max_batch_size=32, wait_s=0.01)
 
-    ray.init(address="local", num_cpus=5, include_dashboard=False, configure_logging=False, log_to_driver=False)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    apply_ray_start_env(get_settings())  # as `mass serve up` starts a local Ray
+    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    minilm = {"ref": "minilm-l6@production", "engine": "embedding", "num_cpus": 2, "max_ongoing_requests": 64}
+    minilm = {"ref": "minilm-l6@production", "engine": "embedding", "max_ongoing_requests": 64}
+    per_core = {"num_cpus": 1, "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
+    batched = {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
     serve.run(build_app(AppArgs.model_validate({"gateway": {"num_cpus": 0.5}, "models": [
-        {"name": "minilm", **minilm, "batch": {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}},
-        {"name": "minilm-unbatched", **minilm, "batch": {"max_batch_size": 1}}]})), name=APP_NAME, route_prefix="/",
+        {"name": "minilm", **minilm, **per_core, "batch": batched},
+        {"name": "minilm-unbatched", **minilm, **per_core, "batch": {"max_batch_size": 1}},
+        {"name": "minilm-1x2", **minilm, "num_cpus": 2, "batch": batched}]})), name=APP_NAME, route_prefix="/",
         logging_config={"enable_access_log": False, "log_level": "WARNING"})
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, timeout=300)
@@ -215,6 +219,7 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
             systems = {"in_process": batcher.embed, "gateway": http_embedder(http, url, "minilm"),
                        "gateway_unbatched": http_embedder(http, url, "minilm-unbatched"),
+                       "gateway_one_2cpu_replica": http_embedder(http, url, "minilm-1x2"),
                        "handle": handle_embedder("embedding-minilm"),
                        "handle_unbatched": handle_embedder("embedding-minilm-unbatched")}
             results: dict[str, list[float]] = {name: [] for name in systems}
@@ -225,11 +230,14 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
                     results[name].append(await drive(call, texts, requests))
         return results
 
-    try:
-        return asyncio.run(measure())
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    # One loop for the measurement and the shutdown: with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 the handles'
+    # router lives on the caller's loop, and shutting them down needs that loop still open.
+    with asyncio.Runner() as runner:
+        try:
+            return runner.run(measure())
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def main(argv=None) -> int:
@@ -272,6 +280,9 @@ def main(argv=None) -> int:
         result["ttft_ms_p95"] = round(statistics.quantiles(ttft, n=20)[18] * 1000, 1)
         rows += [(f"LLM {k}", "tokens/s", v) for k, v in rates.items()]
     if args.part in ("all", "gateway"):
+        from mass.settings import get_settings
+
+        result["serve_ingress"] = get_settings().serve_ingress
         runs = run_gateway_parts(args.rounds, args.embed_requests)
         rates = {k: statistics.median(v) for k, v in runs.items()}
         result["texts_per_s"] = {k: round(v, 1) for k, v in rates.items()}

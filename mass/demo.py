@@ -14,19 +14,15 @@ def _step(title: str) -> None:
 
 def _serve(corpus_dir: str) -> str:
     """Deploy the demo app on a free port, query it over HTTP and through the SDK, then take it down."""
-    import socket
-
     import httpx
     from ray import serve
 
     from mass.data.loaders import load_corpus_split
     from mass.sdk import Client
     from mass.serving.app import load_app_args
-    from mass.serving.launch import APP_NAME, serve_up
+    from mass.serving.launch import APP_NAME, free_port, serve_up
 
-    with socket.socket() as sock:  # a free port, so the demo never collides with a running server
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # so the demo never collides with a running server
     args = load_app_args(Path(__file__).resolve().parents[1] / "serve_apps" / "configs" / "demo.yaml")
     url = serve_up(args, port=port, block=False)
     try:

@@ -18,7 +18,17 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "MASS_STORAGE_PATH": ("", "Ray Train storage for checkpoints. Empty: $MASS_HOME/ray_results. Multi-node: shared storage (s3://, NFS)."),
     "MASS_LOG_LEVEL": ("INFO", "Log level for MASS loggers (DEBUG, INFO, WARNING, ERROR)."),
     "MASS_GATEWAY_URL": ("http://127.0.0.1:8000", "Gateway the SDK calls over HTTP when it runs outside the Ray cluster."),
+    "MASS_SERVE_INGRESS": ("haproxy", "How HTTP reaches the gateway when MASS starts Ray: haproxy (Ray Serve's high-throughput mode: HAProxy in front of the gateway replicas, direct ingress, gRPC between replicas) or proxy (Serve's default Python proxy)."),
     "RAY_ADDRESS": ("", "Ray's own variable: the cluster to join. Empty: jobs start a local Ray."),
+}
+
+#: Ray's own switches for each ``MASS_SERVE_INGRESS`` mode. Ray reads them when its processes start, so they
+#: must be in the environment of ``ray start`` (or of the driver that starts a local Ray). Sync handle calls
+#: (the SDK inside a Ray task) need the router on its own loop, so that flag keeps Ray's usual default.
+SERVE_INGRESS_ENV: dict[str, dict[str, str]] = {
+    "haproxy": {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"},
+    "proxy": {},
 }
 
 
@@ -38,6 +48,7 @@ class Settings:
     log_level: str
     ray_address: str
     gateway_url: str
+    serve_ingress: str
 
     @property
     def embedded(self) -> bool:
@@ -65,7 +76,30 @@ def get_settings() -> Settings:
         log_level=_env("MASS_LOG_LEVEL").upper(),
         ray_address=_env("RAY_ADDRESS"),
         gateway_url=_env("MASS_GATEWAY_URL").rstrip("/"),
+        serve_ingress=_serve_ingress(),
     )
+
+
+def _serve_ingress() -> str:
+    from mass.errors import ConfigError
+
+    mode = _env("MASS_SERVE_INGRESS").strip().lower()
+    if mode not in SERVE_INGRESS_ENV:
+        raise ConfigError(f"MASS_SERVE_INGRESS={mode!r} is not an ingress mode; use one of "
+                          f"{', '.join(SERVE_INGRESS_ENV)}", field="MASS_SERVE_INGRESS")
+    return mode
+
+
+def ray_start_env(settings: Settings) -> dict[str, str]:
+    """Ray Serve's switches for the configured ingress mode: the environment ``ray start`` needs."""
+    return dict(SERVE_INGRESS_ENV[settings.serve_ingress])
+
+
+def apply_ray_start_env(settings: Settings) -> None:
+    """Put Serve's ingress switches into this process's environment before it starts a local Ray
+    (values already set win, so ``RAY_SERVE_*`` can still be tuned one by one)."""
+    for key, value in ray_start_env(settings).items():
+        os.environ.setdefault(key, value)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -77,6 +111,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "MASS_EXPERIMENT": settings.experiment,
         "MASS_STORAGE_PATH": settings.storage_path,
         "MASS_LOG_LEVEL": settings.log_level,
+        "MASS_SERVE_INGRESS": settings.serve_ingress,
         **OFFLINE_ENV,
     }
 

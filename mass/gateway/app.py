@@ -37,6 +37,6 @@ class Gateway:
 
     def routes(self) -> dict[str, dict[str, Any]]:
         """The routing table, for SDK handle calls (not an HTTP route)."""
-        from mass.gateway.state import get_state
+        from mass.gateway.state import current_state
 
-        return get_state().table()
+        return current_state().table()

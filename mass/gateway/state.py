@@ -16,6 +16,7 @@ class Route:
     args: ModelArgs
     handle: Any
     facts: dict[str, Any] = field(default_factory=dict)
+    coalescer: Any = None
 
     @property
     def target(self):
@@ -41,6 +42,22 @@ class GatewayState:
         return {name: {"deployment": self.args.deployment_of(r.args), "engine": r.args.engine,
                        "multiplexed": r.args.pool is not None} for name, r in self.routes.items()}
 
+    async def embed(self, route: Route, texts: list[str]) -> dict[str, Any]:
+        """Embeddings of ``texts`` from ``route``'s model, merged with concurrent requests for the same model
+        into one upstream call (bounded by the model's ``batch`` settings); ``{"error"}`` from the model."""
+        if route.coalescer is None:
+            from mass.gateway.coalesce import Coalescer
+            from mass.gateway.errors import call_upstream
+
+            gw, batch = self.args.gateway, route.args.batch
+
+            async def send(merged: list[str]) -> dict[str, Any]:
+                return await call_upstream(route.target.embed.remote(merged), gw.request_timeout_s,
+                                           route.args.name, gw.retry_after_s)
+
+            route.coalescer = Coalescer(send, batch.max_batch_size, batch.batch_wait_timeout_s)
+        return await route.coalescer.submit(texts)
+
     async def facts(self, route: Route) -> dict[str, Any]:
         """The deployment's ``describe()`` (cached after the first call)."""
         if not route.facts:
@@ -57,8 +74,14 @@ def set_state(state: GatewayState) -> None:
     _current = state
 
 
-def get_state() -> GatewayState:
-    """FastAPI dependency: the replica's state."""
+def current_state() -> GatewayState:
+    """The replica's state (MassError while the replica is still starting)."""
     if _current is None:
         raise MassError("gateway is starting")
     return _current
+
+
+async def get_state() -> GatewayState:
+    """FastAPI dependency: the replica's state. ``async`` on purpose: FastAPI runs a sync dependency in
+    its thread pool: a thread hop on every request, which stood out in profiles of the gateway under load."""
+    return current_state()

@@ -14,6 +14,28 @@ from mass.serving.args import AppArgs
 APP_NAME = "mass"
 
 
+def free_port(low: int = 20000, high: int = 29999) -> int:
+    """A TCP port nobody listens on, for a server started later.
+
+    Picked from ``low..high`` rather than by binding port 0: the kernel hands out port-0 ports from its
+    ephemeral range (32768-60999 here), where any outgoing connection made before the server starts can
+    take the same port as its local end (seen: HAProxy failing to bind its port during ``serve.start``).
+    The default range also stays clear of Ray's worker ports (10002-19999) and Serve's direct-ingress
+    ports (30000-31000, 40000-41000), and of Redis's 6379.
+    """
+    import random
+    import socket
+
+    for port in random.sample(range(low, high + 1), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise MassError(f"no free TCP port between {low} and {high}")
+
+
 def wait_ready(url: str, timeout: float = 300.0) -> dict:
     """Poll ``/readyz`` until every model answers; MassError naming the laggards on timeout."""
     deadline, last = time.monotonic() + timeout, {}

@@ -17,7 +17,7 @@ from typing import Any
 from mass.errors import ConfigError, InsufficientResources, JobFailed, MassError
 from mass.refs import ModelRef
 from mass.registry import ModelRegistry
-from mass.settings import Settings, get_settings
+from mass.settings import Settings, apply_ray_start_env, get_settings
 from mass.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ def connect_ray(address: str | None = None, settings: Settings | None = None) ->
         return
     settings = settings or get_settings()
     target = address or settings.ray_address or "local"
+    if target == "local":  # the Ray started here inherits this process's environment
+        apply_ray_start_env(settings)
     ray.init(address=target, configure_logging=False)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,10 +15,10 @@ SMOKE = ROOT / "jobs" / "configs" / "tiny-gpt-smoke.yaml"
 
 
 def free_port() -> int:
-    """A TCP port nobody listens on right now (never Redis's 6379)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nobody listens on right now, outside the kernel's ephemeral range and Ray's own ranges."""
+    from mass.serving.launch import free_port as pick
+
+    return pick()
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.2):

@@ -88,6 +88,44 @@ def test_embeddings_float_and_base64(client, gateway):
     assert raw["usage"]["prompt_tokens"] > 0
 
 
+def test_concurrent_embedding_requests_are_merged_and_each_gets_its_own_answer(gateway):
+    """24 clients at once: the gateway merges their texts into fewer upstream calls, and every response
+    holds exactly its own vectors (as the engine computes them alone) and its own token count."""
+    import asyncio
+
+    from ray import serve
+
+    from mass.registry.imports import minilm_dir
+    from mass.serving.engines.embedding import EmbeddingEngine
+    from transformers import AutoModel, AutoTokenizer
+
+    requests = [[f"request {i} asks about topic {i * 7 % 11}"] + [f"extra text {j} of {i}" for j in range(i % 3)]
+                for i in range(24)]
+    stats = serve.get_deployment_handle("embedding-minilm", APP_NAME).stats
+    before = stats.remote().result()
+
+    async def fire():
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*[http.post(f"{gateway}/v1/embeddings",
+                                                    json={"model": "minilm", "input": texts, "encoding_format": "float"})
+                                          for texts in requests])
+
+    responses = asyncio.run(fire())
+    after = stats.remote().result()
+    path = minilm_dir()
+    engine = EmbeddingEngine(AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path))
+    for texts, resp in zip(requests, responses):
+        assert resp.status_code == 200, resp.text
+        body = resp.json()
+        alone, tokens = engine.embed(texts)
+        got = torch.tensor([d["embedding"] for d in sorted(body["data"], key=lambda d: d["index"])])
+        assert torch.allclose(got, torch.tensor(alone), atol=1e-4)
+        assert body["usage"]["prompt_tokens"] == sum(tokens)
+    texts_sent = sum(len(t) for t in requests)
+    assert after["texts"] - before["texts"] == texts_sent
+    assert after["calls"] - before["calls"] < len(requests)  # merged upstream (one replica at min_replicas 1)
+
+
 @pytest.mark.parametrize("path,body,status,needle", [
     ("/v1/completions", {"model": "ghost", "prompt": "x"}, 404, "model 'ghost' is not served here"),
     ("/v1/completions", {"model": "tiny-gpt"}, 400, "prompt: Field required"),

@@ -1,6 +1,9 @@
 from pathlib import Path
 
-from mass.settings import VARIABLES, get_settings, settings_env
+import pytest
+
+from mass.errors import ConfigError
+from mass.settings import VARIABLES, get_settings, ray_start_env, settings_env
 
 
 def test_defaults_live_under_mass_home(mass_home):
@@ -25,3 +28,12 @@ def test_environment_overrides(mass_home, monkeypatch):
 def test_every_variable_is_documented():
     for name, (default, doc) in VARIABLES.items():
         assert doc.endswith(".") and len(doc) > 20, name
+
+
+def test_serve_ingress_modes(mass_home, monkeypatch):
+    assert ray_start_env(get_settings())["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # the default: haproxy
+    monkeypatch.setenv("MASS_SERVE_INGRESS", "Proxy")
+    assert get_settings().serve_ingress == "proxy" and ray_start_env(get_settings()) == {}
+    monkeypatch.setenv("MASS_SERVE_INGRESS", "nginx")
+    with pytest.raises(ConfigError, match="MASS_SERVE_INGRESS='nginx' is not an ingress mode; use one of haproxy, proxy"):
+        get_settings()

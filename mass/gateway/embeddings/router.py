@@ -9,7 +9,6 @@ from fastapi import APIRouter, Depends
 
 from mass.errors import InvalidRequest
 from mass.gateway.embeddings.protocol import EmbeddingRequest
-from mass.gateway.errors import call_upstream
 from mass.gateway.generation import raise_if_error
 from mass.gateway.state import GatewayState, get_state
 
@@ -24,9 +23,7 @@ async def create_embeddings(body: EmbeddingRequest, state: GatewayState = Depend
     if body.dimensions is not None and body.dimensions != facts["dim"]:
         raise InvalidRequest(f"dimensions={body.dimensions}: this model returns {facts['dim']} dimensions",
                              param="dimensions")
-    gw = state.args.gateway
-    result = await call_upstream(route.target.embed.remote(body.texts()), gw.request_timeout_s, body.model,
-                                 gw.retry_after_s)
+    result = await state.embed(route, body.texts())
     raise_if_error(result)
     data = []
     for i, vector in enumerate(result["data"]):
