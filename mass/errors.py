@@ -115,6 +115,11 @@ class Overloaded(MassError):
     http_status = 503
     exit_code = 7
 
+    @classmethod
+    def at_capacity(cls, model: str, retry_after_s: int) -> "Overloaded":
+        """The one wording for Serve's backpressure on ``model`` (gateway and SDK handle path alike)."""
+        return cls(f"model {model!r} is at capacity; retry in {retry_after_s}s", retry_after=retry_after_s)
+
 
 class UpstreamTimeout(MassError):
     """A model did not answer within the gateway's request timeout."""
@@ -122,6 +127,11 @@ class UpstreamTimeout(MassError):
     code = "upstream_timeout"
     http_status = 504
     exit_code = 8
+
+    @classmethod
+    def after(cls, model: str, timeout_s: float) -> "UpstreamTimeout":
+        """The one wording for ``model`` not answering within ``timeout_s``."""
+        return cls(f"model {model!r} did not answer within {timeout_s:g}s")
 
 
 class RegistryError(MassError):

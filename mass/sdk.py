@@ -153,10 +153,10 @@ class Client:
         try:
             result = response.result(timeout_s=self.timeout_s)
         except BackPressureError as exc:
-            raise Overloaded(f"model {model!r} is at capacity; retry shortly", retry_after=1) from exc
+            raise Overloaded.at_capacity(model, self._routes()[model]["retry_after_s"]) from exc
         except TimeoutError as exc:
             response.cancel()
-            raise UpstreamTimeout(f"model {model!r} did not answer within {self.timeout_s:g}s") from exc
+            raise UpstreamTimeout.after(model, self.timeout_s) from exc
         if isinstance(result, dict) and "error" in result:
             raise MassError.from_dict(result["error"])
         return result

@@ -37,12 +37,11 @@ async def call_upstream(response, timeout: float, model: str, retry_after_s: int
     try:
         return await asyncio.wait_for(response, timeout)
     except BackPressureError as exc:
-        raise Overloaded(f"model {model!r} is at capacity; retry in {retry_after_s}s",
-                         retry_after=retry_after_s) from exc
+        raise Overloaded.at_capacity(model, retry_after_s) from exc
     except asyncio.TimeoutError as exc:
         if hasattr(response, "cancel"):  # a DeploymentResponse; a stream is cancelled by its owner
             response.cancel()
-        raise UpstreamTimeout(f"model {model!r} did not answer within {timeout:g}s") from exc
+        raise UpstreamTimeout.after(model, timeout) from exc
 
 
 def error_response(exc: BaseException) -> JSONResponse:

@@ -38,9 +38,11 @@ class GatewayState:
         return route
 
     def table(self) -> dict[str, dict[str, Any]]:
-        """The routing table the SDK uses for handle calls: name -> deployment, engine, pooled."""
+        """The routing table the SDK uses for handle calls: name -> deployment, engine, pooled, and the
+        ``Retry-After`` the gateway would send on backpressure."""
         return {name: {"deployment": self.args.deployment_of(r.args), "engine": r.args.engine,
-                       "multiplexed": r.args.pool is not None} for name, r in self.routes.items()}
+                       "multiplexed": r.args.pool is not None, "retry_after_s": self.args.gateway.retry_after_s}
+                for name, r in self.routes.items()}
 
     async def embed(self, route: Route, texts: list[str]) -> dict[str, Any]:
         """Embeddings of ``texts`` from ``route``'s model, merged with concurrent requests for the same model

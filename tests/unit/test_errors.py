@@ -35,3 +35,12 @@ def test_unknown_code_maps_to_root_and_to_dict_has_details():
     exc = errors.ModelNotFound("gone", name="m")
     assert exc.to_dict() == {"code": "model_not_found", "message": "gone", "name": "m"}
     assert exc.http_status == 404 and isinstance(exc, errors.NotFound)
+
+
+def test_upstream_failures_have_one_wording_for_gateway_and_sdk():
+    busy = errors.Overloaded.at_capacity("minilm", 3)
+    late = errors.UpstreamTimeout.after("minilm", 1.5)
+    assert (busy.message, busy.details) == ("model 'minilm' is at capacity; retry in 3s", {"retry_after": 3})
+    assert late.message == "model 'minilm' did not answer within 1.5s"
+    back = MassError.from_dict(busy.to_dict())
+    assert type(back) is errors.Overloaded and back.details["retry_after"] == 3
