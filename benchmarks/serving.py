@@ -80,6 +80,25 @@ def run_engine(model, tok, reqs) -> tuple[float, list[float], int]:
     return wall, [r[0] for r in results], sum(r[1] for r in results)
 
 
+def in_fresh_thread(fn, *args):
+    """``fn(*args)`` in a new thread that ends with it.
+
+    torch's CPU kernels run on an OpenMP team owned by the thread that calls them, and the team lives
+    as long as that thread. Once two threads own teams, libgomp (more OpenMP threads than cores) stops
+    spinning between parallel regions, and every region pays a futex wake-up: the engine's decode loop
+    ran markedly slower for the rest of the process after a single matmul on the main thread. So every system
+    here computes on a thread of its own that exits when it is done, and one system's run cannot slow
+    the next one down.
+    """
+    import threading
+
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)))
+    thread.start()
+    thread.join()
+    return out[0]
+
+
 def run_sequential(model, tok, reqs) -> tuple[float, int]:
     """HF ``generate`` one request at a time."""
     import torch
@@ -112,8 +131,13 @@ class InProcessBatcher:
     """The in-process baseline: callers' texts merged into one ``embed`` call, as ``@serve.batch`` does."""
 
     def __init__(self, engine, max_batch_size: int = 32, wait_s: float = 0.01) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.engine, self.max_batch_size, self.wait_s = engine, max_batch_size, wait_s
         self.queue: asyncio.Queue | None = None
+        # One compute thread, like a replica's: asyncio.to_thread would spread forwards over the default
+        # executor's threads, each with its own OpenMP team (see in_fresh_thread), slowing this baseline.
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="in-process-embed")
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
         """Vectors for ``texts``, computed in a batch with other callers' texts."""
@@ -133,7 +157,8 @@ class InProcessBatcher:
                     items.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - time.monotonic())))
                 except asyncio.TimeoutError:
                     break
-            vectors, _ = await asyncio.to_thread(self.engine.embed, [t for texts, _ in items for t in texts])
+            vectors, _ = await asyncio.get_running_loop().run_in_executor(
+                self.pool, self.engine.embed, [t for texts, _ in items for t in texts])
             start = 0
             for texts, future in items:
                 future.set_result(vectors[start:start + len(texts)])
@@ -236,6 +261,7 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
         try:
             return runner.run(measure())
         finally:
+            batcher.pool.shutdown()
             serve.shutdown()
             ray.shutdown()
 
@@ -267,9 +293,9 @@ def main(argv=None) -> int:
             wall, ttft, tokens = run_engine(model, tok, reqs)
             runs["engine"].append(tokens / wall)
             ttfts.append(ttft)
-            wall, tokens = run_sequential(model, tok, reqs)
+            wall, tokens = in_fresh_thread(run_sequential, model, tok, reqs)
             runs["one_by_one"].append(tokens / wall)
-            wall, tokens = run_static(model, tok, reqs)
+            wall, tokens = in_fresh_thread(run_static, model, tok, reqs)
             runs["static_batch"].append(tokens / wall)
         rates = {k: statistics.median(v) for k, v in runs.items()}
         ttft = [t for run in ttfts for t in run]
