@@ -180,9 +180,9 @@ class EmbeddingServer:
         vectors, tokens = await self._embed_batch(texts)
         return {"data": vectors, "tokens": tokens, "prompt_tokens": sum(tokens)}
 
-    def stats(self) -> dict[str, int]:
-        """Forward passes run (``batches``), the calls and texts they held: ``texts / batches`` is the
-        mean batch size dynamic batching achieved."""
+    def stats(self) -> dict[str, float]:
+        """Forward passes run (``batches``), the calls and texts they held, and seconds spent in them
+        (``busy_s``): ``texts / batches`` is the mean batch size dynamic batching achieved."""
         return dict(self._counts)
 
 
