@@ -92,11 +92,20 @@ def in_fresh_thread(fn, *args):
     """
     import threading
 
-    out: list = []
-    thread = threading.Thread(target=lambda: out.append(fn(*args)))
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            out["error"] = exc
+
+    thread = threading.Thread(target=run)
     thread.start()
     thread.join()
-    return out[0]
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def run_sequential(model, tok, reqs) -> tuple[float, int]:

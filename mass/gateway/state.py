@@ -16,7 +16,7 @@ class Route:
     args: ModelArgs
     handle: Any
     facts: dict[str, Any] = field(default_factory=dict)
-    coalescer: Any = None
+    coalescer: Any = None  # embedding models: a mass.gateway.coalesce.Coalescer
 
     @property
     def target(self):
@@ -30,6 +30,22 @@ class GatewayState:
     def __init__(self, handles: dict[str, Any], args: AppArgs) -> None:
         self.args = args
         self.routes = {m.name: Route(m, handles[m.name]) for m in args.models}
+        for route in self.routes.values():
+            if route.args.engine == "embedding":
+                route.coalescer = self._coalescer(route)
+
+    def _coalescer(self, route: Route):
+        """Merges concurrent embedding requests for ``route`` into one upstream call (its ``batch`` bounds)."""
+        from mass.gateway.coalesce import Coalescer
+        from mass.gateway.errors import call_upstream
+
+        gw, batch = self.args.gateway, route.args.batch
+
+        async def send(merged: list[str]) -> dict[str, Any]:
+            return await call_upstream(route.target.embed.remote(merged), gw.request_timeout_s, route.args.name,
+                                       gw.retry_after_s)
+
+        return Coalescer(send, batch.max_batch_size, batch.batch_wait_timeout_s)
 
     def route(self, model: str, engine: str) -> Route:
         """The route for ``model``; 404 naming the served models, 400 when it is the wrong kind."""
@@ -47,17 +63,6 @@ class GatewayState:
     async def embed(self, route: Route, texts: list[str]) -> dict[str, Any]:
         """Embeddings of ``texts`` from ``route``'s model, merged with concurrent requests for the same model
         into one upstream call (bounded by the model's ``batch`` settings); ``{"error"}`` from the model."""
-        if route.coalescer is None:
-            from mass.gateway.coalesce import Coalescer
-            from mass.gateway.errors import call_upstream
-
-            gw, batch = self.args.gateway, route.args.batch
-
-            async def send(merged: list[str]) -> dict[str, Any]:
-                return await call_upstream(route.target.embed.remote(merged), gw.request_timeout_s,
-                                           route.args.name, gw.retry_after_s)
-
-            route.coalescer = Coalescer(send, batch.max_batch_size, batch.batch_wait_timeout_s)
         return await route.coalescer.submit(texts)
 
     async def facts(self, route: Route) -> dict[str, Any]:

@@ -96,10 +96,6 @@ class Served:
         event = await self.engine.generate(ids, params)
         return {k: v for k, v in asdict(event).items() if k != "error"}
 
-    async def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        """Vectors and token counts for ``texts`` (off the event loop; the engine rejects an empty list)."""
-        return await asyncio.to_thread(self.engine.embed, texts)
-
 
 @serve.deployment
 class LLMServer:
@@ -221,9 +217,10 @@ class _Pool:
         return await (await self._served()).generate(request)
 
     async def embed(self, texts: list[str]) -> dict[str, Any]:
-        """Embeddings from the requested model."""
+        """Embeddings from the requested model (the forward runs on the event loop, as in EmbeddingServer:
+        one compute thread per replica; the gateway has already merged concurrent requests)."""
         try:
-            vectors, lengths = await (await self._served()).embed(texts)
+            vectors, lengths = (await self._served()).engine.embed(texts)
         except MassError as exc:
             return {"error": exc.to_dict()}
         return {"data": vectors, "tokens": lengths, "prompt_tokens": sum(lengths)}

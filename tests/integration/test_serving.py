@@ -270,10 +270,12 @@ def test_pool_multiplexes_models_with_lru_eviction(gateway, client, tmp_path):
     reg.register(tmp_path, "tiny-gpt-b", "text-generation", lineage={"method": "register"}, aliases=["production"])
     args = load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml")
     data = args.model_dump()
-    first = data["models"][0]
-    data.update(pools=[{"name": "small", "engine": "llm", "max_models_per_replica": 1, "num_cpus": 0.5}],
+    first, encoder = data["models"]
+    data.update(pools=[{"name": "small", "engine": "llm", "max_models_per_replica": 1, "num_cpus": 0.5},
+                       {"name": "enc", "engine": "embedding", "max_models_per_replica": 1, "num_cpus": 0.25}],
                 models=[{**first, "name": "pa", "pool": "small"},
-                        {**first, "name": "pb", "ref": "tiny-gpt-b@production", "pool": "small"}],
+                        {**first, "name": "pb", "ref": "tiny-gpt-b@production", "pool": "small"},
+                        {**encoder, "name": "pe", "pool": "enc", "num_cpus": 0.25}],
                 gateway={**data["gateway"], "num_cpus": 0.25})
     pooled = type(args).model_validate(data)
     serve.run(build_app(pooled), name="mass-pool", route_prefix="/pool")
@@ -283,8 +285,8 @@ def test_pool_multiplexes_models_with_lru_eviction(gateway, client, tmp_path):
         pool_stats = serve.get_deployment_handle("pool-small", "mass-pool").stats
         assert pool_stats.remote().result()["loads"] == []  # readiness and listing load no pooled model
         pool_client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
-        assert sorted(m.id for m in pool_client.models.list()) == ["pa", "pb"]
-        assert httpx.get(f"{base}/readyz").json()["models"] == {"pa": "ready", "pb": "ready"}
+        assert sorted(m.id for m in pool_client.models.list()) == ["pa", "pb", "pe"]
+        assert httpx.get(f"{base}/readyz").json()["models"] == {"pa": "ready", "pb": "ready", "pe": "ready"}
         assert pool_stats.remote().result()["loads"] == []
         expected = client.completions.create(model="tiny-gpt", prompt="Return the", max_tokens=6,
                                              temperature=0).choices[0].text
@@ -297,6 +299,13 @@ def test_pool_multiplexes_models_with_lru_eviction(gateway, client, tmp_path):
             counts.append(len(loads))
         # one model per replica: every switch after the first evicts the other and loads again
         assert counts[1:] == [counts[0] + 1, counts[0] + 2, counts[0] + 3]
+
+        texts = ["a cat sits on the mat", "quarterly tax filing"]  # a pooled encoder answers like the dedicated one
+        pooled = pool_client.embeddings.create(model="pe", input=texts)
+        dedicated = client.embeddings.create(model="minilm", input=texts)
+        assert torch.allclose(torch.tensor([d.embedding for d in pooled.data]),
+                              torch.tensor([d.embedding for d in dedicated.data]), atol=1e-5)
+        assert pooled.usage.prompt_tokens == dedicated.usage.prompt_tokens
 
         def in_cluster():
             from mass import Client
