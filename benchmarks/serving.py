@@ -2,19 +2,25 @@
 
 - continuous batching: 16 streaming requests arriving staggered (``--stagger-ms`` apart, so each joins a
   batch that is already decoding) with varied output lengths on a 4-layer,
-  256-wide GPT-2 (random weights: throughput does not depend on them); our engine vs one-at-a-time HF
-  ``generate`` vs one static HF batch of the same prompts; p50/p95 time to first token.
-- gateway efficiency: MiniLM embeddings through the HTTP gateway on a local Ray Serve vs the same engine
-  called in-process behind the same dynamic batching, 32 concurrent clients, one short text per request.
-  Ray runs in the ingress mode MASS starts it in (``MASS_SERVE_INGRESS``, default HAProxy). The served
-  deployment is two single-CPU replicas (one torch thread each); the in-process engine gets both cores as
-  torch's two threads. A row for one two-CPU replica shows what that choice is worth.
+  256-wide GPT-2 (random weights: throughput does not depend on them); our engine (lean GPT-2 runner, and
+  the generic HF-forward runner, which separates what scheduling gives from what the lean forward gives)
+  vs one-at-a-time HF ``generate`` vs one static HF batch of the same prompts; p50/p95 time to first token.
+  Every system is warmed up and produces exactly the requested tokens (EOS is biased away in the engine,
+  ``min_new_tokens`` in HF); the counts are asserted.
+- gateway efficiency: MiniLM embeddings through the HTTP gateway on a local Ray Serve (two single-CPU
+  replicas) vs the best layout a user could run in-process on the same cores behind the same dynamic
+  batching: one process with torch's two threads, or two single-thread worker processes with a batcher
+  each (requests spread round-robin); the faster is the baseline. Nothing else is deployed while a system
+  runs: each served variant is deployed alone, and the in-process layouts run with no app deployed.
+  Ray runs in the ingress mode MASS starts it in (``MASS_SERVE_INGRESS``, default HAProxy). A row for one
+  two-CPU replica shows what the deployment choice is worth.
 - dynamic batching: the same load through the gateway, ``max_batch_size=32`` vs ``max_batch_size=1``.
   The same two deployments are also called through Serve handles (the SDK's in-cluster path), which
   shows how much of the gap is the HTTP path.
 
-Every system runs ``--rounds`` times, interleaved; the table reports each one's median.
-Prints a table and one JSON line.  Run:  .venv/bin/python benchmarks/serving.py
+Every system runs ``--rounds`` times, interleaved; the table reports each one's median and the range over
+rounds. Prints a table and one JSON line; ``--json PATH`` saves the JSON and ``--readme README.md`` rewrites
+the README's table from it.  Run:  .venv/bin/python benchmarks/serving.py --json benchmarks/results/serving.json
 """
 
 from __future__ import annotations
@@ -54,17 +60,20 @@ def workload(n: int, seed: int = 0, stagger_s: float = 0.005):
              i * stagger_s) for i in range(n)]
 
 
-def run_engine(model, tok, reqs) -> tuple[float, list[float], int]:
-    """Our engine: (wall seconds, time to first token per request, tokens generated)."""
+def run_engine(model, tok, reqs, fast: bool = True) -> tuple[float, list[float], int]:
+    """Our engine (``fast``: the lean GPT-2 runner; else HF's forward): (wall seconds, time to first token
+    per request, tokens generated). EOS is biased away so every request makes its n tokens, as
+    ``min_new_tokens`` makes the HF baselines do."""
     from mass.serving.engines.llm import LLMEngine
     from mass.serving.engines.sampling import SamplingParams
 
-    engine = LLMEngine(model, tok, max_running=16, max_batch_tokens=16 * 512)
+    engine = LLMEngine(model, tok, max_running=16, max_batch_tokens=16 * 512, fast=fast)
+    no_eos = {tok.eos_token_id: -100.0}
 
     async def one(prompt, n, delay):
         await asyncio.sleep(delay)
         sent, first, count = time.perf_counter(), None, 0
-        async for ev in engine.stream(prompt, SamplingParams(max_tokens=n, temperature=0)):
+        async for ev in engine.stream(prompt, SamplingParams(max_tokens=n, temperature=0, logit_bias=no_eos)):
             if first is None:
                 first = time.perf_counter() - sent
             count = ev.completion_tokens
@@ -123,7 +132,8 @@ def run_sequential(model, tok, reqs) -> tuple[float, int]:
 
 
 def run_static(model, tok, reqs) -> tuple[float, int]:
-    """One static HF batch: every prompt padded left, decoded to the longest output; counts useful tokens."""
+    """One static HF batch: every prompt padded left, decoded to the longest output; counts useful tokens
+    (each request's own n: the padding steps past it are the waste continuous batching removes)."""
     import torch
 
     tok.padding_side = "left"
@@ -131,8 +141,9 @@ def run_static(model, tok, reqs) -> tuple[float, int]:
     with torch.inference_mode():
         batch = tok([p for p, _, _ in reqs], return_tensors="pt", padding=True)
         longest = max(n for _, n, _ in reqs)
-        model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
-                       pad_token_id=tok.eos_token_id)
+        out = model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+    assert out.shape[1] - batch["input_ids"].shape[1] == longest, "the static batch stopped early"
     return time.perf_counter() - start, sum(n for _, n, _ in reqs)
 
 
@@ -206,15 +217,109 @@ def http_embedder(session, url: str, model: str):
     return call
 
 
+class WorkerPoolEmbedder:
+    """The other in-process layout: ``workers`` single-thread processes, each an ``EmbeddingEngine`` behind its
+    own batcher (up to ``max_batch_size`` texts, ``wait_s``), requests spread round-robin over pipes. On two
+    cores this is the served shape (one compute thread per core) without a serving system."""
+
+    def __init__(self, model_dir: str, workers: int = 2, max_batch_size: int = 32, wait_s: float = 0.01) -> None:
+        import itertools
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self.conns, self.procs = [], []
+        for _ in range(workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_embed_worker, args=(child, model_dir, max_batch_size, wait_s), daemon=True)
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        for conn in self.conns:
+            assert conn.recv() == "ready"
+        self.futures: dict[int, asyncio.Future] = {}
+        self.ids, self.turn = itertools.count(), itertools.cycle(range(workers))
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """Vectors for ``texts``, batched in the next worker with other callers' texts."""
+        import threading
+
+        if self.loop is None:
+            self.loop = asyncio.get_running_loop()
+            for conn in self.conns:
+                threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+        rid = next(self.ids)
+        self.futures[rid] = future = self.loop.create_future()
+        self.conns[next(self.turn)].send((rid, texts))
+        return await future
+
+    def _read(self, conn) -> None:
+        while True:
+            try:
+                answers = conn.recv()
+            except (EOFError, OSError):
+                return
+            for rid, vectors in answers:
+                self.loop.call_soon_threadsafe(self.futures.pop(rid).set_result, vectors)
+
+    def close(self) -> None:
+        """Stop the workers."""
+        for conn in self.conns:
+            conn.send(None)
+        for proc in self.procs:
+            proc.join(timeout=30)
+
+
+def _embed_worker(conn, model_dir: str, max_batch_size: int, wait_s: float) -> None:
+    """One worker process: one torch thread, one engine, a batcher over its pipe."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from mass.serving.engines.embedding import EmbeddingEngine
+
+    torch.set_num_threads(1)
+    engine = EmbeddingEngine(AutoModel.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
+    conn.send("ready")
+    while True:
+        item = conn.recv()
+        if item is None:
+            return
+        items, size, deadline = [item], len(item[1]), time.monotonic() + wait_s
+        while size < max_batch_size and conn.poll(max(0.0, deadline - time.monotonic())):
+            item = conn.recv()
+            if item is None:
+                return
+            items.append(item)
+            size += len(item[1])
+        vectors, _ = engine.embed([text for _, texts in items for text in texts])
+        out, start = [], 0
+        for rid, texts in items:
+            out.append((rid, vectors[start:start + len(texts)]))
+            start += len(texts)
+        conn.send(out)
+
+
+#: the served variants; each is deployed alone while it is measured (nothing idle shares the cores)
+SERVED = {"gateway": {"num_cpus": 1, "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+                      "batch": {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}},
+          "gateway_unbatched": {"num_cpus": 1, "autoscaling": {"min_replicas": 2, "max_replicas": 2},
+                                "batch": {"max_batch_size": 1}},
+          "gateway_one_2cpu_replica": {"num_cpus": 2, "batch": {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}}}
+HANDLE_ROWS = {"gateway": "handle", "gateway_unbatched": "handle_unbatched"}  # the same deployment via handles
+
+
 def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
-    """Embeddings in-process vs through the gateway (batched, and with max_batch_size=1): texts/s per round."""
+    """Embeddings in-process (both layouts) vs through the gateway (per-core replicas batched and with
+    max_batch_size=1, one 2-CPU replica) and through Serve handles: texts/s per round (after a warm-up
+    round that is not counted)."""
     import aiohttp
     import ray
     from ray import serve
 
     from mass.data.corpus import collect_documents
     from mass.registry import ModelRegistry
-    from mass.registry.imports import import_minilm
+    from mass.registry.imports import import_minilm, minilm_dir
     from mass.serving.app import build_app
     from mass.serving.args import AppArgs
     from mass.serving.engines.embedding import EmbeddingEngine
@@ -226,42 +331,47 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
                                                                          progress=False)]
     model, tokenizer, _ = ModelRegistry().load("minilm-l6@production")
     batcher = InProcessBatcher(EmbeddingEngine(model, tokenizer), max_batch_size=32, wait_s=0.01)
+    workers = WorkerPoolEmbedder(str(minilm_dir()), workers=2, max_batch_size=32, wait_s=0.01)
 
     apply_ray_start_env(get_settings())  # as `mass serve up` starts a local Ray
-    ray.init(address="local", num_cpus=8, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    minilm = {"ref": "minilm-l6@production", "engine": "embedding", "max_ongoing_requests": 64}
-    per_core = {"num_cpus": 1, "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
-    batched = {"max_batch_size": 32, "batch_wait_timeout_s": 0.01}
-    serve.run(build_app(AppArgs.model_validate({"gateway": {"num_cpus": 0.5}, "models": [
-        {"name": "minilm", **minilm, **per_core, "batch": batched},
-        {"name": "minilm-unbatched", **minilm, **per_core, "batch": {"max_batch_size": 1}},
-        {"name": "minilm-1x2", **minilm, "num_cpus": 2, "batch": batched}]})), name=APP_NAME, route_prefix="/",
-        logging_config={"enable_access_log": False, "log_level": "WARNING"})
     url = f"http://127.0.0.1:{port}"
-    wait_ready(url, timeout=300)
+
+    def deploy(variant: str) -> None:
+        model_args = {"name": "minilm", "ref": "minilm-l6@production", "engine": "embedding",
+                      "max_ongoing_requests": 64, **SERVED[variant]}
+        serve.run(build_app(AppArgs.model_validate({"gateway": {"num_cpus": 0.5}, "models": [model_args]})),
+                  name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False,
+                                                                   "log_level": "WARNING"})
+        wait_ready(url, timeout=300)
 
     async def measure() -> dict[str, list[float]]:
-        def handle_embedder(deployment: str):
-            handle = serve.get_deployment_handle(deployment, APP_NAME)
-
-            async def call(batch: list[str]) -> list[list[float]]:
-                return (await handle.embed.remote(batch))["data"]
-            return call
-
+        results: dict[str, list[float]] = {name: [] for name in ("in_process_1x2", "in_process_2x1", *SERVED,
+                                                                 *HANDLE_ROWS.values())}
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
-            systems = {"in_process": batcher.embed, "gateway": http_embedder(http, url, "minilm"),
-                       "gateway_unbatched": http_embedder(http, url, "minilm-unbatched"),
-                       "gateway_one_2cpu_replica": http_embedder(http, url, "minilm-1x2"),
-                       "handle": handle_embedder("embedding-minilm"),
-                       "handle_unbatched": handle_embedder("embedding-minilm-unbatched")}
-            results: dict[str, list[float]] = {name: [] for name in systems}
-            for call in systems.values():  # warm-up: loads, first batches, connections
-                await drive(call, texts, 64)
-            for _ in range(rounds):
-                for name, call in systems.items():
-                    results[name].append(await drive(call, texts, requests))
+            for round_ in range(rounds + 1):  # round 0 warms every system up (loads, first batches, sockets)
+                count = 64 if round_ == 0 else requests
+                runs = {"in_process_1x2": batcher.embed, "in_process_2x1": workers.embed}
+                for name, call in runs.items():
+                    rate = await drive(call, texts, count)
+                    if round_:
+                        results[name].append(rate)
+                for variant in SERVED:
+                    await asyncio.to_thread(deploy, variant)
+                    rows = {variant: http_embedder(http, url, "minilm")}
+                    if variant in HANDLE_ROWS:
+                        handle = serve.get_deployment_handle("embedding-minilm", APP_NAME)
+
+                        async def call(batch: list[str], handle=handle) -> list[list[float]]:
+                            return (await handle.embed.remote(batch))["data"]
+                        rows[HANDLE_ROWS[variant]] = call
+                    for name, call in rows.items():
+                        rate = await drive(call, texts, count)
+                        if round_:
+                            results[name].append(rate)
+                    await asyncio.to_thread(serve.delete, APP_NAME)
         return results
 
     # One loop for the measurement and the shutdown: with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 the handles'
@@ -271,12 +381,128 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
             return runner.run(measure())
         finally:
             batcher.pool.shutdown()
+            workers.close()
             serve.shutdown()
             ray.shutdown()
 
 
+GOALS = [("engine_vs_one_by_one", 5.0, "continuous batching: engine / one-by-one HF generate"),
+         ("engine_vs_static_batch", 0.8, "continuous batching: engine / static HF batch"),
+         ("gateway_vs_in_process", 0.8, "gateway efficiency: HTTP gateway / best in-process layout"),
+         ("batched_vs_unbatched", 2.0, "dynamic batching: max_batch_size=32 / max_batch_size=1")]
+
+
+def run_continuous(args, result: dict) -> None:
+    """The continuous-batching part: tokens/s per round of each system, TTFTs, ratios into ``result``."""
+    model, tok = build_model()
+    reqs = workload(args.requests, stagger_s=args.stagger_ms / 1000)
+    want = sum(n for _, n, _ in reqs)
+    systems = {"engine": lambda r: run_engine(model, tok, r)[::2],
+               "engine_hf_runner": lambda r: run_engine(model, tok, r, fast=False)[::2],
+               "one_by_one": lambda r: run_sequential(model, tok, r),
+               "static_batch": lambda r: run_static(model, tok, r)}
+    for run in systems.values():  # warm-up of every system: first calls, allocator, OpenMP teams
+        in_fresh_thread(run, reqs[:2])
+    runs: dict[str, list[float]] = {name: [] for name in systems}
+    ttfts: list[float] = []
+    for _ in range(args.rounds):
+        for name, run in systems.items():
+            if name == "engine":
+                wall, ttft, tokens = in_fresh_thread(run_engine, model, tok, reqs)
+                ttfts += ttft
+            else:
+                wall, tokens = in_fresh_thread(run, reqs)
+            assert tokens == want, f"{name} produced {tokens} tokens, not {want}"
+            runs[name].append(tokens / wall)
+    result["stagger_ms"], result["tokens_per_request_total"] = args.stagger_ms, want
+    result["tokens_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items()}
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    result["engine_vs_one_by_one"] = round(med["engine"] / med["one_by_one"], 2)
+    result["engine_vs_static_batch"] = round(med["engine"] / med["static_batch"], 2)
+    result["engine_hf_runner_vs_one_by_one"] = round(med["engine_hf_runner"] / med["one_by_one"], 2)
+    result["engine_hf_runner_vs_static_batch"] = round(med["engine_hf_runner"] / med["static_batch"], 2)
+    result["ttft_ms_p50"] = round(statistics.median(ttfts) * 1000, 1)
+    result["ttft_ms_p95"] = round(statistics.quantiles(ttfts, n=20)[18] * 1000, 1)
+
+
+def run_gateway(args, result: dict) -> None:
+    """The gateway-efficiency and dynamic-batching parts: texts/s per round of each system, ratios."""
+    from mass.settings import get_settings
+
+    result["serve_ingress"] = get_settings().serve_ingress
+    runs = run_gateway_parts(args.rounds, args.embed_requests)
+    result["texts_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items()}
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    baseline = max(("in_process_1x2", "in_process_2x1"), key=med.get)
+    result["in_process_baseline"] = baseline
+    result["gateway_vs_in_process"] = round(med["gateway"] / med[baseline], 2)
+    result["gateway_one_2cpu_replica_vs_in_process"] = round(med["gateway_one_2cpu_replica"] / med[baseline], 2)
+    result["batched_vs_unbatched"] = round(med["gateway"] / med["gateway_unbatched"], 2)
+    result["handle_batched_vs_unbatched"] = round(med["handle"] / med["handle_unbatched"], 2)
+
+
+def _cell(values: list[float], unit: str) -> str:
+    """``median unit (min–max)`` over rounds."""
+    return f"{statistics.median(values):.1f} {unit} ({min(values):.0f}–{max(values):.0f})"
+
+
+def render_table(result: dict) -> str:
+    """The README's benchmark table (markdown) from one run's JSON; the README test checks they agree."""
+    lines = [f"Run of {result['date']} on {result['machine']}; {result['rounds']} rounds, median (range over "
+             f"rounds).", "", "| part | system | median (range) | ratio | goal |", "|---|---|---|---|---|"]
+    if "tokens_per_s" in result:
+        t, ok = result["tokens_per_s"], _met(result)
+        lines += [
+            f"| continuous batching | MASS engine, lean GPT-2 runner | {_cell(t['engine'], 'tokens/s')} | — | — |",
+            f"| | MASS engine, HF-forward runner | {_cell(t['engine_hf_runner'], 'tokens/s')} | "
+            f"{result['engine_hf_runner_vs_one_by_one']}x / {result['engine_hf_runner_vs_static_batch']}x | |",
+            f"| | HF `generate`, one request at a time | {_cell(t['one_by_one'], 'tokens/s')} | "
+            f"engine = **{result['engine_vs_one_by_one']}x** | ≥ 5x{ok('engine_vs_one_by_one')} |",
+            f"| | HF `generate`, one static batch | {_cell(t['static_batch'], 'tokens/s')} | "
+            f"engine = **{result['engine_vs_static_batch']}x** | ≥ 0.8x{ok('engine_vs_static_batch')} |",
+            f"| | time to first token (engine) | p50 {result['ttft_ms_p50']} ms, p95 {result['ttft_ms_p95']} ms "
+            "| | |"]
+    if "texts_per_s" in result:
+        e, ok = result["texts_per_s"], _met(result)
+        base = result["in_process_baseline"]
+        mark = {"in_process_1x2": "", "in_process_2x1": ""}
+        mark[base] = " ← baseline"
+        lines += [
+            f"| gateway efficiency | in-process, 1 process × 2 torch threads{mark['in_process_1x2']} | "
+            f"{_cell(e['in_process_1x2'], 'texts/s')} | — | — |",
+            f"| | in-process, 2 processes × 1 thread{mark['in_process_2x1']} | "
+            f"{_cell(e['in_process_2x1'], 'texts/s')} | — | — |",
+            f"| | HTTP gateway, 2 × 1-CPU replicas | {_cell(e['gateway'], 'texts/s')} | "
+            f"gateway = **{result['gateway_vs_in_process']}x** | ≥ 0.8x{ok('gateway_vs_in_process')} |",
+            f"| | HTTP gateway, one 2-CPU replica | {_cell(e['gateway_one_2cpu_replica'], 'texts/s')} | "
+            f"{result['gateway_one_2cpu_replica_vs_in_process']}x | |",
+            f"| dynamic batching | gateway, `max_batch_size: 1` | {_cell(e['gateway_unbatched'], 'texts/s')} | "
+            f"batched = **{result['batched_vs_unbatched']}x** | ≥ 2x{ok('batched_vs_unbatched')} |",
+            f"| | Serve handle, batched / `max_batch_size: 1` | {statistics.median(e['handle']):.1f} / "
+            f"{statistics.median(e['handle_unbatched']):.1f} texts/s | {result['handle_batched_vs_unbatched']}x | |"]
+    return "\n".join(lines)
+
+
+def _met(result: dict):
+    goals = {key: goal for key, goal, _ in GOALS}
+    return lambda key: "" if result[key] >= goals[key] else " (not met)"
+
+
+README_START, README_END = "<!-- benchmark:serving -->", "<!-- /benchmark:serving -->"
+
+
+def write_readme(path: str, result: dict) -> None:
+    """Replace the table between the README's benchmark markers with ``render_table(result)``."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    Path(path).write_text(f"{head}{README_START}\n{render_table(result)}\n{README_END}{tail}")
+
+
 def main(argv=None) -> int:
-    """Run the benchmark and print the table and the JSON line."""
+    """Run the benchmark, print the table and the JSON line (and save / render them when asked)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["all", "continuous", "gateway"], default="all")
     parser.add_argument("--rounds", type=int, default=3, help="runs of every system (medians reported)")
@@ -284,60 +510,30 @@ def main(argv=None) -> int:
     parser.add_argument("--stagger-ms", type=float, default=5.0,
                         help="continuous batching: gap between arrivals (each joins a batch mid-decode)")
     parser.add_argument("--embed-requests", type=int, default=512, help="gateway parts: requests per run")
+    parser.add_argument("--json", help="also write the JSON result to this file")
+    parser.add_argument("--readme", help="rewrite this README's benchmark table from the result")
     args = parser.parse_args(argv)
     import torch
 
     os.environ.setdefault("MASS_HOME", tempfile.mkdtemp(prefix="mass-bench-"))  # a private registry
-    result: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-                               f"{torch.get_num_threads()} threads", "rounds": args.rounds}
-    rows: list[tuple[str, str, float]] = []
+    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, torch {torch.__version__} "
+                               f"({torch.get_num_threads()} threads)", "rounds": args.rounds,
+                    "date": time.strftime("%Y-%m-%d")}
     if args.part in ("all", "continuous"):
-        model, tok = build_model()
-        reqs = workload(args.requests, stagger_s=args.stagger_ms / 1000)
-        result["stagger_ms"] = args.stagger_ms
-        run_engine(model, tok, reqs[:2])  # warm-up
-        runs: dict[str, list[float]] = {"engine": [], "one_by_one": [], "static_batch": []}
-        ttfts: list[list[float]] = []
-        for _ in range(args.rounds):
-            wall, ttft, tokens = run_engine(model, tok, reqs)
-            runs["engine"].append(tokens / wall)
-            ttfts.append(ttft)
-            wall, tokens = in_fresh_thread(run_sequential, model, tok, reqs)
-            runs["one_by_one"].append(tokens / wall)
-            wall, tokens = in_fresh_thread(run_static, model, tok, reqs)
-            runs["static_batch"].append(tokens / wall)
-        rates = {k: statistics.median(v) for k, v in runs.items()}
-        ttft = [t for run in ttfts for t in run]
-        result["tokens_per_s"] = {k: round(v, 1) for k, v in rates.items()}
-        result["engine_vs_one_by_one"] = round(rates["engine"] / rates["one_by_one"], 2)
-        result["engine_vs_static_batch"] = round(rates["engine"] / rates["static_batch"], 2)
-        result["ttft_ms_p50"] = round(statistics.median(ttft) * 1000, 1)
-        result["ttft_ms_p95"] = round(statistics.quantiles(ttft, n=20)[18] * 1000, 1)
-        rows += [(f"LLM {k}", "tokens/s", v) for k, v in rates.items()]
+        run_continuous(args, result)
     if args.part in ("all", "gateway"):
-        from mass.settings import get_settings
-
-        result["serve_ingress"] = get_settings().serve_ingress
-        runs = run_gateway_parts(args.rounds, args.embed_requests)
-        rates = {k: statistics.median(v) for k, v in runs.items()}
-        result["texts_per_s"] = {k: round(v, 1) for k, v in rates.items()}
-        result["gateway_vs_in_process"] = round(rates["gateway"] / rates["in_process"], 2)
-        result["batched_vs_unbatched"] = round(rates["gateway"] / rates["gateway_unbatched"], 2)
-        rows += [(f"MiniLM {k}", "texts/s", v) for k, v in rates.items()]
-
-    print(f"{'system':<26} {'unit':<9} {'median':>9}")
-    for name, unit, rate in rows:
-        print(f"{name:<26} {unit:<9} {rate:>9.1f}")
-    goals = [("engine_vs_one_by_one", 5.0, "continuous batching: engine / one-by-one HF generate"),
-             ("engine_vs_static_batch", 0.8, "continuous batching: engine / static HF batch"),
-             ("gateway_vs_in_process", 0.8, "gateway efficiency: HTTP gateway / in-process"),
-             ("batched_vs_unbatched", 2.0, "dynamic batching: max_batch_size=32 / max_batch_size=1")]
-    for key, goal, label in goals:
+        run_gateway(args, result)
+    print(render_table(result))
+    for key, goal, label in GOALS:
         if key in result:
             print(f"{label} = {result[key]}x (goal >= {goal}x){'' if result[key] >= goal else '  NOT MET'}")
-    if "ttft_ms_p50" in result:
-        print(f"time to first token: p50 {result['ttft_ms_p50']} ms, p95 {result['ttft_ms_p95']} ms")
     print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    if args.readme:
+        write_readme(args.readme, result)
     return 0
 
 

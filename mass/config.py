@@ -57,12 +57,25 @@ def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
     """Turn a pydantic ValidationError into a one-line ConfigError naming the first bad field."""
     errors = exc.errors()
     first = errors[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"]
+    parts = list(first["loc"])
+    if first["type"] == "union_tag_invalid":  # a discriminated union names its tag field in the context
+        parts.append(first["ctx"]["discriminator"].strip("'"))
+    tags = first.get("ctx", {}).get("expected_tags") if first["type"] == "union_tag_invalid" else None
+    loc = ".".join(str(p) for p in parts if not _is_union_tag(p, first)) or "<root>"
+    msg = first["msg"] if tags is None else f"must be one of {tags}"
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check spelling; see the recipe reference in the README)"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
     return ConfigError(f"{source}: {loc}: {msg}{more}", field=loc)
+
+
+def _is_union_tag(part: Any, error: dict[str, Any]) -> bool:
+    """pydantic puts the chosen member's tag (``llm``) into the location of errors inside it."""
+    return isinstance(part, str) and part in UNION_TAGS
+
+
+#: tags of the configs' discriminated unions, kept out of error locations (modules that declare one add theirs)
+UNION_TAGS: set[str] = set()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

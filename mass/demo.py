@@ -12,7 +12,7 @@ def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def _serve(corpus_dir: str) -> str:
+def _serve(corpus_dir: str, card: str) -> str:
     """Deploy the demo app on a free port, query it over HTTP and through the SDK, then take it down."""
     import httpx
     from ray import serve
@@ -26,13 +26,16 @@ def _serve(corpus_dir: str) -> str:
     args = load_app_args(Path(__file__).resolve().parents[1] / "serve_apps" / "configs" / "demo.yaml")
     url = serve_up(args, port=port, block=False)
     try:
+        print(f"tiny-gpt is {card}: expect docstring-flavoured babble, not answers.", flush=True)
         chat = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": "tiny-gpt", "max_tokens": 24, "seed": 0,
             "messages": [{"role": "user", "content": "How do I parse a JSON string?"}]}).json()
         print(f"chat (HTTP):  {chat['choices'][0]['message']['content']!r}", flush=True)
-        print("stream (HTTP SSE): ", end="", flush=True)
+        sampling = {"temperature": 0.8, "top_p": 0.95, "seed": 7, "frequency_penalty": 1.0, "presence_penalty": 0.5}
+        print(f"stream (HTTP SSE, {', '.join(f'{k}={v}' for k, v in sampling.items())}): Return the", end="",
+              flush=True)
         with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
-                "model": "tiny-gpt", "prompt": "Return the", "max_tokens": 24, "temperature": 0, "stream": True}) as resp:
+                "model": "tiny-gpt", "prompt": "Return the", "max_tokens": 32, "stream": True, **sampling}) as resp:
             for line in resp.iter_lines():
                 if line.startswith("data: {"):
                     import json
@@ -58,6 +61,12 @@ def _serve(corpus_dir: str) -> str:
     return url
 
 
+def gpt2_parameters(config) -> int:
+    """Parameters of the GPT-2 a recipe trains from scratch (embeddings tied with the output layer)."""
+    a, d = config.model.arch, config.model.arch.n_embd
+    return config.model.vocab_size * d + a.n_positions * d + a.n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
 def run_demo(recipe: str | None = None) -> int:
     """Build the corpus, train the smoke GPT on a local 2-worker Ray, import MiniLM, print the registry."""
     from mass.cli.output import models_table
@@ -78,10 +87,15 @@ def run_demo(recipe: str | None = None) -> int:
 
     _step("2/6 train tiny-gpt on a local Ray cluster (Ray Train, 2 DDP workers)")
     recipe = recipe or str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny-gpt-smoke.yaml")
-    result = run_training(TrainConfig.load(recipe))
+    config = TrainConfig.load(recipe)
+    trained_at = time.perf_counter()
+    result = run_training(config)
+    train_s = time.perf_counter() - trained_at
     m = result.metrics
     print(f"registered {result.model_ref}: val_loss {m['initial_val_loss']:.3f} -> {m['val_loss']:.3f}, "
           f"test perplexity {m['test_perplexity']:.1f}", flush=True)
+    card = (f"a {gpt2_parameters(config) / 1e6:.1f}M-parameter GPT-2 trained for {train_s:.0f}s on "
+            f"{result.data_tokens.get('train', 0):,} tokens (test perplexity {m['test_perplexity']:.0f})")
 
     _step("3/6 import the pretrained all-MiniLM-L6-v2 from its package")
     registry = ModelRegistry(settings)
@@ -92,7 +106,7 @@ def run_demo(recipe: str | None = None) -> int:
     print(models_table(registry.list_models()), flush=True)
 
     _step("5/6 serve tiny-gpt and MiniLM behind the OpenAI-compatible gateway (Ray Serve)")
-    url = _serve(corpus.path)
+    url = _serve(corpus.path, card)
     print(f"\ndemo done; the API was served at {url}/v1", flush=True)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
     return 0

@@ -45,6 +45,11 @@ class MassError(Exception):
         """Return the error as a JSON-ready dict (``code``, ``message`` and details)."""
         return {"code": self.code, "message": self.message, **self.details}
 
+    def as_value(self) -> dict[str, Any]:
+        """The error as a value that crosses Ray Serve (``{"error": to_dict()}``): a model deployment
+        returns it instead of raising, so a client's mistake is not logged as a replica failure."""
+        return {"error": self.to_dict()}
+
     @staticmethod
     def from_dict(error: dict[str, Any]) -> "MassError":
         """Rebuild the error from ``to_dict()`` output (or an OpenAI error body's ``error``)."""
@@ -58,6 +63,13 @@ class MassError(Exception):
 
 
 _BY_CODE[MassError.code] = MassError
+
+
+def raise_if_error(value: Any) -> Any:
+    """Raise the MassError carried by a value from ``MassError.as_value()``; otherwise return ``value``."""
+    if isinstance(value, dict) and isinstance(value.get("error"), dict):
+        raise MassError.from_dict(value["error"])
+    return value
 
 
 class InvalidRequest(MassError):

@@ -10,7 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
-from mass.errors import InvalidRequest, MassError
+from mass.errors import InvalidRequest, MassError, raise_if_error
+from mass.sampling import SamplingParams
 
 APP_NAME = "mass"
 
@@ -25,12 +26,11 @@ class Completion:
     completion_tokens: int
 
 
-def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None,
-              stop: str | list[str] | None) -> dict[str, Any]:
-    if max_tokens < 1 or not 0 <= temperature <= 2 or not 0 < top_p <= 1:
-        raise InvalidRequest("max_tokens must be >= 1, temperature in [0, 2], top_p in (0, 1]", field="sampling")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed, "stop": stops}
+def _openai_fields(params: SamplingParams) -> dict[str, Any]:
+    """The OpenAI request fields of ``params`` (what the gateway turns back into the same SamplingParams)."""
+    fields = params.to_dict()
+    fields.pop("logprobs")
+    return {k: v for k, v in fields.items() if v not in (None, [], {})}
 
 
 class Client:
@@ -78,39 +78,48 @@ class Client:
         return sorted(self._routes())
 
     def complete(self, model: str, prompt: str, max_tokens: int = 16, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None) -> Completion:
-        """Complete ``prompt``."""
-        sampling = _sampling(max_tokens, temperature, top_p, seed, stop)
+                 top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
+                 **sampling: Any) -> Completion:
+        """Complete ``prompt``. More ``SamplingParams`` fields (``presence_penalty``, ``frequency_penalty``,
+        ``logit_bias``) pass as keywords; every value is checked here, before anything is sent."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop=stop or (), **sampling)
         if self.via == "http":
-            body = self._post_or_get("POST", "/v1/completions", {"model": model, "prompt": prompt, **sampling})
+            body = self._post_or_get("POST", "/v1/completions",
+                                     {"model": model, "prompt": prompt, **_openai_fields(params)})
             return _from_openai(body, body["choices"][0]["text"])
-        return _from_engine(self._call(model, "llm", "generate", {"prompt": prompt, "sampling": sampling}))
+        return _from_engine(self._call(model, "llm", "generate", {"prompts": [prompt],
+                                                                   "sampling": params.to_dict()}))
 
     def chat(self, model: str, messages: str | list[dict[str, str]], max_tokens: int = 16,
              temperature: float = 1.0, top_p: float = 1.0, seed: int | None = None,
-             stop: str | list[str] | None = None) -> Completion:
-        """Answer a chat (a string is one user message)."""
+             stop: str | list[str] | None = None, **sampling: Any) -> Completion:
+        """Answer a chat (a string is one user message); keywords as for ``complete``."""
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
-        sampling = _sampling(max_tokens, temperature, top_p, seed, stop)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop=stop or (), **sampling)
         if self.via == "http":
             body = self._post_or_get("POST", "/v1/chat/completions",
-                                     {"model": model, "messages": messages, **sampling})
+                                     {"model": model, "messages": messages, **_openai_fields(params)})
             return _from_openai(body, body["choices"][0]["message"]["content"])
-        return _from_engine(self._call(model, "llm", "generate", {"messages": messages, "sampling": sampling}))
+        return _from_engine(self._call(model, "llm", "generate", {"messages": messages,
+                                                                   "sampling": params.to_dict()}))
 
     def stream(self, model: str, prompt: str, max_tokens: int = 16, temperature: float = 1.0,
-               top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None) -> Iterator[str]:
-        """Yield the completion of ``prompt`` piece by piece."""
-        sampling = _sampling(max_tokens, temperature, top_p, seed, stop)
+               top_p: float = 1.0, seed: int | None = None, stop: str | list[str] | None = None,
+               **sampling: Any) -> Iterator[str]:
+        """Yield the completion of ``prompt`` piece by piece; keywords as for ``complete``."""
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                stop=stop or (), **sampling)
         if self.via == "http":
-            yield from self._http_stream({"model": model, "prompt": prompt, "stream": True, **sampling})
+            yield from self._http_stream({"model": model, "prompt": prompt, "stream": True,
+                                          **_openai_fields(params)})
             return
         handle = self._handle(model, "llm").options(stream=True)
-        for event in handle.stream.remote({"prompt": prompt, "sampling": sampling}):
-            if "error" in event:
-                raise MassError.from_dict(event["error"])
-            if event["text"]:
+        for event in handle.stream.remote({"prompts": [prompt], "sampling": params.to_dict()}):
+            raise_if_error(event)
+            if event.get("text"):
                 yield event["text"]
 
     def embed(self, model: str, texts: str | list[str]) -> list[list[float]]:
@@ -157,9 +166,7 @@ class Client:
         except TimeoutError as exc:
             response.cancel()
             raise UpstreamTimeout.after(model, self.timeout_s) from exc
-        if isinstance(result, dict) and "error" in result:
-            raise MassError.from_dict(result["error"])
-        return result
+        return raise_if_error(result)
 
     def _post_or_get(self, verb: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         import httpx
@@ -203,4 +210,5 @@ def _from_openai(body: dict[str, Any], text: str) -> Completion:
 
 
 def _from_engine(result: dict[str, Any]) -> Completion:
-    return Completion(result["text"], result["finish_reason"], result["prompt_tokens"], result["completion_tokens"])
+    choice, usage = result["choices"][0], result["usage"]
+    return Completion(choice["text"], choice["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"])

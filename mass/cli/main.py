@@ -211,10 +211,17 @@ def _train(args) -> int:
 
 @command("serve up")
 def _serve_up(args) -> int:
+    from mass.errors import ConfigError
     from mass.serving.app import load_app_args
+    from mass.settings import get_settings
     from mass.serving.launch import serve_up
 
     app_args = load_app_args(args.config, args.overrides)  # fail fast, before Ray starts
+    if args.detach and not (args.address or get_settings().ray_address):
+        raise ConfigError("--detach needs a running Ray cluster: a local Ray started by this command would stop "
+                          "when it exits. Start one (`ray start --head --port=6380`), then pass --address "
+                          "127.0.0.1:6380 or set RAY_ADDRESS; or drop --detach to serve until Ctrl-C",
+                          field="detach")
     url = serve_up(app_args, address=args.address, host=args.host, port=args.port, block=not args.detach)
     from mass.cli.output import emit
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from ray import serve
 
+if TYPE_CHECKING:
+    from mass.gateway.state import GatewayState
 
-def create_app() -> FastAPI:
-    """The FastAPI app with every endpoint family and the error translation installed."""
+
+def create_app(state: "GatewayState | None" = None) -> FastAPI:
+    """The FastAPI app with every endpoint family and the error translation installed.
+
+    ``state``: the routing state to serve (an in-process app, as the gateway tests build it); without it,
+    the app serves the state its ``Gateway`` replica installs."""
     from mass.gateway import errors
     from mass.gateway.chat.router import router as chat
     from mass.gateway.completions.router import router as completions
@@ -21,7 +27,24 @@ def create_app() -> FastAPI:
     for router in (models, completions, chat, embeddings):
         app.include_router(router)
     errors.install(app)
+    app.state.mass = state
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document without its default 422 (validation failures are OpenAI-style 400s here)."""
+    from fastapi.openapi.utils import get_openapi
+
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in doc.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 @serve.deployment

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Awaitable, Callable
 
-Send = Callable[[list[str]], Awaitable[dict[str, Any]]]
+Send = Callable[[list[Any]], Awaitable[dict[str, Any]]]  # inputs: texts or token-id lists
 
 
 class Coalescer:
@@ -21,12 +21,12 @@ class Coalescer:
 
     def __init__(self, send: Send, max_texts: int, wait_s: float) -> None:
         self.send, self.max_texts, self.wait_s = send, max_texts, wait_s
-        self._pending: list[tuple[list[str], asyncio.Future]] = []
+        self._pending: list[tuple[list[Any], asyncio.Future]] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
         self._in_flight = 0
 
-    async def submit(self, texts: list[str]) -> dict[str, Any]:
+    async def submit(self, texts: list[Any]) -> dict[str, Any]:
         """The model's answer for ``texts`` alone: ``{"data", "prompt_tokens"}`` or ``{"error"}``."""
         if len(texts) >= self.max_texts:  # a full batch by itself: straight through
             self._in_flight += 1
@@ -52,13 +52,13 @@ class Coalescer:
         self._in_flight += 1  # counted now, so requests arriving before the task starts wait for it
         asyncio.get_running_loop().create_task(self._run(batch))
 
-    async def _call(self, texts: list[str]) -> dict[str, Any]:
+    async def _call(self, texts: list[Any]) -> dict[str, Any]:
         try:
             return await self.send(texts)
         finally:
             self._in_flight -= 1
 
-    async def _run(self, batch: list[tuple[list[str], asyncio.Future]]) -> None:
+    async def _run(self, batch: list[tuple[list[Any], asyncio.Future]]) -> None:
         try:
             answer = await self._call([text for texts, _ in batch for text in texts])
         except BaseException as exc:  # noqa: BLE001 - handed to every caller, who raises it

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from mass.errors import MassError, Overloaded, UpstreamTimeout
-from mass.gateway.protocol import error_body
+from mass.gateway.protocol import UNSUPPORTED, error_body
 
 log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "overloaded_error", 504: "timeout_error"}
@@ -44,6 +44,32 @@ async def call_upstream(response, timeout: float, model: str, retry_after_s: int
         raise UpstreamTimeout.after(model, timeout) from exc
 
 
+def validation_error_body(errors: list[dict]) -> dict:
+    """The 400 body for a request the schema refuses: the first error, naming its field; a field this gateway
+    does not support says so (and what it accepts) instead of pydantic's wording."""
+    # a union reports one error per member; the one that is not a plain type mismatch names the real problem
+    first = next((e for e in errors if not e["type"].endswith("_type") and e["type"] != "literal_error"), errors[0])
+    loc = [str(p) for p in first["loc"][1 if first["loc"][:1] == ("body",) else 0:]]
+    field = ".".join(p for p in loc if not _is_type_tag(p)) or "body"
+    msg = first["msg"]
+    supported = next((name for name in UNSUPPORTED if f".{name}." in f".{field}."), None)
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field (not in OpenAI's request schema for this endpoint)"
+    elif first["type"] == "json_invalid":
+        msg, field = "request body is not valid JSON", "body"
+    elif supported is not None:
+        msg = f"not supported by this gateway (accepted: {UNSUPPORTED[supported]})"
+    elif msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return error_body(f"{field}: {msg}", "invalid_request_error", "invalid_value", field)
+
+
+def _is_type_tag(part: str) -> bool:
+    """pydantic names the union member that failed inside the location (``prompt.list[int].0``)."""
+    return ("[" in part or part in ("str", "int", "float", "bool", "dict", "none")
+            or part.startswith(("function-", "constrained-")))
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     """Map any exception to (status, OpenAI error body); never a traceback."""
     exc = unwrap(exc)
@@ -68,16 +94,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        loc = [str(p) for p in first["loc"] if p != "body"]
-        field = ".".join(loc) or "body"
-        msg = first["msg"]
-        if first["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif first["type"] == "json_invalid":
-            msg, field = "request body is not valid JSON", "body"
-        return JSONResponse(error_body(f"{field}: {msg}", "invalid_request_error", "invalid_value", field),
-                            status_code=400)
+        return JSONResponse(validation_error_body(exc.errors()), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException):

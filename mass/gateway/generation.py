@@ -1,89 +1,101 @@
-"""Shared serving logic of completions and chat: limits, upstream calls, SSE streaming, usage."""
+"""Shared serving logic of completions and chat: the upstream call, SSE streaming, choices and usage.
+
+Each endpoint family supplies a ``Shape``: how one choice looks in a whole response and in a stream chunk.
+"""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Protocol
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from mass.errors import MassError
+from mass.errors import raise_if_error
 from mass.gateway.errors import call_upstream, error_response
 from mass.gateway.protocol import SamplingFields
 from mass.gateway.state import GatewayState
 
-Chunk = Callable[[str, str | None, bool], dict[str, Any]]
+
+class Shape(Protocol):
+    """The wire shape of one endpoint family's choices."""
+
+    object: str  # of a whole response
+    chunk_object: str  # of a stream chunk
+
+    def whole(self, choice: dict[str, Any]) -> dict[str, Any]:
+        """One choice of a whole response, from the deployment's choice (index, text, finish, logprobs)."""
+
+    def head(self, index: int) -> dict[str, Any] | None:
+        """The first chunk's choice for ``index`` (chat: the assistant role), or None."""
+
+    def delta(self, event: dict[str, Any]) -> dict[str, Any]:
+        """One stream chunk's choice from a deployment event."""
 
 
-async def generate(state: GatewayState, body: SamplingFields, payload: dict[str, Any], prefix: str,
-                   full: Callable[[dict[str, Any], str, int], dict[str, Any]], chunk: Callable[..., dict[str, Any]]):
+async def generate(state: GatewayState, body: SamplingFields, payload: dict[str, Any], choices: int,
+                   prefix: str, shape: Shape, request_id: str | None = None):
     """Run one generation request: a JSON response, or SSE chunks ending with ``[DONE]``.
 
     Args:
-        payload: ``prompt`` or ``messages`` for the LLM deployment (sampling is added here).
+        payload: ``prompts``/``messages`` (and ``echo``) for the LLM deployment, with ``sampling``.
+        choices: how many choices the request makes (prompts x n), for the stream's first chunks.
         prefix: response id prefix (``cmpl``, ``chatcmpl``).
-        full: builds the non-streaming body from (engine result, id, created).
-        chunk: builds one stream chunk from (id, created, text, finish_reason, first, usage).
+        request_id: the request's ``X-Request-Id`` (Serve and HAProxy set one and send it back themselves);
+            the response id is ``<prefix>-<request id>``, and the header is added here only when none came.
     """
     route = state.route(body.model, "llm")  # limits are checked by the model deployment, for SDK calls too
-    request = {**payload, "sampling": body.sampling()}
-    rid, created = f"{prefix}-{uuid.uuid4().hex[:24]}", int(time.time())
+    request = {**payload, "n": body.n or 1}
+    headers = {}
+    if request_id is None:  # no Serve in front (an in-process app): this app names the request itself
+        request_id = uuid.uuid4().hex[:24]
+        headers["X-Request-Id"] = request_id
+    rid, created = f"{prefix}-{request_id}", int(time.time())
     timeout, retry = state.args.gateway.request_timeout_s, state.args.gateway.retry_after_s
+    base = {"id": rid, "created": created, "model": body.model}
     if not body.stream:
-        result = await call_upstream(route.target.generate.remote(request), timeout, body.model, retry)
-        raise_if_error(result)
-        return JSONResponse(full(result, rid, created), headers={"X-Request-Id": rid})
+        result = raise_if_error(await call_upstream(route.target.generate.remote(request), timeout, body.model,
+                                                    retry))
+        return JSONResponse({**base, "object": shape.object, "choices": [shape.whole(c) for c in result["choices"]],
+                             "usage": result["usage"]}, headers=headers)
 
     stream = route.target.options(stream=True).stream.remote(request)
     try:  # the first event surfaces request errors (context overflow...) as a status, not a broken stream
         first = await call_upstream(stream.__anext__(), timeout, body.model, retry)
+        raise_if_error(first)
     except StopAsyncIteration:
         first = None
     except BaseException:
         stream.cancel()
         raise
-    if first is not None and "error" in first:
-        stream.cancel()
-        raise_if_error(first)
-    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    base["object"] = shape.chunk_object
 
     async def events() -> AsyncIterator[str]:
         try:
-            yield _sse(chunk(rid, created, "", None, True, None))
-            event = first
+            heads = [h for h in (shape.head(i) for i in range(choices)) if h is not None]
+            if heads:
+                yield _sse({**base, "choices": heads})
+            event, usage = first, None
             while event is not None:
-                if event["text"] or event["finish_reason"]:
-                    yield _sse(chunk(rid, created, event["text"], event["finish_reason"], False, None))
-                if event["finish_reason"] is not None:
-                    if include_usage:
-                        yield _sse(chunk(rid, created, None, None, False, usage(event)))
-                    break
+                if "usage" in event:
+                    usage = event["usage"]
+                elif event["text"] or event["finish_reason"] or event["logprobs"]:
+                    yield _sse({**base, "choices": [shape.delta(event)]})
                 try:
                     event = await call_upstream(stream.__anext__(), timeout, body.model, retry)
                 except StopAsyncIteration:
-                    break
+                    event = None
+            if body.include_usage and usage is not None:
+                yield _sse({**base, "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
         except Exception as exc:  # mid-stream failure: an error event, then the stream ends
             yield _sse(json.loads(error_response(exc).body))
         finally:
-            stream.cancel()  # no-op when finished; frees the engine slot when the client went away
+            stream.cancel()  # no-op when finished; frees the engine slots when the client went away
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"X-Request-Id": rid})
-
-
-def raise_if_error(result: dict[str, Any]) -> None:
-    """Re-raise an error the model deployment returned as the same MassError class."""
-    if "error" in result:
-        raise MassError.from_dict(result["error"])
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
 
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
-
-
-def usage(result: dict[str, Any]) -> dict[str, int]:
-    return {"prompt_tokens": result["prompt_tokens"], "completion_tokens": result["completion_tokens"],
-            "total_tokens": result["prompt_tokens"] + result["completion_tokens"]}
-

@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mass.errors import MassError
-from mass.serving.args import AppArgs, ModelArgs, check_served
+from fastapi import Request
+
+from mass.errors import Overloaded
+from mass.serving.args import AppArgs, EmbeddingArgs, LLMArgs, check_served
 
 
 @dataclass
 class Route:
     """One served model as the gateway sees it."""
 
-    args: ModelArgs
+    args: LLMArgs | EmbeddingArgs
     handle: Any
     facts: dict[str, Any] = field(default_factory=dict)
     coalescer: Any = None  # embedding models: a mass.gateway.coalesce.Coalescer
@@ -41,7 +43,7 @@ class GatewayState:
 
         gw, batch = self.args.gateway, route.args.batch
 
-        async def send(merged: list[str]) -> dict[str, Any]:
+        async def send(merged: list[Any]) -> dict[str, Any]:
             return await call_upstream(route.target.embed.remote(merged), gw.request_timeout_s, route.args.name,
                                        gw.retry_after_s)
 
@@ -60,8 +62,8 @@ class GatewayState:
                        "multiplexed": r.args.pool is not None, "retry_after_s": self.args.gateway.retry_after_s}
                 for name, r in self.routes.items()}
 
-    async def embed(self, route: Route, texts: list[str]) -> dict[str, Any]:
-        """Embeddings of ``texts`` from ``route``'s model, merged with concurrent requests for the same model
+    async def embed(self, route: Route, texts: list[Any]) -> dict[str, Any]:
+        """Embeddings of ``texts`` (texts or token-id lists) from ``route``'s model, merged with concurrent requests for the same model
         into one upstream call (bounded by the model's ``batch`` settings); ``{"error"}`` from the model."""
         return await route.coalescer.submit(texts)
 
@@ -82,13 +84,14 @@ def set_state(state: GatewayState) -> None:
 
 
 def current_state() -> GatewayState:
-    """The replica's state (MassError while the replica is still starting)."""
+    """The replica's state (Overloaded, a 503, while the replica is still starting)."""
     if _current is None:
-        raise MassError("gateway is starting")
+        raise Overloaded("gateway is starting; retry in 1s", retry_after=1)
     return _current
 
 
-async def get_state() -> GatewayState:
-    """FastAPI dependency: the replica's state. ``async`` on purpose: FastAPI runs a sync dependency in
-    its thread pool: a thread hop on every request, which stood out in profiles of the gateway under load."""
-    return current_state()
+async def get_state(request: Request) -> GatewayState:
+    """FastAPI dependency: the app's own state (an in-process app) or the replica's. ``async`` on purpose:
+    FastAPI runs a sync dependency in its thread pool: a thread hop on every request, which stood out in
+    profiles of the gateway under load."""
+    return request.app.state.mass or current_state()

@@ -5,11 +5,11 @@ Read from ``serve_apps/configs/*.yaml`` (the ``args:`` of a Serve config, or ``m
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from typing import Annotated, Iterable, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, TypeAdapter, field_validator, model_validator
 
-from mass.config import MassConfig
+from mass.config import UNION_TAGS, MassConfig
 from mass.errors import InvalidRequest, ModelNotFound
 from mass.refs import ModelRef
 
@@ -39,12 +39,11 @@ class BatchArgs(MassConfig):
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=5, description="Wait this long to fill a batch.")
 
 
-class ModelArgs(MassConfig):
-    """One served model."""
+class _ServedModel(MassConfig):
+    """What every served model has, whatever its engine."""
 
     name: str = Field(..., description="Model id clients send (`model` in the OpenAI API).")
     ref: str = Field(..., description="Registered ModelRef to serve, usually an alias: tiny-gpt@production.")
-    engine: Literal["llm", "embedding"] = Field(..., description="llm: text generation; embedding: encoders.")
     pool: str | None = Field(None, description="Serve from this shared pool (multiplexed, LRU) instead of a "
                                                "dedicated deployment; resources then come from the pool.")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per replica.")
@@ -56,18 +55,41 @@ class ModelArgs(MassConfig):
         "auto", description="Weight dtype at load time (auto: as saved).")
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="Load weights quantized with bitsandbytes (int8, or 4-bit nf4).")
-    max_running: int = Field(16, ge=1, description="LLM: sequences decoded together.")
-    max_batch_tokens: int = Field(8192, ge=16, description="LLM: prompt+max_tokens summed over the batch.")
-    max_tokens_limit: int = Field(512, ge=1, description="LLM: largest max_tokens a request may ask for.")
-    batch: BatchArgs = Field(default_factory=BatchArgs)
-    max_length: int = Field(256, ge=8, description="Embedding: inputs truncated to this many tokens.")
-    normalize: bool = Field(True, description="Embedding: L2-normalise vectors.")
 
     @field_validator("ref")
     @classmethod
     def _ref(cls, value: str) -> str:
         ModelRef.parse(value)
         return value
+
+
+class LLMArgs(_ServedModel):
+    """A served causal LM (continuous-batching engine)."""
+
+    engine: Literal["llm"] = Field(..., description="llm: text generation.")
+    max_running: int = Field(16, ge=1, description="Sequences decoded together.")
+    max_batch_tokens: int = Field(8192, ge=16, description="Prompt + max_tokens summed over the batch.")
+    max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
+
+
+class EmbeddingArgs(_ServedModel):
+    """A served sentence encoder (dynamically batched)."""
+
+    engine: Literal["embedding"] = Field(..., description="embedding: encoders.")
+    batch: BatchArgs = Field(default_factory=BatchArgs)
+    max_length: int = Field(256, ge=8, description="Inputs truncated to this many tokens.")
+    normalize: bool = Field(True, description="L2-normalise vectors.")
+
+
+#: one served model: its options depend on ``engine`` (an LLM has no ``batch``, an encoder no ``max_running``)
+ModelArgs = Annotated[LLMArgs | EmbeddingArgs, Field(discriminator="engine")]
+_MODEL_ARGS: TypeAdapter = TypeAdapter(ModelArgs)
+UNION_TAGS.update({"llm", "embedding"})
+
+
+def model_args(data: dict) -> LLMArgs | EmbeddingArgs:
+    """Validate one model's args (as the deployments receive them)."""
+    return _MODEL_ARGS.validate_python(data)
 
 
 class PoolArgs(MassConfig):

@@ -1,5 +1,5 @@
 """Ray Serve deployments that host the engines: a dedicated deployment per big model, or a pool that
-multiplexes many small ones (``@serve.multiplexed``, LRU). Options come from ``ModelArgs``/``PoolArgs``.
+multiplexes many small ones (``@serve.multiplexed``, LRU). Options come from ``LLMArgs``/``EmbeddingArgs``/``PoolArgs``.
 
 Requests a model cannot take are answered with ``{"error": ...}`` values instead of raised, so client
 mistakes are not logged by Serve as replica errors.
@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import asdict
 from typing import Any, AsyncIterator
 
 from ray import serve
 
 from mass.errors import InvalidRequest, MassError
-from mass.serving.args import AppArgs, ModelArgs, PoolArgs
+from mass.serving.args import AppArgs, EmbeddingArgs, LLMArgs, PoolArgs, model_args
+from mass.sampling import MAX_CHOICES, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +24,19 @@ log = logging.getLogger(__name__)
 class Served:
     """One loaded model: its engine plus the request logic shared by dedicated and pooled deployments."""
 
-    def __init__(self, args: ModelArgs) -> None:
-        from mass.registry import ModelRegistry
-        from mass.settings import apply_offline_env
-
-        apply_offline_env()
+    def __init__(self, args: LLMArgs | EmbeddingArgs, loaded: tuple[Any, Any, str] | None = None) -> None:
+        """Load ``args.ref`` from the registry, or take ``loaded`` = (model, tokenizer, version ref) as is."""
         self.args = args
-        model, tokenizer, self.info = ModelRegistry().load(args.ref, device="cuda" if args.num_gpus > 0 else None,
-                                                            dtype=args.dtype, quantization=args.quantization)
+        if loaded is None:
+            from mass.registry import ModelRegistry
+            from mass.settings import apply_offline_env
+
+            apply_offline_env()
+            model, tokenizer, info = ModelRegistry().load(args.ref, device="cuda" if args.num_gpus > 0 else None,
+                                                          dtype=args.dtype, quantization=args.quantization)
+            self.ref = info.ref
+        else:
+            model, tokenizer, self.ref = loaded
         if args.engine == "llm":
             from mass.serving.engines.llm import LLMEngine
 
@@ -50,9 +55,9 @@ class Served:
     def describe(self) -> dict[str, Any]:
         """Model facts the gateway needs."""
         if self.args.engine == "llm":
-            return {"context_length": self.engine.context_length, "ref": self.info.ref,
+            return {"context_length": self.engine.context_length, "ref": self.ref,
                     "max_tokens_limit": self.args.max_tokens_limit}
-        return {"dim": self.engine.dim, "ref": self.info.ref, "max_length": self.args.max_length}
+        return {"dim": self.engine.dim, "ref": self.ref, "max_length": self.args.max_length}
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The prompt for a chat: the tokenizer's template, or a plain role-prefixed one."""
@@ -61,48 +66,133 @@ class Served:
             return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
 
-    def prepare(self, request: dict[str, Any]):
-        """(prompt ids, SamplingParams) for a generation request; InvalidRequest when it cannot fit."""
-        from mass.serving.engines.sampling import SamplingParams
+    def prepare(self, request: dict[str, Any]) -> list[tuple[list[int], SamplingParams]]:
+        """The engine sequences of a generation request, one per choice (prompt-major: choice ``p * n + j``
+        is prompt ``p``'s ``j``-th); InvalidRequest when a value is invalid or a prompt cannot fit.
 
-        prompt = request["prompt"] if "prompt" in request else self.render_chat(request["messages"])
-        ids = self.engine.encode(prompt)
-        sampling = dict(request["sampling"])
-        sampling["stop"] = tuple(sampling.get("stop") or ())
-        params = SamplingParams(**sampling)
+        ``request``: ``prompts`` (texts or token-id lists) or ``messages``, ``n`` (choices per prompt,
+        default 1), ``sampling`` (``SamplingParams.to_dict()``) and ``echo`` (prompts: each choice's text
+        starts with its prompt)."""
+        params = SamplingParams.from_dict(request.get("sampling") or {})
         limit = min(self.args.max_tokens_limit, self.engine.context_length)
-        if params.max_tokens > limit:
+        if params.max_tokens is not None and params.max_tokens > limit:
             raise InvalidRequest(f"max_tokens={params.max_tokens} exceeds this model's limit of {limit}",
                                  param="max_tokens", limit=limit)
-        self.engine.check(ids, params)
-        return ids, params
+        n = request.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+            raise InvalidRequest(f"n must be an integer in [1, {MAX_CHOICES}], got {n!r}", param="n")
+        if "messages" in request:
+            prompts = [self.render_chat(request["messages"])]
+        else:
+            prompts = request.get("prompts") or []
+        if not prompts:
+            raise InvalidRequest("prompt is empty", param="prompt")
+        if len(prompts) * n > MAX_CHOICES:
+            raise InvalidRequest(f"{len(prompts)} prompts x n={n} asks for {len(prompts) * n} choices; at most "
+                                 f"{MAX_CHOICES} per request", param="n")
+        sequences = []
+        for prompt in prompts:
+            ids = self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            own = params
+            if params.max_tokens is None:  # as many as the model allows after this prompt
+                room = max(1, min(limit, self.engine.context_length - len(ids), self.engine.max_batch_tokens - len(ids)))
+                own = params.replace(max_tokens=room)
+            self.engine.check(ids, own)
+            sequences += [(ids, own.for_choice(j)) for j in range(n)]
+        return sequences
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Token events as dicts; cancelling the call (client gone) cancels the sequence."""
+        """Choice events (``index``, ``text``, ``token_ids``, ``finish_reason``, ``logprobs``) as the tokens
+        come, then one ``{"usage": ...}``; ``{"error": ...}`` alone for a request that cannot run. Closing
+        the stream (client gone) cancels every choice."""
         try:
-            ids, params = self.prepare(request)
+            sequences = self.prepare(request)
         except MassError as exc:
-            yield {"error": exc.to_dict()}
+            yield exc.as_value()
             return
-        async for event in self.engine.stream(ids, params):
-            yield {k: v for k, v in asdict(event).items() if k != "error"}
+        counts = [0] * len(sequences)
+        if request.get("echo"):
+            for index, (ids, _) in enumerate(sequences):
+                yield {"index": index, "text": self._echo(request, index, ids), "token_ids": [], "finish_reason": None,
+                       "logprobs": None}
+        async for index, event in merge_streams([self.engine.stream(ids, p) for ids, p in sequences]):
+            counts[index] = event.completion_tokens
+            yield _choice(index, event)
+        yield {"usage": _usage(sequences, counts)}
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The whole completion at once."""
+        """Every choice whole: ``{"choices": [...], "usage": ...}`` (or ``{"error": ...}``)."""
         try:
-            ids, params = self.prepare(request)
+            sequences = self.prepare(request)
         except MassError as exc:
-            return {"error": exc.to_dict()}
-        event = await self.engine.generate(ids, params)
-        return {k: v for k, v in asdict(event).items() if k != "error"}
+            return exc.as_value()
+        events = await asyncio.gather(*(self.engine.generate(ids, p) for ids, p in sequences))
+        choices = [_choice(i, e) for i, e in enumerate(events)]
+        if request.get("echo"):
+            for index, (choice, (ids, _)) in enumerate(zip(choices, sequences)):
+                choice["text"] = self._echo(request, index, ids) + choice["text"]
+        return {"choices": choices, "usage": _usage(sequences, [e.completion_tokens for e in events])}
+
+    def _echo(self, request: dict[str, Any], index: int, ids: list[int]) -> str:
+        """The prompt of choice ``index``: as sent when it was text, decoded when it was token ids."""
+        prompt = request["prompts"][index // request.get("n", 1)]
+        return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+
+def _choice(index: int, event) -> dict[str, Any]:
+    return {"index": index, "text": event.text, "token_ids": event.token_ids, "finish_reason": event.finish_reason,
+            "logprobs": event.logprobs}
+
+
+def _usage(sequences: list[tuple[list[int], Any]], completion: list[int]) -> dict[str, int]:
+    """Prompt tokens count once per prompt (not per choice), as OpenAI counts them."""
+    prompt = sum({id(ids): len(ids) for ids, _ in sequences}.values())  # the n choices of a prompt share ids
+    return {"prompt_tokens": prompt, "completion_tokens": sum(completion),
+            "total_tokens": prompt + sum(completion)}
+
+
+async def merge_streams(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """(index, item) from several async iterators as the items come; the first failure is raised, and
+    closing the merged stream closes every source (their ``finally`` blocks run)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator[Any]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item, None))
+            await queue.put((index, done, None))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the consumer
+            await queue.put((index, done, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            index, item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                left -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @serve.deployment
 class LLMServer:
     """Continuous-batching text generation for one registered causal LM."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
-        self.served = Served(ModelArgs.model_validate(args))
+    def __init__(self, args: dict[str, Any], served: Served | None = None) -> None:
+        self.served = served or Served(model_args(args))
 
     def ready(self) -> bool:
         """Readiness probe: the replica is up (a pool loads no model for it)."""
@@ -135,8 +225,8 @@ class LLMServer:
 class EmbeddingServer:
     """Dynamically batched sentence embeddings for one registered encoder."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
-        self.served = Served(ModelArgs.model_validate(args))
+    def __init__(self, args: dict[str, Any], served: Served | None = None) -> None:
+        self.served = served or Served(model_args(args))
         batch = self.served.args.batch
         self._embed_batch.set_max_batch_size(batch.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
@@ -151,7 +241,11 @@ class EmbeddingServer:
         return self.served.describe()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
-    async def _embed_batch(self, requests: list[list[str]]) -> list[tuple[list[list[float]], list[int]]]:
+    async def _embed_batch(self, requests: list[list[Any]]) -> list[tuple[list[list[float]], list[int]]]:
+        return self._run_batch(requests)
+
+    def _run_batch(self, requests: list[list[Any]]) -> list[tuple[list[list[float]], list[int]]]:
+        """One forward over every request's inputs; each request gets its own (vectors, token counts)."""
         # The forward runs on the replica's event loop, not in a worker thread: requests that arrive
         # meanwhile wait in Ray's queue and form the next batch whole. Off-loop (asyncio.to_thread) the loop
         # and the forward fight over the GIL, requests trickle in, and batches shrank to one or two texts
@@ -169,10 +263,10 @@ class EmbeddingServer:
             start = end
         return results
 
-    async def embed(self, texts: list[str]) -> dict[str, Any]:
-        """Vectors for ``texts`` (in order), the tokens of each text and their sum."""
+    async def embed(self, texts: list[Any]) -> dict[str, Any]:
+        """Vectors for ``texts`` (texts or token-id lists, in order), the tokens of each and their sum."""
         if not texts:
-            return {"error": InvalidRequest("input must contain at least one text", field="input").to_dict()}
+            return InvalidRequest("input must contain at least one text", field="input").as_value()
         vectors, tokens = await self._embed_batch(texts)
         return {"data": vectors, "tokens": tokens, "prompt_tokens": sum(tokens)}
 
@@ -186,7 +280,7 @@ class _Pool:
     """Many registered models behind one deployment; the model id of each call picks (and loads) one."""
 
     def __init__(self, models: dict[str, dict[str, Any]]) -> None:
-        self.models = {name: ModelArgs.model_validate(a) for name, a in models.items()}
+        self.models = {name: model_args(a) for name, a in models.items()}
         self.loads: list[str] = []
 
     async def _load(self, model_id: str) -> Served:
@@ -222,7 +316,7 @@ class _Pool:
         try:
             vectors, lengths = (await self._served()).engine.embed(texts)
         except MassError as exc:
-            return {"error": exc.to_dict()}
+            return exc.as_value()
         return {"data": vectors, "tokens": lengths, "prompt_tokens": sum(lengths)}
 
     def stats(self) -> dict[str, Any]:

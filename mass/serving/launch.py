@@ -77,6 +77,21 @@ def check_resources(args: AppArgs) -> None:
             f"but the cluster has {have:g}; lower num_cpus in the config or add nodes", need=need, have=have)
 
 
+def check_http_options(host: str, port: int) -> None:
+    """Serve keeps the HTTP options it first started with and ignores later ones: refuse up front, naming
+    the address the cluster's Serve really listens on, instead of waiting on a port nobody opens."""
+    from ray.serve.context import _get_global_client
+
+    from mass.errors import ConfigError
+
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (host, port):
+        raise ConfigError(f"Serve on this cluster already listens on {running.host}:{running.port} and keeps it; "
+                          f"--host/--port {host}:{port} cannot change it. Use --port {running.port} (and --host "
+                          f"{running.host}), or stop Serve first (`serve shutdown -y`)", field="port",
+                          running=f"{running.host}:{running.port}")
+
+
 def serve_up(args: AppArgs, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
              block: bool = True) -> str:
     """Deploy ``args`` as the ``mass`` app; with ``block``, serve until interrupted. Returns the base URL."""
@@ -88,6 +103,7 @@ def serve_up(args: AppArgs, address: str | None = None, host: str = "127.0.0.1",
     connect_ray(address)
     check_resources(args)
     serve.start(http_options={"host": host, "port": port})
+    check_http_options(host, port)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     wait_ready(url)

@@ -84,3 +84,26 @@ def trained(ray_cluster, corpus):
     from mass.training.job import run_training
 
     return run_training(TrainConfig.load(SMOKE), address=ray_cluster.gcs_address)
+
+
+@pytest.fixture(scope="session")
+def gateway(trained, ray_cluster):
+    """demo.yaml (tiny-gpt + MiniLM behind the gateway) served on the session cluster; its base URL."""
+    from ray import serve
+
+    from mass.registry import ModelRegistry
+    from mass.registry.imports import import_minilm
+    from mass.serving.app import build_app, load_app_args
+    from mass.serving.launch import APP_NAME, wait_ready
+    from tests.integration.support import ROOT
+
+    import_minilm(ModelRegistry())
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    args = load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml")
+    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, timeout=240)
+    yield url
+    serve.delete(APP_NAME)
+    serve.shutdown()

@@ -39,3 +39,11 @@ def test_bad_recipe_exits_2_before_touching_ray(tmp_path, mass_home, capsys):
 def test_incomplete_commands_exit_2(argv, mass_home, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_serve_up_detach_without_a_cluster_is_refused_before_ray_starts(mass_home, monkeypatch, capsys):
+    """A detached local Ray would die with the command and leave a URL that refuses connections."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["serve", "up", "--config", "serve_apps/configs/demo.yaml", "--detach"]) == 2
+    err = capsys.readouterr().err
+    assert "--detach needs a running Ray cluster" in err and "ray start --head" in err

@@ -20,12 +20,14 @@ def test_shipped_serve_configs_are_valid(path):
 
 
 @pytest.mark.parametrize("change,needle", [
-    ({"engine": "vision"}, "models.0.engine"),
+    ({"engine": "vision"}, "models.0.engine: must be one of 'llm', 'embedding'"),
     ({"num_cpus": -1}, "models.0.num_cpus"),
     ({"autoscaling": {"min_replicas": 3, "max_replicas": 1}}, "min_replicas (3) > max_replicas (1)"),
     ({"autoscaling": {"look_back_period_s": 5}}, "look_back_period_s"),
     ({"max_ongoing": 3}, "models.0.max_ongoing: unknown key"),
-    ({"batch": {"max_batch_size": 0}}, "models.0.batch.max_batch_size"),
+    ({"engine": "embedding", "batch": {"max_batch_size": 0}}, "models.0.batch.max_batch_size"),
+    ({"batch": {"max_batch_size": 8}}, "models.0.batch: unknown key"),  # an LLM has no embedding batching
+    ({"engine": "embedding", "max_running": 4}, "models.0.max_running: unknown key"),
 ])
 def test_bad_model_args_name_the_field(change, needle):
     data = {"models": [{**GOOD["models"][0], **change}]}

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
-from mass.gateway.protocol import SamplingFields
+from mass.gateway.protocol import Int, SamplingFields, texts_or_tokens
+from mass.sampling import MAX_CHOICES
 
 
 class CompletionRequest(SamplingFields):
-    """A text completion request; ``prompt`` is one string."""
+    """A text completion request: ``prompt`` is a string, a list of strings, or token ids (one list or several);
+    each prompt gets ``n`` choices."""
 
-    prompt: str = Field(..., min_length=1)
-    echo: bool = False
+    prompt: texts_or_tokens(MAX_CHOICES) = Field(..., description="Text, texts, or token ids in the model's own vocabulary.")
+    echo: bool | None = Field(False, description="Prepend the prompt to each choice's text.")
+    logprobs: Int | None = Field(None, ge=0, le=5, description="Return each token's logprob and this many "
+                                                               "most likely alternatives.")
+    best_of: Int | None = Field(None, ge=1, le=1, description="Not supported beyond 1 (use n).")
+    suffix: Literal[""] | None = Field(None, description="Not supported (insertion): empty or null only.")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of prompts (texts or token-id lists)."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, int) for p in self.prompt):
+            return [list(self.prompt)]
+        return list(self.prompt)

@@ -4,31 +4,27 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from mass.gateway.protocol import OpenAIModel
+from mass.gateway.protocol import Int, OpenAIModel, texts_or_tokens
+
+MAX_INPUTS = 2048
 
 
 class EmbeddingRequest(OpenAIModel):
-    """Texts to embed; the official client asks for base64 by default."""
+    """Texts (or token ids in the model's own vocabulary) to embed; the official client asks for base64."""
 
-    model: str
-    input: str | list[str]
-    encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1)
+    model: str = Field(..., description="A served embedding model id.")
+    input: texts_or_tokens(MAX_INPUTS) = Field(
+        ..., description="A text, texts, token ids or lists of token ids (the model's own vocabulary).")
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: Int | None = Field(None, ge=1, description="Must equal the model's dimension when given.")
     user: str | None = None
 
-    @field_validator("input")
-    @classmethod
-    def _non_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("input must contain at least one text")
-        if isinstance(value, list) and len(value) > 2048:
-            raise ValueError("input takes at most 2048 texts")
-        if (value == "") or (isinstance(value, list) and any(not t for t in value)):
-            raise ValueError("input texts must be non-empty")
-        return value
-
-    def texts(self) -> list[str]:
-        """The input as a list."""
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+    def inputs(self) -> list[str | list[int]]:
+        """The input as a list of texts or token-id lists."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if all(isinstance(t, int) for t in self.input):
+            return [list(self.input)]
+        return list(self.input)

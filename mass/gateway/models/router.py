@@ -8,18 +8,33 @@ import time
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
+from mass.errors import ModelNotFound
+from mass.gateway.protocol import error_responses
 from mass.gateway.state import GatewayState, get_state
 
 router = APIRouter()
 _STARTED = int(time.time())
 
 
-@router.get("/v1/models")
+def _model(name: str, route) -> dict:
+    return {"id": name, "object": "model", "created": _STARTED, "owned_by": "mass",
+            "mass": {"ref": route.args.ref, "engine": route.args.engine}}
+
+
+@router.get("/v1/models", responses=error_responses(500, 503))
 async def list_models(state: GatewayState = Depends(get_state)):
     """The served models, OpenAI shape plus a ``mass`` block (ref, engine)."""
-    data = [{"id": name, "object": "model", "created": _STARTED, "owned_by": "mass",
-             "mass": {"ref": r.args.ref, "engine": r.args.engine}} for name, r in sorted(state.routes.items())]
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_model(name, r) for name, r in sorted(state.routes.items())]}
+
+
+@router.get("/v1/models/{model}", responses=error_responses(404, 500, 503))
+async def retrieve_model(model: str, state: GatewayState = Depends(get_state)):
+    """One served model (``client.models.retrieve``); 404 naming the served models otherwise."""
+    route = state.routes.get(model)
+    if route is None:
+        raise ModelNotFound(f"model {model!r} is not served here; served models: {', '.join(sorted(state.routes))}",
+                            param="model")
+    return _model(model, route)
 
 
 @router.get("/healthz")

@@ -30,19 +30,36 @@ class EmbeddingEngine:
         self.batch_size = batch_size
         self.dim = int(model.config.hidden_size)
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
-        """Return (one vector per text, tokens per text), both in input order."""
-        if not texts:
+    def encode(self, inputs: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of each input: texts are tokenized (with the model's special tokens); token-id inputs
+        are taken as they are (the model's own vocabulary, as vLLM takes them); both cut to ``max_length``."""
+        texts = [i for i, x in enumerate(inputs) if isinstance(x, str)]
+        encoded = self.tokenizer([inputs[i] for i in texts], add_special_tokens=True, truncation=True,
+                                 max_length=self.max_length)["input_ids"] if texts else []
+        out = [list(x)[:self.max_length] if not isinstance(x, str) else None for x in inputs]
+        for i, ids in zip(texts, encoded):
+            out[i] = ids
+        vocab = len(self.tokenizer)
+        for ids in out:
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidRequest(f"input token id {bad[0]} is outside this model's vocabulary (0..{vocab - 1})",
+                                     param="input")
+        return out
+
+    def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], list[int]]:
+        """Return (one vector per input, tokens per input), both in input order; an input is a text or a
+        list of token ids."""
+        if not inputs:
             raise InvalidRequest("input must contain at least one text", field="input")
-        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True, truncation=True,
-                                                     max_length=self.max_length)["input_ids"]]
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])
-        vectors: list[list[float] | None] = [None] * len(texts)
+        ids = self.encode(inputs)
+        lengths = [len(x) for x in ids]
+        order = sorted(range(len(inputs)), key=lambda i: lengths[i])
+        vectors: list[list[float] | None] = [None] * len(inputs)
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 chunk = order[start:start + self.batch_size]
-                batch = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt")
+                batch = self.tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
                 batch = {k: v.to(self.model.device) for k, v in batch.items()}
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

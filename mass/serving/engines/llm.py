@@ -3,11 +3,16 @@
 Requests join the running batch between decode steps and leave the moment they finish or are
 cancelled. Joining requests are prefilled together; the running batch keeps one left-padded KV cache
 that grows by a column per step and is re-packed only when a request joins or leaves.
+
+Faults stay with the request that caused them: a failure in one sequence's sampling, stop strings or
+detokenisation fails that sequence alone; a failed shared forward pass is retried once per sequence
+(each recomputed alone from its tokens), so only a sequence whose own forward fails is failed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import threading
@@ -20,7 +25,7 @@ import torch
 
 from mass.errors import InvalidRequest, MassError
 from mass.serving.engines.runners import KV, BatchState, make_runner, split_rows
-from mass.serving.engines.sampling import SamplingParams, make_generator, sample
+from mass.serving.engines.sampling import SamplingParams, adjust, make_generator, sample, top_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +39,8 @@ class TokenEvent:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
-    error: MassError | None = None
+    logprobs: list[dict] | None = None  # one entry per token id when the request asked for logprobs
+    failure: MassError | None = None  # set on the last event of a request that failed (never sent on)
 
 
 @dataclass
@@ -50,6 +56,8 @@ class _Sequence:
     text: str = ""  # decoded so far (complete characters only)
     sent_chars: int = 0  # of ``text``, already streamed
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text is not streamed yet
+    unsent_logprobs: list[dict] = field(default_factory=list)  # their logprobs (when asked for)
+    bias_row: torch.Tensor | None = None  # logit_bias as a dense row (greedy rows add it every step)
     prefix_offset: int = 0  # incremental detokenisation window over ``generated``
     read_offset: int = 0
     done: bool = False  # finished or cancelled: removed at the next step
@@ -75,6 +83,7 @@ class LLMEngine:
         self.max_batch_tokens = max_batch_tokens
         config = model.config
         self.context_length = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+        self.vocab_size = int(config.vocab_size)
         self.eos_id = tokenizer.eos_token_id
         self._ids = itertools.count(1)
         self._waiting: deque[_Sequence] = deque()
@@ -100,6 +109,16 @@ class LLMEngine:
         """Raise InvalidRequest when a request can never fit the model or the engine."""
         if not prompt_ids:
             raise InvalidRequest("prompt is empty", field="prompt")
+        if params.max_tokens is None:
+            raise InvalidRequest("max_tokens must be set for the engine", param="max_tokens")
+        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"prompt token id {bad[0]} is outside this model's vocabulary "
+                                 f"(0..{self.vocab_size - 1})", param="prompt")
+        bad = [t for t in params.logit_bias if t >= self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"logit_bias token id {bad[0]} is outside this model's vocabulary "
+                                 f"(0..{self.vocab_size - 1})", param="logit_bias")
         if len(prompt_ids) + params.max_tokens > self.context_length:
             raise InvalidRequest(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
@@ -138,9 +157,9 @@ class LLMEngine:
         try:
             while True:
                 event = await queue.get()
-                if event.error is not None:
+                if event.failure is not None:
                     finished = True
-                    raise event.error
+                    raise event.failure
                 yield event
                 if event.finish_reason is not None:
                     finished = True
@@ -151,12 +170,14 @@ class LLMEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> TokenEvent:
         """The whole completion as one event (text joined, usage and finish reason of the last)."""
-        parts, ids, last = [], [], None
+        parts, ids, logprobs, last = [], [], [], None
         async for event in self.stream(prompt, params):
             parts.append(event.text)
             ids.extend(event.token_ids)
+            logprobs.extend(event.logprobs or [])
             last = event
-        return TokenEvent("".join(parts), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens)
+        return TokenEvent("".join(parts), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
+                          logprobs if params.logprobs is not None else None)
 
     def stats(self) -> dict[str, int]:
         """Queue depths and steps taken (for readiness and metrics)."""
@@ -194,17 +215,17 @@ class LLMEngine:
                         self._decode()
                         self._drop_finished()
                 self.steps += 1
-            except Exception as exc:  # a model failure fails the requests in flight, not the engine
+            except Exception as exc:  # a bug in the step itself: fail the requests in flight, not the engine
                 log.exception("engine step failed")
                 error = MassError(f"generation failed: {type(exc).__name__}: {exc}")
                 self._batch_ids, self._state = [], None
                 with self._cond:
                     failed, self._running = self._running, []
                 for seq in failed:
-                    self._finish(seq, None, error=error)
+                    self._finish(seq, None, failure=error)
             self._flush()
         for seq in pending:
-            self._finish(seq, None, error=MassError("engine shut down"))
+            self._finish(seq, None, failure=MassError("engine shut down"))
         self._flush()
 
     def _drop_done(self) -> None:
@@ -239,19 +260,49 @@ class LLMEngine:
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Prompts of the joining sequences in one forward pass; each keeps its own cache until it joins."""
-        logits, kv = self.runner.prefill([s.prompt_ids for s in seqs])
+        try:
+            logits, kv = self.runner.prefill([s.prompt_ids for s in seqs])
+        except Exception as exc:
+            log.warning("prefill of %d requests failed (%s: %s); retrying each alone", len(seqs),
+                        type(exc).__name__, exc)
+            self._recompute(seqs)
+            return
         for seq, cache in zip(seqs, split_rows(kv, [len(s.prompt_ids) for s in seqs])):
             seq.cache = cache
         self._advance(seqs, logits)
 
     def _decode(self) -> None:
         """One token for every running sequence in one forward pass over the batch cache."""
-        batch = self._running
-        if [s.id for s in batch] != self._batch_ids:  # someone joined or left: re-pack once
-            self._rebuild(batch)
-        logits = self.runner.decode(self._state, [s.generated[-1] for s in batch], self._lens)
+        batch = [s for s in self._running if not s.done]
+        try:
+            if [s.id for s in batch] != self._batch_ids:  # someone joined or left: re-pack once
+                self._rebuild(batch)
+            logits = self.runner.decode(self._state, [s.generated[-1] for s in batch], self._lens)
+        except Exception as exc:  # the batch cache may be half-written: rebuild it from each row's tokens
+            log.warning("decode step over %d requests failed (%s: %s); retrying each alone", len(batch),
+                        type(exc).__name__, exc)
+            self._batch_ids, self._state, self._lens = [], None, []
+            self._recompute(batch)
+            return
         self._lens = [n + 1 for n in self._lens]
         self._advance(batch, logits)
+
+    def _recompute(self, seqs: list[_Sequence]) -> None:
+        """The retry after a failed shared forward: each sequence's logits and cache recomputed alone from
+        its prompt and generated tokens; a sequence whose own forward fails again is failed, alone."""
+        survivors, rows = [], []
+        for seq in seqs:
+            try:
+                logits, kv = self.runner.prefill([seq.prompt_ids + seq.generated])
+            except Exception as exc:
+                log.warning("request %d failed in its own forward pass: %s: %s", seq.id, type(exc).__name__, exc)
+                self._finish(seq, None, failure=MassError(f"generation failed: {type(exc).__name__}: {exc}"))
+                continue
+            seq.cache = kv
+            survivors.append(seq)
+            rows.append(logits[0])
+        if survivors:
+            self._advance(survivors, torch.stack(rows))
 
     def _rebuild(self, batch: list[_Sequence]) -> None:
         """One left-padded cache for ``batch``: rows kept from the last batch, new ones from prefill."""
@@ -271,16 +322,50 @@ class LLMEngine:
         self._lens, self._batch_ids = lens, [s.id for s in batch]
 
     def _advance(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
-        """Sample the next token of every sequence (greedy rows in one argmax) and stream their text."""
-        greedy = logits.argmax(-1).tolist() if any(s.params.temperature <= 0 for s in seqs) else None
+        """Choose the next token of every sequence (plain greedy rows in one argmax) and stream their text.
+        Whatever fails here belongs to one sequence (its sampling, stop strings, detokenisation): that
+        sequence alone is failed."""
+        greedy, failed = self._greedy_tokens(seqs, logits) if any(s.params.greedy for s in seqs) else (None, {})
         for row, seq in enumerate(seqs):
-            if seq.params.temperature <= 0:
-                token = greedy[row]
-            else:
-                token = sample(logits[row], seq.params, seq.generator)
-            self._emit_token(seq, token)
+            if seq.done:  # cancelled meanwhile
+                continue
+            try:
+                if row in failed:
+                    raise failed[row]
+                if seq.params.greedy:
+                    token = greedy[row]
+                else:
+                    token = sample(adjust(logits[row], seq.params, seq.generated), seq.params, seq.generator)
+                self._emit_token(seq, token, logits[row])
+            except Exception as exc:
+                log.warning("request %d failed while choosing its next token: %s: %s", seq.id,
+                            type(exc).__name__, exc, exc_info=True)
+                failure = exc if isinstance(exc, MassError) else MassError(
+                    f"generation failed for this request: {type(exc).__name__}: {exc}")
+                self._finish(seq, None, failure=failure)
 
-    def _emit_token(self, seq: _Sequence, token: int) -> None:
+    def _greedy_tokens(self, seqs: list[_Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, Exception]]:
+        """The argmax of every row in one call, after the penalties and biases of rows that have them (a bias
+        alone is one cached dense row added; only penalties need per-row work); and the rows whose own
+        adjustment failed, with their error."""
+        adjusted = [row for row, s in enumerate(seqs) if s.params.greedy and s.params.adjusts_logits]
+        if not adjusted:
+            return logits.argmax(-1).tolist(), {}
+        x, failed = logits.to(torch.float32, copy=True), {}
+        for row in adjusted:
+            seq = seqs[row]
+            try:
+                if seq.params.presence_penalty or seq.params.frequency_penalty:
+                    x[row] = adjust(x[row], seq.params, seq.generated)
+                else:
+                    if seq.bias_row is None:
+                        seq.bias_row = adjust(torch.zeros_like(x[row]), seq.params, [])
+                    x[row] += seq.bias_row
+            except Exception as exc:  # noqa: BLE001 - raised for this sequence alone in _advance
+                failed[row] = exc
+        return x.argmax(-1).tolist(), failed
+
+    def _emit_token(self, seq: _Sequence, token: int, logits: torch.Tensor) -> None:
         """Record ``token`` for ``seq``, stream its new text, finish it when a stop condition holds."""
         finish = None
         if token == self.eos_id:
@@ -288,6 +373,8 @@ class LLMEngine:
         else:
             seq.generated.append(token)
             seq.unsent_ids.append(token)
+            if seq.params.logprobs is not None:
+                seq.unsent_logprobs.append(self._logprob_entry(logits, token, seq.params.logprobs))
             seq.text += self._detokenize(seq)
             if len(seq.generated) >= seq.params.max_tokens:
                 finish = "length"
@@ -302,10 +389,34 @@ class LLMEngine:
         delta = text[seq.sent_chars:end] if end > seq.sent_chars else ""
         seq.sent_chars = max(seq.sent_chars, end)
         if finish is not None:
-            self._finish(seq, finish, delta=delta, token_ids=seq.unsent_ids)
+            self._finish(seq, finish, delta=delta)
         elif delta:
-            self._send(seq, TokenEvent(delta, seq.unsent_ids, None, len(seq.prompt_ids), len(seq.generated)))
+            self._send(seq, TokenEvent(delta, seq.unsent_ids, None, len(seq.prompt_ids), len(seq.generated),
+                                       self._take_logprobs(seq)))
             seq.unsent_ids = []
+
+    def _logprob_entry(self, logits: torch.Tensor, token: int, k: int) -> dict:
+        """``token``'s logprob, text and bytes, and the ``k`` most likely alternatives (OpenAI's shape)."""
+        chosen, top = top_logprobs(logits, token, k)
+        return {**self._token_text(token), "logprob": chosen,
+                "top": [{**self._token_text(t), "logprob": lp} for t, lp in top]}
+
+    def _token_text(self, token: int) -> dict:
+        """A token's UTF-8 bytes and its text; a token holding part of a character is ``bytes:\\xNN...``,
+        as OpenAI writes it."""
+        data = token_bytes(self.tokenizer, token)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+        return {"token_id": token, "token": text, "bytes": list(data)}
+
+    @staticmethod
+    def _take_logprobs(seq: _Sequence) -> list[dict] | None:
+        if seq.params.logprobs is None:
+            return None
+        out, seq.unsent_logprobs = seq.unsent_logprobs, []
+        return out
 
     def _detokenize(self, seq: _Sequence) -> str:
         """Text added by the newest token, decoding only a short window (complete characters only)."""
@@ -317,11 +428,12 @@ class LLMEngine:
             return full[len(prefix):]
         return ""
 
-    def _finish(self, seq: _Sequence, reason: str | None, delta: str = "", token_ids: list[int] | None = None,
-                error: MassError | None = None) -> None:
+    def _finish(self, seq: _Sequence, reason: str | None, delta: str = "", failure: MassError | None = None) -> None:
+        """The request's last event: its remaining text and tokens, or ``failure``."""
         seq.done = True
-        self._send(seq, TokenEvent(delta, list(token_ids or []), reason, len(seq.prompt_ids), len(seq.generated),
-                                   error=error))
+        ids, seq.unsent_ids = (seq.unsent_ids, []) if failure is None else ([], [])
+        self._send(seq, TokenEvent(delta, ids, reason, len(seq.prompt_ids), len(seq.generated),
+                                   self._take_logprobs(seq) if failure is None else None, failure=failure))
 
     def _send(self, seq: _Sequence, event: TokenEvent) -> None:
         self._outbox[seq.loop].append((seq.queue, event))
@@ -334,6 +446,33 @@ class LLMEngine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that loop is closed: its requests are gone
                 pass
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The UTF-8 bytes a token stands for: byte-level BPE tokens map back through GPT-2's byte alphabet;
+    other tokenizers' tokens are decoded alone."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel":
+        piece = tokenizer.convert_ids_to_tokens(token)
+        table = _byte_decoder()
+        if piece is not None and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    return tokenizer.decode([token]).encode()
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte (the inverse of ``bytes_to_unicode``)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def _deliver(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
