@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -317,13 +317,13 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
     import ray
     from ray import serve
 
+    from mass.app import APP_NAME, build_app, wait_ready
+    from mass.cluster import free_port
     from mass.data.corpus import collect_documents
     from mass.registry import ModelRegistry
     from mass.registry.imports import import_minilm, minilm_dir
-    from mass.serving.app import build_app
     from mass.serving.args import AppArgs
     from mass.serving.engines.embedding import EmbeddingEngine
-    from mass.serving.launch import APP_NAME, free_port, wait_ready
     from mass.settings import apply_ray_start_env, get_settings
 
     import_minilm(ModelRegistry())

@@ -6,7 +6,7 @@ with a one-line error on failure.
 
 import sys
 
-from mass.cli.jobs import run_train_job
+from mass.jobs import run_train_job
 
 if __name__ == "__main__":
     sys.exit(run_train_job(sys.argv[1:]))

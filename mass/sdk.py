@@ -10,10 +10,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
+from mass.app import APP_NAME
 from mass.errors import InvalidRequest, MassError, raise_if_error
 from mass.sampling import SamplingParams
 
-APP_NAME = "mass"
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,7 @@ class Client:
         """The deployment handle for ``model``; the gateway's 404/400 when it is missing or the wrong kind."""
         from ray import serve
 
-        from mass.serving.args import check_served
+        from mass.routing import check_served
 
         route = self._routes().get(model)
         check_served(model, route["engine"] if route else None, engine, self._routes())

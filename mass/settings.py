@@ -9,18 +9,50 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-#: name -> (default, doc). The README's configuration table is generated from the same facts.
-VARIABLES: dict[str, tuple[str, str]] = {
-    "MASS_HOME": ("~/.mass", "Root for the embedded registry (sqlite + artifacts), corpus, checkpoints and caches."),
-    "MASS_TRACKING_URI": ("", "MLflow tracking/registry URI. Empty: sqlite:///$MASS_HOME/mlflow.db."),
-    "MASS_ARTIFACT_ROOT": ("", "Artifact root for new MLflow experiments. Empty: $MASS_HOME/artifacts (embedded) or the server's default."),
-    "MASS_EXPERIMENT": ("mass", "MLflow experiment that training and registration runs are logged under."),
-    "MASS_STORAGE_PATH": ("", "Ray Train storage for checkpoints. Empty: $MASS_HOME/ray_results. Multi-node: shared storage (s3://, NFS)."),
-    "MASS_LOG_LEVEL": ("INFO", "Log level for MASS loggers (DEBUG, INFO, WARNING, ERROR)."),
-    "MASS_GATEWAY_URL": ("http://127.0.0.1:8000", "Gateway the SDK calls over HTTP when it runs outside the Ray cluster."),
-    "MASS_SERVE_INGRESS": ("haproxy", "How HTTP reaches the gateway when MASS starts Ray: haproxy (Ray Serve's high-throughput mode: HAProxy in front of the gateway replicas, direct ingress, gRPC between replicas) or proxy (Serve's default Python proxy)."),
-    "RAY_ADDRESS": ("", "Ray's own variable: the cluster to join. Empty: jobs start a local Ray."),
-}
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its ``Settings`` field, default, meaning, and whether jobs and replicas get
+    it forwarded (``settings_env``)."""
+
+    name: str
+    field: str
+    default: str
+    doc: str
+    forwarded: bool = True
+
+
+#: Every variable, declared once: ``Settings``, ``settings_env`` and the README's configuration table (a
+#: test checks it equals ``settings_table()``) all come from here.
+DECLARED: tuple[Variable, ...] = (
+    Variable("MASS_HOME", "home", "~/.mass",
+             "Root for the embedded registry (sqlite + artifacts), corpus, checkpoints and caches."),
+    Variable("MASS_TRACKING_URI", "tracking_uri", "",
+             "MLflow tracking/registry URI. Empty: `sqlite:///$MASS_HOME/mlflow.db`."),
+    Variable("MASS_ARTIFACT_ROOT", "artifact_root", "", "Artifact root for new MLflow experiments. Empty: "
+             "`$MASS_HOME/artifacts` (embedded) or the server's default."),
+    Variable("MASS_EXPERIMENT", "experiment", "mass",
+             "MLflow experiment that training and registration runs are logged under."),
+    Variable("MASS_STORAGE_PATH", "storage_path", "", "Ray Train storage for checkpoints. Empty: "
+             "`$MASS_HOME/ray_results`. Multi-node: shared storage (s3://, NFS)."),
+    Variable("MASS_LOG_LEVEL", "log_level", "INFO", "Log level for MASS loggers (DEBUG, INFO, WARNING, ERROR)."),
+    Variable("MASS_GATEWAY_URL", "gateway_url", "http://127.0.0.1:8000",
+             "Gateway the SDK calls over HTTP when it runs outside the Ray cluster.", forwarded=False),
+    Variable("MASS_SERVE_INGRESS", "serve_ingress", "haproxy", "How HTTP reaches the gateway when MASS starts "
+             "Ray: `haproxy` (Ray Serve's high-throughput mode: HAProxy in front of the gateway replicas, direct "
+             "ingress, gRPC between replicas) or `proxy` (Serve's default Python proxy). See "
+             "[Ingress](#ingress-haproxy-in-front-of-the-gateway)."),
+    Variable("RAY_ADDRESS", "ray_address", "", "Ray's own variable: the cluster to join. Empty: jobs start a "
+             "local Ray.", forwarded=False),
+)
+#: name -> (default, doc)
+VARIABLES: dict[str, tuple[str, str]] = {v.name: (v.default, v.doc) for v in DECLARED}
+
+
+def settings_table() -> str:
+    """The README's configuration table (markdown), from ``DECLARED``."""
+    rows = [f"| `{v.name}` | {f'`{v.default}`' if v.default else '(empty)'} | {v.doc} |" for v in DECLARED]
+    return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows])
 
 #: Ray's own switches for each ``MASS_SERVE_INGRESS`` mode. Ray reads them when its processes start, so they
 #: must be in the environment of ``ray start`` (or of the driver that starts a local Ray). Sync handle calls
@@ -67,17 +99,12 @@ def get_settings() -> Settings:
     artifact_root = _env("MASS_ARTIFACT_ROOT")
     if not artifact_root and tracking.startswith("sqlite:"):
         artifact_root = (home / "artifacts").as_uri()
-    return Settings(
-        home=home,
-        tracking_uri=tracking,
-        artifact_root=artifact_root,
-        experiment=_env("MASS_EXPERIMENT"),
-        storage_path=_env("MASS_STORAGE_PATH") or str(home / "ray_results"),
-        log_level=_env("MASS_LOG_LEVEL").upper(),
-        ray_address=_env("RAY_ADDRESS"),
-        gateway_url=_env("MASS_GATEWAY_URL").rstrip("/"),
-        serve_ingress=_serve_ingress(),
-    )
+    resolved = {  # variables whose value is more than the raw string
+        "home": home, "tracking_uri": tracking, "artifact_root": artifact_root,
+        "storage_path": _env("MASS_STORAGE_PATH") or str(home / "ray_results"),
+        "log_level": _env("MASS_LOG_LEVEL").upper(), "gateway_url": _env("MASS_GATEWAY_URL").rstrip("/"),
+        "serve_ingress": _serve_ingress()}
+    return Settings(**{v.field: resolved.get(v.field, _env(v.name)) for v in DECLARED})
 
 
 def _serve_ingress() -> str:
@@ -104,16 +131,7 @@ def apply_ray_start_env(settings: Settings) -> None:
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment that makes another process (a Ray job or worker) see the same settings."""
-    return {
-        "MASS_HOME": str(settings.home),
-        "MASS_TRACKING_URI": settings.tracking_uri,
-        "MASS_ARTIFACT_ROOT": settings.artifact_root,
-        "MASS_EXPERIMENT": settings.experiment,
-        "MASS_STORAGE_PATH": settings.storage_path,
-        "MASS_LOG_LEVEL": settings.log_level,
-        "MASS_SERVE_INGRESS": settings.serve_ingress,
-        **OFFLINE_ENV,
-    }
+    return {**{v.name: str(getattr(settings, v.field)) for v in DECLARED if v.forwarded}, **OFFLINE_ENV}
 
 
 #: No process of ours may reach a model hub: these machines are offline and runs must be reproducible.

@@ -1,6 +1,6 @@
 """Serve entry point: ``serve run serve_apps/configs/demo.yaml`` or ``serve deploy`` of the same file."""
 
-from mass.serving.app import build_app
+from mass.app import build_app
 
 
 def app_builder(args: dict):

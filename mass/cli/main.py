@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Callable
 
@@ -85,13 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[key](args)
     except MassError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if args.output == "json":
-            print(json.dumps({"error": exc.to_dict()}, default=str))
-        return exc.exit_code
+        from mass.cli.output import report_error
+
+        return report_error(exc, as_json=args.output == "json")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as exc:  # a light install (the SDK and CLI client) running a platform command
+        extra = PLATFORM_MODULES.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"error: `mass {key}` needs {exc.name}, which this install lacks: "
+              f"pip install 'mass-platform[{extra}]'", file=sys.stderr)
+        return 1
+
+
+#: top-level modules of the platform extras -> the extra that brings them (``pip install mass-platform`` alone
+#: is the SDK and the CLI client)
+PLATFORM_MODULES = {"torch": "all", "transformers": "all", "mlflow": "all", "ray": "all", "tokenizers": "all",
+                    "pyarrow": "all", "safetensors": "all", "accelerate": "all"}
 
 
 # ------------------------------------------------------------------ models
@@ -211,10 +222,9 @@ def _train(args) -> int:
 
 @command("serve up")
 def _serve_up(args) -> int:
+    from mass.app import load_app_args, serve_up
     from mass.errors import ConfigError
-    from mass.serving.app import load_app_args
     from mass.settings import get_settings
-    from mass.serving.launch import serve_up
 
     app_args = load_app_args(args.config, args.overrides)  # fail fast, before Ray starts
     if args.detach and not (args.address or get_settings().ray_address):
@@ -231,7 +241,7 @@ def _serve_up(args) -> int:
 
 @command("demo")
 def _demo(args) -> int:
-    from mass.demo import run_demo
+    from mass.cli.demo import run_demo
 
     return run_demo()
 

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any, Iterable
+
+from mass.errors import MassError
 
 
 def human_size(n: int) -> str:
     """1536 -> '1.5 KiB'."""
     size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
-    return f"{n} B"
+    return f"{size:.1f} TiB"
 
 
 def table(headers: list[str], rows: Iterable[list[Any]]) -> str:
@@ -61,3 +64,12 @@ def version_detail(info) -> str:
 def emit(output: str, data: Any, text: str) -> None:
     """Print ``text`` for people or ``data`` as one JSON document when ``output == 'json'``."""
     print(json.dumps(data, default=str) if output == "json" else text, flush=True)
+
+
+def report_error(exc: MassError, as_json: bool) -> int:
+    """The one way a command or job reports a MassError: one ``error: ...`` line on stderr, plus its JSON on
+    stdout for scripts when ``as_json``; returns the exit code of its kind."""
+    print(f"error: {exc.message}", file=sys.stderr, flush=True)
+    if as_json:
+        print(json.dumps({"error": exc.to_dict()}, default=str), flush=True)
+    return exc.exit_code

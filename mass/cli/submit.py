@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import shlex
 import sys
 from pathlib import Path
 
 from mass.errors import ConfigError, JobFailed, MassError
 from mass.settings import get_settings, settings_env
+from mass.training.progress import parse_step
 
-PROGRESS_RE = re.compile(r"\[mass\] epoch (\d+)/(\d+) step (\d+)/(\d+) loss ([\d.]+)")
 EXCLUDES = [".venv", ".git", "*.egg-info", ".mass", "mlruns", "__pycache__", ".pytest_cache", "notebooks"]
 
 
@@ -63,8 +62,7 @@ def submit_train(config: str, overrides: list[str], address: str, follow: bool =
     result = _last_json(lines)
     if status != "SUCCEEDED" or result is None or "error" in result:
         if result and "error" in result:
-            err = result["error"]
-            raise MassError.class_for(err.get("code", ""))(err.get("message", "job failed"), job_id=job_id)
+            raise MassError.from_dict({**result["error"], "job_id": job_id})
         raise JobFailed(f"job {job_id} ended {status}; see `ray job logs {job_id}`", job_id=job_id)
     result["job_id"] = job_id
     return result
@@ -78,16 +76,15 @@ async def _follow(client, job_id: str) -> list[str]:
     async for chunk in client.tail_job_logs(job_id):
         for line in chunk.splitlines():
             lines.append(line)
-            match = PROGRESS_RE.search(line)
-            if match:
-                epoch, epochs, step, steps, loss = match.groups()
-                if bar is None or bar.total != int(steps):
+            progress = parse_step(line)
+            if progress:
+                if bar is None or bar.total != progress.steps:
                     if bar is not None:
                         bar.close()
-                    bar = tqdm(total=int(steps), file=sys.stderr, unit="step")
-                bar.set_description(f"epoch {epoch}/{epochs}")
-                bar.n = int(step)
-                bar.set_postfix(loss=loss)
+                    bar = tqdm(total=progress.steps, file=sys.stderr, unit="step")
+                bar.set_description(f"epoch {progress.epoch}/{progress.epochs}")
+                bar.n = progress.step
+                bar.set_postfix(loss=f"{progress.loss:.4f}")
                 bar.refresh()
             elif not line.startswith("{"):
                 (bar.write if bar else print)(line, file=sys.stderr)

@@ -1,1 +1,2 @@
-"""The OpenAI-compatible gateway: one folder per endpoint family (router, protocol, serving)."""
+"""The OpenAI-compatible gateway: one folder per endpoint family (``router`` + ``protocol``); logic shared by
+the generation endpoints in ``generation``, the error translation in ``errors``."""

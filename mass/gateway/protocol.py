@@ -11,9 +11,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+)
 
-from mass.sampling import MAX_CHOICES, MAX_LOGIT_BIAS, MAX_STOP, SEED_RANGE, SamplingParams
+from mass.sampling import (
+    MAX_CHOICES,
+    MAX_LOGIT_BIAS,
+    MAX_STOP,
+    SEED_RANGE,
+    SamplingParams,
+)
 
 #: field -> what this gateway accepts of it; any other value is refused as not supported.
 UNSUPPORTED: dict[str, str] = {

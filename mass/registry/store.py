@@ -9,78 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from mass.errors import ConfigError, MassError, ModelNotFound, RegistryError
+from mass.models import load_hf_dir
 from mass.refs import ModelRef, validate_alias, validate_name
+from mass.registry.versions import (
+    CONFIG_ARTIFACT,
+    TASKS,
+    ModelVersionInfo,
+    RegisteredModelInfo,
+    aliases_by_version,
+    dir_size,
+    encode_tags,
+    version_info,
+)
 from mass.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-#: our task name -> the transformers pipeline task mlflow.transformers records.
-TASKS = {"text-generation": "text-generation", "embedding": "feature-extraction"}
-TAG = "mass."
-_TAG_LIMIT = 5000  # MLflow's limit on a model-version tag value
 _PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
-
-
-@dataclass(frozen=True)
-class ModelVersionInfo:
-    """One registered model version, as MASS sees it."""
-
-    name: str
-    version: int
-    status: str
-    task: str
-    source: str
-    run_id: str | None
-    created_at: float
-    aliases: tuple[str, ...] = ()
-    metrics: dict[str, float] = field(default_factory=dict)
-    size_bytes: int = 0
-    lineage: dict[str, str] = field(default_factory=dict)
-    config: dict[str, Any] | None = None
-    description: str = ""
-
-    @property
-    def ref(self) -> str:
-        """The fixed ``name/version`` reference of this version."""
-        return f"{self.name}/{self.version}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of this version."""
-        return {"name": self.name, "version": self.version, "ref": self.ref, "status": self.status,
-                "task": self.task, "aliases": list(self.aliases), "metrics": self.metrics,
-                "size_bytes": self.size_bytes, "lineage": self.lineage, "run_id": self.run_id,
-                "source": self.source, "created_at": self.created_at, "description": self.description,
-                "config": self.config}
-
-
-@dataclass(frozen=True)
-class RegisteredModelInfo:
-    """A registered model with its versions (newest first) and aliases."""
-
-    name: str
-    aliases: dict[str, int]
-    versions: tuple[ModelVersionInfo, ...]
-    description: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict of this model and its versions."""
-        return {"name": self.name, "aliases": self.aliases, "description": self.description,
-                "versions": [v.to_dict() for v in self.versions]}
-
-
-def dir_size(path: Path) -> int:
-    """Total size in bytes of the files under ``path``."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 class ModelRegistry:
@@ -138,6 +90,21 @@ class ModelRegistry:
             raise RegistryError(f"model repository at {self._safe_uri()} failed to {action}: {text}",
                                 uri=self._safe_uri()) from exc
 
+    @contextlib.contextmanager
+    def _fluent_uris(self) -> Iterator[None]:
+        """This registry's URI for MLflow's fluent API (``mlflow.transformers.log_model`` has no client form),
+        and the process's previous URIs back afterwards: library code leaves no process-wide state behind."""
+        import mlflow
+
+        previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous[0])
+            mlflow.set_registry_uri(previous[1])
+
     def _safe_uri(self) -> str:
         # never leak a password embedded in a database URI
         uri = self.tracking_uri
@@ -159,11 +126,26 @@ class ModelRegistry:
                 location = f"{self.settings.artifact_root.rstrip('/')}/{name}"
             try:
                 return self.client.create_experiment(name, artifact_location=location)
-            except Exception:  # created concurrently by another process
+            except Exception:  # noqa: BLE001 - created concurrently by another process? (re-read decides)
                 exp = self.client.get_experiment_by_name(name)
                 if exp is None:
                     raise
                 return exp.experiment_id
+
+    @contextlib.contextmanager
+    def tracked_run(self, run_name: str, tags: dict[str, str]) -> Iterator[str]:
+        """An MLflow run for a piece of work: yields its id; FINISHED when the block ends, FAILED (and the
+        error re-raised) when it raises. Training and registration share this lifecycle."""
+        with self._translate("start a run"):
+            run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
+        try:
+            yield run_id
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.set_terminated(run_id, "FAILED")
+            raise
+        with self._translate("finish the run"):
+            self.client.set_terminated(run_id, "FINISHED")
 
     def model_names(self) -> list[str]:
         """Names of every registered model, sorted."""
@@ -202,77 +184,58 @@ class ModelRegistry:
         if not (model_dir / "config.json").is_file():
             raise ConfigError(f"{model_dir} is not an HF model directory (no config.json)", field="model_dir")
         model, tokenizer = load_hf_dir(model_dir, task)
+        tags = encode_tags(task, metrics, config, lineage, dir_size(model_dir))
+        if run_id is not None:
+            created = self._log_and_register(name, task, model, tokenizer, tags, run_id, aliases, description,
+                                             metrics=None, config=None)  # the caller's run logged its own
+        else:
+            with self.tracked_run(f"register-{name}", {"mass.kind": "register"}) as own:
+                created = self._log_and_register(name, task, model, tokenizer, tags, own, aliases, description,
+                                                 metrics=metrics, config=config)
+        log.info("registered %s/%s (%s)", name, created, task)
+        return self.resolve(ModelRef(name, version=created))
+
+    def _log_and_register(self, name: str, task: str, model, tokenizer, tags: dict[str, str], run_id: str,
+                          aliases, description: str, metrics: dict[str, float] | None,
+                          config: dict[str, Any] | None) -> int:
+        """Log the model into ``run_id`` and register it as a new version of ``name``; all or nothing (a
+        failure deletes the version, and the model when this made it). Returns the version number."""
         import mlflow
 
         # mlflow.transformers looks for a hub model card and license; we are offline by design
         logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
-
-        tags = self._version_tags(task, metrics, config, lineage, dir_size(model_dir))
-        own_run = run_id is None
-        with self._translate("start a registration run"):
-            if own_run:
-                run_id = self.client.create_run(self.experiment_id(), run_name=f"register-{name}",
-                                                tags={"mass.kind": "register"}).info.run_id
         created: int | None = None
         new_model = False
-        try:
-            with self._translate("log the model"):
-                mlflow.set_tracking_uri(self.tracking_uri)
-                mlflow.set_registry_uri(self.tracking_uri)
-                with mlflow.start_run(run_id=run_id):
-                    logged = mlflow.transformers.log_model(
-                        transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
-                        task=TASKS[task], pip_requirements=_PIP_REQUIREMENTS)
-                    if metrics and own_run:  # a training run already logged its own metrics
-                        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-                    if config is not None:
-                        mlflow.log_dict(config, "resolved_config.json")
-            with self._translate("register the version"):
+        try:  # MLflow resolves a logged model's ``models:/`` source through the process's URIs: ours, scoped
+            with self._fluent_uris(), self._translate("log the model"), mlflow.start_run(run_id=run_id):
+                logged = mlflow.transformers.log_model(
+                    transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+                    task=TASKS[task], pip_requirements=_PIP_REQUIREMENTS)
+                if metrics:
+                    mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+                if config is not None:
+                    mlflow.log_dict(config, CONFIG_ARTIFACT)
+            with self._fluent_uris(), self._translate("register the version"):
                 try:
                     self.client.get_registered_model(name)
-                except Exception:
+                except Exception as exc:
+                    if not _not_found(exc):
+                        raise
                     self.client.create_registered_model(name, tags={"mass.task": task})
                     new_model = True
+                # MLflow waits for READY itself (await_creation_for) and raises on a failed registration
                 mv = self.client.create_model_version(name, logged.model_uri, run_id=run_id, tags=tags,
-                                                      model_id=logged.model_id,
-                                                      description=description or None)
+                                                      model_id=logged.model_id, description=description or None,
+                                                      await_creation_for=300)
                 created = int(mv.version)
-                self._wait_ready(name, created)
+                if str(mv.status) != "READY":
+                    raise RegistryError(f"version {name}/{created} did not become READY (status {mv.status})")
                 for alias in aliases:
                     self.client.set_registered_model_alias(name, alias, str(created))
-            if own_run:
-                self.client.set_terminated(run_id, "FINISHED")
         except BaseException:
             self._rollback(name, created, new_model)
-            if own_run:
-                with contextlib.suppress(Exception):
-                    self.client.set_terminated(run_id, "FAILED")
             raise
-        log.info("registered %s/%s (%s)", name, created, task)
-        return self.resolve(ModelRef(name, version=created))
-
-    def _version_tags(self, task: str, metrics: dict[str, float] | None, config: dict[str, Any] | None,
-                      lineage: dict[str, str] | None, size: int) -> dict[str, str]:
-        tags = {TAG + "task": task, TAG + "size_bytes": str(size)}
-        for key, value in (metrics or {}).items():
-            tags[f"{TAG}metric.{key}"] = repr(float(value))
-        for key, value in (lineage or {}).items():
-            if value is not None:
-                tags[f"{TAG}lineage.{key}"] = str(value)
-        if config is not None:
-            text = json.dumps(config, sort_keys=True, default=str)
-            tags[TAG + "config"] = text if len(text) <= _TAG_LIMIT else json.dumps({"truncated": True})
-        return tags
-
-    def _wait_ready(self, name: str, version: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            mv = self.client.get_model_version(name, str(version))
-            if mv.status == "READY":
-                return
-            if mv.status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
-                raise RegistryError(f"version {name}/{version} did not become READY (status {mv.status})")
-            time.sleep(0.2)
+        return created
 
     def _rollback(self, name: str, version: int | None, new_model: bool) -> None:
         with contextlib.suppress(Exception):
@@ -308,15 +271,12 @@ class ModelRegistry:
             try:
                 mv = self.client.get_model_version(ref.name, str(version))
             except Exception as exc:
-                if "RESOURCE_DOES_NOT_EXIST" not in str(exc) and "not found" not in str(exc).lower():
+                if not _not_found(exc):
                     raise
                 known = ", ".join(str(v) for v in sorted(self._version_numbers(ref.name))) or "none"
                 raise ModelNotFound(f"model {ref.name!r} has no version {version}; versions: {known}",
                                     name=ref.name, version=version) from exc
-        by_version: dict[int, list[str]] = {}
-        for alias, v in aliases.items():
-            by_version.setdefault(int(v), []).append(alias)
-        return _version_info(mv, tuple(sorted(by_version.get(version, []))))
+        return version_info(mv, aliases_by_version(aliases).get(version, ()))
 
     def _get_registered(self, name: str):
         validate_name(name)
@@ -324,7 +284,7 @@ class ModelRegistry:
             try:
                 return self.client.get_registered_model(name)
             except Exception as exc:
-                if "RESOURCE_DOES_NOT_EXIST" not in str(exc) and "not found" not in str(exc).lower():
+                if not _not_found(exc):
                     raise
                 known = self.model_names()
                 raise ModelNotFound(
@@ -339,12 +299,10 @@ class ModelRegistry:
         """One registered model with all its versions (newest first) and aliases."""
         model = self._get_registered(name)
         aliases = {a: int(v) for a, v in (model.aliases or {}).items()}
-        by_version: dict[int, list[str]] = {}
-        for alias, v in aliases.items():
-            by_version.setdefault(v, []).append(alias)
+        by_version = aliases_by_version(aliases)
         with self._translate(f"list versions of {name!r}"):
             mvs = self.client.search_model_versions(f"name='{name}'", max_results=10000)
-        versions = sorted((_version_info(mv, tuple(sorted(by_version.get(int(mv.version), [])))) for mv in mvs),
+        versions = sorted((version_info(mv, by_version.get(int(mv.version), ())) for mv in mvs),
                           key=lambda v: -v.version)
         return RegisteredModelInfo(name=name, aliases=aliases, versions=tuple(versions),
                                    description=model.description or "")
@@ -365,8 +323,7 @@ class ModelRegistry:
 
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".download-"))
         try:
-            with self._translate(f"download {info.ref}"):
-                mlflow.set_tracking_uri(self.tracking_uri)
+            with self._fluent_uris(), self._translate(f"download {info.ref}"):  # resolves ``models:/`` sources
                 mlflow.artifacts.download_artifacts(artifact_uri=info.source, dst_path=str(staging),
                                                     tracking_uri=self.tracking_uri)
             root = staging if (staging / "MLmodel").is_file() else next(staging.rglob("MLmodel")).parent
@@ -415,74 +372,9 @@ class ModelRegistry:
                 self.client.delete_registered_model(name)
 
 
-def _version_info(mv, aliases: tuple[str, ...]) -> ModelVersionInfo:
-    tags = dict(mv.tags or {})
-    metrics = {k[len(TAG + "metric."):]: float(v) for k, v in tags.items() if k.startswith(TAG + "metric.")}
-    lineage = {k[len(TAG + "lineage."):]: v for k, v in tags.items() if k.startswith(TAG + "lineage.")}
-    config = json.loads(tags[TAG + "config"]) if TAG + "config" in tags else None
-    return ModelVersionInfo(
-        name=mv.name, version=int(mv.version), status=str(mv.status), task=tags.get(TAG + "task", "unknown"),
-        source=mv.source, run_id=mv.run_id, created_at=(mv.creation_timestamp or 0) / 1000.0,
-        aliases=aliases, metrics=metrics, size_bytes=int(tags.get(TAG + "size_bytes", 0)), lineage=lineage,
-        config=config, description=mv.description or "")
+def _not_found(exc: BaseException) -> bool:
+    """MLflow's own "does not exist" (its error code, as MLflow's client checks it)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-
-def load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None, dtype: str = "auto",
-                quantization: str = "none", device: str | None = None):
-    """Load model + tokenizer from an HF directory with the Auto class for ``task`` (offline only).
-
-    ``dtype`` picks the weight dtype ("auto" keeps the saved one); ``quantization`` "int8"/"nf4" loads the
-    linear layers through bitsandbytes (CPU or GPU); ``device`` moves (or, quantized, places) the model.
-    """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    tokenizer_dir = tokenizer_dir or model_dir
-    if not any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        raise ConfigError(f"no tokenizer in {tokenizer_dir}: save it beside the model with "
-                          "tokenizer.save_pretrained(dir)", field="tokenizer")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except Exception as exc:
-        raise ConfigError(f"cannot load the tokenizer in {tokenizer_dir}: {str(exc).splitlines()[0]}",
-                          field="tokenizer") from exc
-    auto = AutoModelForCausalLM if task == "text-generation" else AutoModel
-    kwargs = _load_kwargs(dtype, quantization, device)
-    try:
-        model = auto.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
-    except Exception as exc:
-        raise ConfigError(f"cannot load a {task} model from {model_dir}: {str(exc).splitlines()[0]}",
-                          field="model_dir") from exc
-    if device and "device_map" not in kwargs:
-        model.to(device)
-    model.eval()
-    return model, tokenizer
-
-
-def _load_kwargs(dtype: str, quantization: str, device: str | None) -> dict:
-    """``from_pretrained`` keyword arguments for a dtype and a bitsandbytes quantization."""
-    import torch
-
-    kwargs: dict = {}
-    if dtype != "auto":
-        kwargs["dtype"] = getattr(torch, dtype)
-    if quantization == "none":
-        return kwargs
-    try:
-        import bitsandbytes  # noqa: F401  (transformers needs it; fail here with the fix)
-        from transformers import BitsAndBytesConfig
-    except ImportError as exc:
-        raise ConfigError(f"quantization={quantization!r} needs bitsandbytes: pip install 'mass[serve]'",
-                          field="quantization") from exc
-    if quantization == "int8":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    elif quantization == "nf4":
-        compute = getattr(torch, dtype) if dtype != "auto" else torch.float32
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_compute_dtype=compute)
-    else:
-        raise ConfigError(f"unknown quantization {quantization!r}; use none, int8 or nf4", field="quantization")
-    kwargs["device_map"] = {"": device or "cpu"}  # quantized models cannot be moved after loading
-    return kwargs
+    return isinstance(exc, MlflowException) and exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)

@@ -5,12 +5,11 @@ Read from ``serve_apps/configs/*.yaml`` (the ``args:`` of a Serve config, or ``m
 
 from __future__ import annotations
 
-from typing import Annotated, Iterable, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, TypeAdapter, field_validator, model_validator
 
 from mass.config import UNION_TAGS, MassConfig
-from mass.errors import InvalidRequest, ModelNotFound
 from mass.refs import ModelRef
 
 
@@ -143,14 +142,3 @@ class AppArgs(MassConfig):
     def deployment_of(self, model: ModelArgs) -> str:
         """The Serve deployment that serves ``model``."""
         return f"pool-{model.pool}" if model.pool else f"{model.engine}-{model.name}"
-
-
-def check_served(model: str, engine: str | None, wanted: str, served: Iterable[str]) -> None:
-    """The gateway's and the SDK's answer for a model request: ModelNotFound (404) naming the served models
-    when ``model`` is not served (``engine`` is None), InvalidRequest (400) when it is the wrong kind."""
-    if engine is None:
-        raise ModelNotFound(f"model {model!r} is not served here; served models: "
-                            f"{', '.join(sorted(served)) or 'none'}", param="model")
-    if engine != wanted:
-        verb = "text generation" if wanted == "llm" else "embeddings"
-        raise InvalidRequest(f"model {model!r} is a {engine} model and does not do {verb}", param="model")

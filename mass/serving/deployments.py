@@ -15,8 +15,8 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from mass.errors import InvalidRequest, MassError
-from mass.serving.args import AppArgs, EmbeddingArgs, LLMArgs, PoolArgs, model_args
 from mass.sampling import MAX_CHOICES, SamplingParams
+from mass.serving.args import AppArgs, EmbeddingArgs, LLMArgs, PoolArgs, model_args
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class LLMServer:
         self.served = served or Served(model_args(args))
 
     def ready(self) -> bool:
-        """Readiness probe: the replica is up (a pool loads no model for it)."""
+        """Readiness probe: the replica is up (its model loaded in ``__init__``)."""
         return True
 
     def describe(self) -> dict[str, Any]:
@@ -217,7 +217,7 @@ class LLMServer:
 
     def check_health(self) -> None:
         """Serve's health probe: the engine thread must be alive."""
-        if not self.served.engine._thread.is_alive():
+        if not self.served.engine.alive():
             raise RuntimeError("LLM engine thread died")
 
 
@@ -233,7 +233,7 @@ class EmbeddingServer:
         self._counts = {"batches": 0, "calls": 0, "texts": 0, "busy_s": 0.0}
 
     def ready(self) -> bool:
-        """Readiness probe: the replica is up (a pool loads no model for it)."""
+        """Readiness probe: the replica is up (its model loaded in ``__init__``)."""
         return True
 
     def describe(self) -> dict[str, Any]:
@@ -267,7 +267,10 @@ class EmbeddingServer:
         """Vectors for ``texts`` (texts or token-id lists, in order), the tokens of each and their sum."""
         if not texts:
             return InvalidRequest("input must contain at least one text", field="input").as_value()
-        vectors, tokens = await self._embed_batch(texts)
+        if len(texts) > 1:  # a batch already (the gateway merges concurrent requests): waiting in @serve.batch
+            vectors, tokens = self._run_batch([texts])[0]  # for more would only leave the core idle
+        else:
+            vectors, tokens = await self._embed_batch(texts)
         return {"data": vectors, "tokens": tokens, "prompt_tokens": sum(tokens)}
 
     def stats(self) -> dict[str, float]:

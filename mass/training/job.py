@@ -14,10 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mass.errors import ConfigError, InsufficientResources, JobFailed, MassError
+from mass.cluster import connect_ray, require
+from mass.errors import ConfigError, JobFailed, MassError
 from mass.refs import ModelRef
 from mass.registry import ModelRegistry
-from mass.settings import Settings, apply_ray_start_env, get_settings
+from mass.registry.versions import CONFIG_ARTIFACT
+from mass.settings import Settings, get_settings
 from mass.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -39,43 +41,20 @@ class TrainResult:
         return asdict(self)
 
 
-def connect_ray(address: str | None = None, settings: Settings | None = None) -> None:
-    """Join the cluster at ``address`` (or ``RAY_ADDRESS``), or start a local Ray when neither is set."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    settings = settings or get_settings()
-    target = address or settings.ray_address or "local"
-    if target == "local":  # the Ray started here inherits this process's environment
-        apply_ray_start_env(settings)
-    ray.init(address=target, configure_logging=False)
-
-
 def check_resources(cfg: TrainConfig) -> None:
     """Fail fast when the cluster cannot ever hold the requested workers."""
-    import ray
-
-    total = ray.cluster_resources()
-    need_cpu = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    have_cpu = total.get("CPU", 0)
-    if need_cpu > have_cpu:
-        raise InsufficientResources(
-            f"scaling.num_workers={cfg.scaling.num_workers} x scaling.cpus_per_worker="
-            f"{cfg.scaling.cpus_per_worker} needs {need_cpu:g} CPUs but the cluster has {have_cpu:g}; "
-            "lower scaling.num_workers or add nodes", field="scaling.num_workers", need=need_cpu, have=have_cpu)
+    workers = cfg.scaling.num_workers
+    require("CPU", workers * cfg.scaling.cpus_per_worker,
+            f"scaling.num_workers={workers} x scaling.cpus_per_worker={cfg.scaling.cpus_per_worker}",
+            "lower scaling.num_workers or add nodes", "scaling.num_workers")
     if cfg.scaling.use_gpu:
-        have_gpu = total.get("GPU", 0)
-        if cfg.scaling.num_workers > have_gpu:
-            raise InsufficientResources(
-                f"scaling.use_gpu=true needs {cfg.scaling.num_workers} GPUs (one per worker) but the cluster "
-                f"has {have_gpu:g}; set scaling.use_gpu=false or add GPU nodes",
-                field="scaling.use_gpu", need=cfg.scaling.num_workers, have=have_gpu)
+        require("GPU", workers, "scaling.use_gpu=true (one GPU per worker)", "set scaling.use_gpu=false or add GPU nodes",
+                "scaling.use_gpu")
 
 
 def _base_model(cfg: TrainConfig, registry: ModelRegistry):
     """(model, tokenizer, parent ref or path) for a fine-tune; raises ModelNotFound / ConfigError early."""
-    from mass.registry.store import load_hf_dir
+    from mass.models import load_hf_dir
 
     base = cfg.model.base
     if Path(base).expanduser().is_dir():
@@ -124,14 +103,14 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
     # ---- 1. everything checkable before a run exists
     registry.experiment_id()  # the repository is reachable
     corpus_dir = Path(cfg.data.corpus_dir or settings.corpus_dir()).expanduser()
+    texts = read_splits(cfg.data, corpus_dir, cfg.optim.seed)  # read once: tokenizer and packing share it
     parent = None
     if cfg.model.base:
         base_model, tokenizer, parent = _base_model(cfg, registry)
         model_spec = base_model.config.to_dict()
     else:
         base_model = None
-        tokenizer_texts = read_splits(cfg.data, corpus_dir, cfg.optim.seed)["train"]
-        tokenizer = train_tokenizer(tokenizer_texts, cfg.model.vocab_size, cfg.model.arch.n_positions)
+        tokenizer = train_tokenizer(texts["train"], cfg.model.vocab_size, cfg.model.arch.n_positions)
         arch = cfg.model.arch
         model_spec = GPT2Config(vocab_size=len(tokenizer), n_positions=arch.n_positions, n_embd=arch.n_embd,
                                 n_layer=arch.n_layer, n_head=arch.n_head, resid_pdrop=arch.dropout,
@@ -144,52 +123,47 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
                           f"{max_positions} tokens", field="data.block_size")
     connect_ray(address, settings)
     check_resources(cfg)
-    data = prepare(cfg.data, tokenizer, corpus_dir, cfg.optim.seed,
-                   min_blocks=cfg.scaling.num_workers * cfg.optim.batch_size)
+    data = prepare(cfg.data, tokenizer, texts, min_blocks=cfg.scaling.num_workers * cfg.optim.batch_size)
 
     # ---- 2. the MLflow run; from here on a failure marks it FAILED
-    client = registry.client
-    run = client.create_run(registry.experiment_id(), run_name=f"train-{cfg.name}",
-                            tags={"mass.kind": "train", "mass.model_name": cfg.name,
-                                  "mass.parent": parent or ""})
-    run_id = run.info.run_id
+    client, run_id = registry.client, None
+    tags = {"mass.kind": "train", "mass.model_name": cfg.name, "mass.parent": parent or ""}
     try:
-        params = _flatten("", resolved, {})
-        from mlflow.entities import Param
+        with registry.tracked_run(f"train-{cfg.name}", tags) as run_id:
+            from mlflow.entities import Param
 
-        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
-        client.log_dict(run_id, resolved, "resolved_config.json")
-        for split, tokens in data.counts().items():
-            client.log_metric(run_id, f"data_tokens_{split}", tokens)
+            params = _flatten("", resolved, {})
+            # MLflow 3.17 caps a param value at 6,000 characters; the whole config is the artifact below
+            client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
+            client.log_dict(run_id, resolved, CONFIG_ARTIFACT)
+            for split, tokens in data.counts().items():
+                client.log_metric(run_id, f"data_tokens_{split}", tokens)
 
-        result = _fit(cfg, settings, run_id, model_spec, base_model, data, train_loop_per_worker)
-        metrics = {k: float(v) for k, v in result.metrics.items()
-                   if isinstance(v, (int, float)) and k not in ("epoch", "step", "start_epoch")}
-        if result.checkpoint is None:
-            raise JobFailed("training finished without a checkpoint; nothing to register")
-        model = base_model if base_model is not None else build_model(model_spec)
-        with result.checkpoint.as_directory() as ckpt_dir:
-            state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        model_ref = None
-        if cfg.registration.enabled:
-            with tempfile.TemporaryDirectory() as out:
-                model.save_pretrained(out)
-                tokenizer.save_pretrained(out)
-                info = registry.register(
-                    out, cfg.name, "text-generation", metrics=metrics, config=resolved, run_id=run_id,
-                    lineage={"source_run": run_id, "parent": parent, "method": "finetune" if parent else "train"},
-                    aliases=cfg.registration.aliases, description=cfg.registration.description)
-            model_ref = info.ref
-        client.set_terminated(run_id, "FINISHED")
-    except BaseException as exc:
-        try:
-            client.set_terminated(run_id, "FAILED")
-        finally:
-            if isinstance(exc, MassError) or not isinstance(exc, Exception):
-                raise
-            raise JobFailed(f"training run {run_id} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}",
-                            run_id=run_id) from exc
+            result = _fit(cfg, settings, run_id, model_spec, base_model, data, train_loop_per_worker)
+            metrics = {k: float(v) for k, v in result.metrics.items()
+                       if isinstance(v, (int, float)) and k not in ("epoch", "step", "start_epoch")}
+            if result.checkpoint is None:
+                raise JobFailed("training finished without a checkpoint; nothing to register")
+            model = base_model if base_model is not None else build_model(model_spec)
+            with result.checkpoint.as_directory() as ckpt_dir:
+                state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
+            model.load_state_dict(state["model"])
+            model_ref = None
+            if cfg.registration.enabled:
+                with tempfile.TemporaryDirectory() as out:
+                    model.save_pretrained(out)
+                    tokenizer.save_pretrained(out)
+                    info = registry.register(
+                        out, cfg.name, "text-generation", metrics=metrics, config=resolved, run_id=run_id,
+                        lineage={"source_run": run_id, "parent": parent,
+                                 "method": "finetune" if parent else "train"},
+                        aliases=cfg.registration.aliases, description=cfg.registration.description)
+                model_ref = info.ref
+    except MassError:
+        raise
+    except Exception as exc:
+        raise JobFailed(f"training run {run_id} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+                        run_id=run_id) from exc
     resumed = int(result.metrics.get("start_epoch", 0))
     return TrainResult(run_id=run_id, model_ref=model_ref, metrics=metrics, resumed_from_epoch=resumed,
                        checkpoint=result.checkpoint.path, data_tokens=data.counts())
@@ -224,7 +198,8 @@ def _fit(cfg: TrainConfig, settings: Settings, run_id: str, model_spec: dict[str
     try:
         result = trainer.fit()
     except Exception as exc:
-        raise JobFailed(f"Ray Train run failed after {cfg.checkpoint.max_failures} retries: "
+        raise JobFailed(f"Ray Train run failed (worker failures are retried up to checkpoint.max_failures="
+                        f"{cfg.checkpoint.max_failures} times): "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", run_id=run_id) from exc
     if getattr(result, "error", None):
         raise JobFailed(f"Ray Train run failed: {result.error}", run_id=run_id)

@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
 import time
 from typing import Any
 
+from mass.training.progress import StepProgress, say, step_line
+
 STATE_FILE = "state.pt"
-
-
-def say(message: str) -> None:
-    """One progress line on the worker's stdout. Not ``print``: Ray Train V2 patches print and, with a
-    wrapped stdout, emits every line twice."""
-    sys.stdout.write(f"[mass] {message}\n")
-    sys.stdout.flush()
 
 
 def build_model(spec: dict[str, Any]):
@@ -128,8 +122,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             running += loss.item()
             if rank == 0 and (step % opt["log_every"] == 0 or i == steps_per_epoch - 1):
                 rate = (i + 1) / (time.perf_counter() - started)
-                say(f"epoch {epoch + 1}/{cfg['epochs']} step {i + 1}/{steps_per_epoch} "
-                    f"loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e} {rate:.1f} steps/s")
+                say(step_line(StepProgress(epoch + 1, cfg["epochs"], i + 1, steps_per_epoch, loss.item()),
+                              scheduler.get_last_lr()[0], rate))
                 if mlflow_client is not None:
                     mlflow_client.log_metric(cfg["run_id"], "train_loss", loss.item(), step=step)
         val_loss = evaluate(model, val, batch, rank, world, device)

@@ -65,9 +65,9 @@ def pack(texts: list[str], tokenizer, block_size: int, max_tokens: int | None = 
     return np.asarray(stream[: n * block_size], dtype=np.int32).reshape(n, block_size)
 
 
-def prepare(cfg: DataConfig, tokenizer, corpus_dir: Path, seed: int, min_blocks: int) -> PreparedData:
-    """Pack every split; DataError when a split has fewer blocks than the workers need."""
-    texts = read_splits(cfg, corpus_dir, seed)
+def prepare(cfg: DataConfig, tokenizer, texts: dict[str, list[str]], min_blocks: int) -> PreparedData:
+    """Pack every split of ``texts`` (``read_splits``); DataError when a split has fewer blocks than the
+    workers need."""
     eval_cap = None if cfg.max_train_tokens is None else max(cfg.max_train_tokens // 10, cfg.block_size * 8)
     data = PreparedData(
         train=pack(texts["train"], tokenizer, cfg.block_size, cfg.max_train_tokens),

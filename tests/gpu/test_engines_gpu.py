@@ -39,7 +39,7 @@ def _reference(model, tok, prompt: str, n: int) -> str:
 @pytest.mark.parametrize("dtype,quantization,runner", [
     ("float32", "none", "GPT2Runner"), ("bfloat16", "none", "GPT2Runner"), ("auto", "nf4", "HFRunner")])
 def test_llm_engine_on_cuda_matches_hf_generate(saved_lm, dtype, quantization, runner):
-    from mass.registry.store import load_hf_dir
+    from mass.models import load_hf_dir
 
     model, tok = load_hf_dir(saved_lm, "text-generation", dtype=dtype, quantization=quantization, device="cuda")
     assert model.device.type == "cuda"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.integration.support import VENV_BIN, SMOKE, free_port, wait_for
+from tests.integration.support import SMOKE, VENV_BIN, free_port, wait_for
 
 
 @dataclass(frozen=True)
@@ -91,10 +91,9 @@ def gateway(trained, ray_cluster):
     """demo.yaml (tiny-gpt + MiniLM behind the gateway) served on the session cluster; its base URL."""
     from ray import serve
 
+    from mass.app import APP_NAME, build_app, load_app_args, wait_ready
     from mass.registry import ModelRegistry
     from mass.registry.imports import import_minilm
-    from mass.serving.app import build_app, load_app_args
-    from mass.serving.launch import APP_NAME, wait_ready
     from tests.integration.support import ROOT
 
     import_minilm(ModelRegistry())

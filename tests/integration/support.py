@@ -16,7 +16,7 @@ SMOKE = ROOT / "jobs" / "configs" / "tiny-gpt-smoke.yaml"
 
 def free_port() -> int:
     """A TCP port nobody listens on right now, outside the kernel's ephemeral range and Ray's own ranges."""
-    from mass.serving.launch import free_port as pick
+    from mass.cluster import free_port as pick
 
     return pick()
 

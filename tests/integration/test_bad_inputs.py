@@ -43,7 +43,7 @@ def test_bad_recipes(tmp_path, session_home, yaml_text, code, needle):
     ("model.base=ghost@production", 3, "no registered model 'ghost'"),
     ("scaling.num_workers=64", 4, "scaling.num_workers=64 x scaling.cpus_per_worker=1.0 needs 64 CPUs but the "
                                   "cluster has 4"),
-    ("scaling.use_gpu=true", 4, "scaling.use_gpu=true needs 2 GPUs (one per worker) but the cluster has 0"),
+    ("scaling.use_gpu=true", 4, "scaling.use_gpu=true (one GPU per worker) needs 2 GPUs but the cluster has 0"),
     ("data.corpus_dir=/nope/corpus", 2, "corpus split /nope/corpus/train.parquet not found"),
 ])
 def test_bad_resources_and_references(ray_cluster, corpus, override, code, needle):
@@ -59,7 +59,8 @@ def test_serve_up_refuses_an_app_the_cluster_cannot_place(ray_cluster):
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
     proc = run_cli(["serve", "up", "--config", str(ROOT / "serve_apps" / "configs" / "demo.yaml"),
                     "--set", "gateway.num_cpus=64", "--detach"], env=env)
-    _assert_one_line_error(proc, 4, "the app needs 65 CPUs")
+    _assert_one_line_error(proc, 4, "the app (gateway.num_cpus + each model's num_cpus x its starting replicas) "
+                                    "needs 65 CPUs")
     assert "but the cluster has 4" in proc.stderr and "lower num_cpus" in proc.stderr
     assert _serve_apps() == apps_before
 

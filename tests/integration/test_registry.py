@@ -211,3 +211,18 @@ def test_registry_contract_on_postgres_backed_mlflow_server(mass_home, tiny_dir,
         cur.execute("SELECT name, version FROM model_versions WHERE current_stage != 'Deleted_Internal'")
         assert cur.fetchall() == [("tiny-pg", 1)]  # the rows really live in PostgreSQL
     assert any(p.name == "model.safetensors" for p in artifacts.rglob("*"))  # weights went through the server
+
+
+def test_the_registry_leaves_the_process_mlflow_uris_alone(mass_home, tiny_dir, tmp_path):
+    """Library code sets no process-wide state: a user's own MLflow tracking URI survives a register/load."""
+    import mlflow
+
+    mine = (tmp_path / "mine").as_uri()
+    mlflow.set_tracking_uri(mine)
+    try:
+        reg = ModelRegistry()
+        reg.register(tiny_dir, "scoped", "text-generation")
+        reg.load("scoped/1")
+        assert mlflow.get_tracking_uri() == mine
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from mass.registry import ModelRegistry
-from mass.serving.app import build_app, load_app_args
-from mass.serving.launch import APP_NAME, wait_ready
+from mass.app import APP_NAME, build_app, load_app_args, wait_ready
 from tests.integration.support import ROOT, VENV_BIN, free_port, run_cli, wait_for
 
 

@@ -12,7 +12,6 @@ import pytest
 from mass.sampling import SEED_RANGE
 from tests.inprocess import served
 
-
 HELLO = [{"role": "user", "content": "hi"}]
 
 

@@ -185,7 +185,7 @@ def saved_lm(lm, tmp_path_factory):
 
 
 def test_bf16_weights_run_on_the_fast_path(saved_lm, lm):
-    from mass.registry.store import load_hf_dir
+    from mass.models import load_hf_dir
     from mass.serving.engines.runners import GPT2Runner
 
     model, tok = load_hf_dir(saved_lm, "text-generation", dtype="bfloat16")
@@ -208,7 +208,7 @@ def test_bf16_weights_run_on_the_fast_path(saved_lm, lm):
 @pytest.mark.parametrize("quantization", ["int8", "nf4"])
 def test_bitsandbytes_quantized_weights_generate_like_hf(saved_lm, quantization):
     """A bitsandbytes-quantized model goes through the generic runner and matches its own HF generate."""
-    from mass.registry.store import load_hf_dir
+    from mass.models import load_hf_dir
     from mass.serving.engines.runners import HFRunner
 
     model, tok = load_hf_dir(saved_lm, "text-generation", quantization=quantization)

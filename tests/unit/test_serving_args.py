@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from mass.app import load_app_args
 from mass.config import load_config
 from mass.errors import ConfigError, InvalidModelRef
-from mass.serving.app import load_app_args
 from mass.serving.args import AppArgs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,7 +72,7 @@ def test_pools_are_checked():
 
 
 def test_required_cpus_counts_starting_replicas():
-    from mass.serving.launch import required_cpus
+    from mass.app import required_cpus
 
     data = {"gateway": {"num_cpus": 0.5},
             "pools": [{"name": "p", "engine": "llm", "num_cpus": 1, "autoscaling": {"min_replicas": 2,

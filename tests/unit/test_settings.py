@@ -37,3 +37,16 @@ def test_serve_ingress_modes(mass_home, monkeypatch):
     monkeypatch.setenv("MASS_SERVE_INGRESS", "nginx")
     with pytest.raises(ConfigError, match="MASS_SERVE_INGRESS='nginx' is not an ingress mode; use one of haproxy, proxy"):
         get_settings()
+
+
+def test_a_config_beyond_mlflows_tag_limit_points_at_its_artifact():
+    """MLflow 3.17 takes 100,000 characters per model-version tag; a longer config is not silently lost:
+    the tag says where the whole one is."""
+    import json
+
+    from mass.registry.versions import CONFIG_ARTIFACT, TAG_LIMIT, encode_tags
+
+    small = encode_tags("text-generation", None, {"a": "x" * 6000}, None, 1)
+    assert json.loads(small["mass.config"]) == {"a": "x" * 6000}  # the old 5,000 limit cut this
+    big = encode_tags("text-generation", None, {"a": "x" * TAG_LIMIT}, None, 1)
+    assert json.loads(big["mass.config"]) == {"truncated": True, "artifact": CONFIG_ARTIFACT}

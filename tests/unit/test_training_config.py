@@ -5,7 +5,7 @@ import pytest
 
 from mass.errors import ConfigError, DataError, InvalidModelRef
 from mass.training.config import TrainConfig
-from mass.training.prep import pack, prepare
+from mass.training.prep import pack, prepare, read_splits
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "jobs" / "configs" / "tiny-gpt-smoke.yaml"
@@ -56,7 +56,17 @@ def test_pack_joins_documents_with_eos_into_equal_blocks():
 def test_user_files_hold_out_validation_and_test(tmp_path):
     (tmp_path / "train.txt").write_text("\n\n".join(f"document number {i} " * 5 for i in range(200)))
     cfg = TrainConfig.load(SMOKE, [f"data.train={tmp_path / 'train.txt'}", "data.block_size=16"]).data
-    data = prepare(cfg, _ByteTokenizer(), tmp_path, seed=0, min_blocks=4)
+    texts = read_splits(cfg, tmp_path, seed=0)
+    data = prepare(cfg, _ByteTokenizer(), texts, min_blocks=4)
     assert len(data.validation) > 0 and len(data.test) > 0 and len(data.train) > len(data.validation)
     with pytest.raises(DataError, match="train split has .* need at least 100000"):
-        prepare(cfg, _ByteTokenizer(), tmp_path, seed=0, min_blocks=100000)
+        prepare(cfg, _ByteTokenizer(), texts, min_blocks=100000)
+
+
+def test_the_progress_line_round_trips():
+    """What rank 0 writes is what `mass train --address` parses into its progress bar."""
+    from mass.training.progress import PREFIX, StepProgress, parse_step, step_line
+
+    p = StepProgress(2, 3, 17, 40, 5.4321)
+    assert parse_step(PREFIX + step_line(p, 1e-3, 4.2)) == StepProgress(2, 3, 17, 40, 5.4321)
+    assert parse_step("[mass] resumed from checkpoint after epoch 1") is None

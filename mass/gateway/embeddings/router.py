@@ -6,6 +6,7 @@ import base64
 
 import numpy as np
 from fastapi import APIRouter, Depends
+from fastapi.responses import JSONResponse
 
 from mass.errors import InvalidRequest, raise_if_error
 from mass.gateway.embeddings.protocol import EmbeddingRequest
@@ -30,5 +31,6 @@ async def create_embeddings(body: EmbeddingRequest, state: GatewayState = Depend
             vector = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
         data.append({"object": "embedding", "index": i, "embedding": vector})
     tokens = result["prompt_tokens"]
-    return {"object": "list", "data": data, "model": body.model,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+    # a JSONResponse as is: FastAPI would otherwise walk every float through jsonable_encoder
+    return JSONResponse({"object": "list", "data": data, "model": body.model,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})

@@ -24,8 +24,15 @@ from typing import AsyncIterator
 import torch
 
 from mass.errors import InvalidRequest, MassError
+from mass.serving.engines.detokenize import TextStream
 from mass.serving.engines.runners import KV, BatchState, make_runner, split_rows
-from mass.serving.engines.sampling import SamplingParams, adjust, make_generator, sample, top_logprobs
+from mass.serving.engines.sampling import (
+    SamplingParams,
+    adjust,
+    make_generator,
+    sample,
+    top_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +60,10 @@ class _Sequence:
     generator: torch.Generator
     generated: list[int] = field(default_factory=list)
     cache: KV | None = None  # its own cache between prefill and joining the batch
-    text: str = ""  # decoded so far (complete characters only)
-    sent_chars: int = 0  # of ``text``, already streamed
+    text: TextStream | None = None  # detokenised text and stop strings
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text is not streamed yet
     unsent_logprobs: list[dict] = field(default_factory=list)  # their logprobs (when asked for)
     bias_row: torch.Tensor | None = None  # logit_bias as a dense row (greedy rows add it every step)
-    prefix_offset: int = 0  # incremental detokenisation window over ``generated``
-    read_offset: int = 0
     done: bool = False  # finished or cancelled: removed at the next step
     started: float = field(default_factory=time.perf_counter)
 
@@ -131,7 +135,8 @@ class LLMEngine:
                loop: asyncio.AbstractEventLoop) -> int:
         """Queue a request; its events are put on ``queue`` in ``loop``. Returns the request id."""
         self.check(prompt_ids, params)
-        seq = _Sequence(next(self._ids), list(prompt_ids), params, queue, loop, make_generator(params.seed))
+        seq = _Sequence(next(self._ids), list(prompt_ids), params, queue, loop, make_generator(params.seed),
+                        text=TextStream(self.tokenizer, params.stop))
         with self._cond:
             if self._stopped:
                 raise MassError("engine is shut down")
@@ -184,6 +189,10 @@ class LLMEngine:
         with self._cond:  # finished sequences leave the lists at the next step; they no longer count
             return {"waiting": sum(not s.done for s in self._waiting),
                     "running": sum(not s.done for s in self._running), "steps": self.steps}
+
+    def alive(self) -> bool:
+        """Whether the engine thread runs (Serve's health check asks)."""
+        return self._thread.is_alive()
 
     def shutdown(self) -> None:
         """Stop the engine thread; queued requests fail."""
@@ -375,19 +384,11 @@ class LLMEngine:
             seq.unsent_ids.append(token)
             if seq.params.logprobs is not None:
                 seq.unsent_logprobs.append(self._logprob_entry(logits, token, seq.params.logprobs))
-            seq.text += self._detokenize(seq)
+            seq.text.push(token)
             if len(seq.generated) >= seq.params.max_tokens:
                 finish = "length"
-        text, end = seq.text, len(seq.text)
-        for stop in seq.params.stop:
-            at = text.find(stop, max(0, seq.sent_chars - len(stop) + 1))
-            if at != -1 and at < end:
-                end, finish = at, "stop"
-        if finish is None:  # hold back what may be the start of a stop string
-            held = max((len(s) for s in seq.params.stop), default=1) - 1
-            end = max(seq.sent_chars, end - held)
-        delta = text[seq.sent_chars:end] if end > seq.sent_chars else ""
-        seq.sent_chars = max(seq.sent_chars, end)
+        delta, stopped = seq.text.release(finishing=finish is not None)
+        finish = "stop" if stopped else finish
         if finish is not None:
             self._finish(seq, finish, delta=delta)
         elif delta:
@@ -417,16 +418,6 @@ class LLMEngine:
             return None
         out, seq.unsent_logprobs = seq.unsent_logprobs, []
         return out
-
-    def _detokenize(self, seq: _Sequence) -> str:
-        """Text added by the newest token, decoding only a short window (complete characters only)."""
-        ids = seq.generated
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
-        full = self.tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):  # not half of a multi-byte character
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-            return full[len(prefix):]
-        return ""
 
     def _finish(self, seq: _Sequence, reason: str | None, delta: str = "", failure: MassError | None = None) -> None:
         """The request's last event: its remaining text and tokens, or ``failure``."""

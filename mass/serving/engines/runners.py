@@ -8,6 +8,7 @@ writing each step's keys and values into preallocated buffers instead of concate
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,19 @@ def join_rows(caches: list[KV], room: int = 0) -> tuple[KV, int]:
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:  # GPT-2's "gelu_new" in one fused op
     return F.gelu(x, approximate="tanh")
+
+
+class _Block(NamedTuple):
+    """One GPT-2 block's weights and settings, as the lean forward uses them."""
+
+    ln_1: torch.nn.LayerNorm
+    c_attn: torch.nn.Module
+    c_proj: torch.nn.Module
+    scaling: float
+    ln_2: torch.nn.LayerNorm
+    c_fc: torch.nn.Module
+    act: object
+    mlp_proj: torch.nn.Module
 
 
 @dataclass
@@ -137,8 +151,8 @@ class GPT2Runner:
         self.head_dim = self.embed_dim // self.heads
         self.wte, self.wpe = t.wte.weight, t.wpe.weight
         act = model.config.activation_function
-        self.blocks = [(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.attn.scaling, b.ln_2, b.mlp.c_fc,
-                        _gelu_tanh if act in ("gelu_new", "gelu_pytorch_tanh") else b.mlp.act, b.mlp.c_proj)
+        self.blocks = [_Block(b.ln_1, b.attn.c_attn, b.attn.c_proj, b.attn.scaling, b.ln_2, b.mlp.c_fc,
+                              _gelu_tanh if act in ("gelu_new", "gelu_pytorch_tanh") else b.mlp.act, b.mlp.c_proj)
                        for b in t.h]
         self.ln_f, self.lm_head = t.ln_f, model.lm_head.weight
 
@@ -158,7 +172,7 @@ class GPT2Runner:
         def attend(i, q, k, v):
             kv.append((k, v))
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                  scale=self.blocks[i][3])
+                                                  scale=self.blocks[i].scaling)
 
         x = self._forward(torch.tensor(ids, device=self.device), positions, attend)
         return self._logits(x[:, -1]), kv
@@ -186,7 +200,7 @@ class GPT2Runner:
             keys[:, :, col] = k[:, :, 0]
             values[:, :, col] = v[:, :, 0]
             return F.scaled_dot_product_attention(q, keys[:, :, :col + 1], values[:, :, :col + 1], attn_mask=mask,
-                                                  scale=self.blocks[i][3])
+                                                  scale=self.blocks[i].scaling)
 
         x = self._forward(torch.tensor(tokens, device=self.device)[:, None],
                           torch.tensor(positions, device=self.device)[:, None], attend)

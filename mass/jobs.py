@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from mass.cli.output import report_error
 from mass.errors import MassError
-
-
-def emit_error(exc: MassError) -> int:
-    """Print a one-line error (and its JSON on stdout for scripts); return the exit code for its kind."""
-    print(f"error: {exc.message}", file=sys.stderr, flush=True)
-    print(json.dumps({"error": exc.to_dict()}, default=str), flush=True)
-    return exc.exit_code
 
 
 def run_train_job(argv: list[str]) -> int:
@@ -37,6 +30,6 @@ def run_train_job(argv: list[str]) -> int:
         cfg = TrainConfig.load(args.config, args.overrides)
         result = run_training(cfg, address=args.address)
     except MassError as exc:
-        return emit_error(exc)
+        return report_error(exc, as_json=True)  # scripts read the JSON line; people read stderr
     print(json.dumps(result.to_dict(), default=str), flush=True)
     return 0

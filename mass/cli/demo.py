@@ -17,10 +17,10 @@ def _serve(corpus_dir: str, card: str) -> str:
     import httpx
     from ray import serve
 
+    from mass.app import APP_NAME, load_app_args, serve_up
+    from mass.cluster import free_port
     from mass.data.loaders import load_corpus_split
     from mass.sdk import Client
-    from mass.serving.app import load_app_args
-    from mass.serving.launch import APP_NAME, free_port, serve_up
 
     port = free_port()  # so the demo never collides with a running server
     args = load_app_args(Path(__file__).resolve().parents[1] / "serve_apps" / "configs" / "demo.yaml")

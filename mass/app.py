@@ -1,39 +1,47 @@
-"""Deploy a MASS Serve application on a Ray cluster and wait until it is ready."""
+"""The composition root: the Serve application (gateway + one deployment per served model) built from
+``AppArgs``, and ``serve_up``, which deploys it on a Ray cluster and waits until it answers. It sits above
+``mass.gateway`` and ``mass.serving``, which do not import each other's app wiring."""
 
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+from typing import Any
 
+from mass.config import load_config
 from mass.errors import MassError
 from mass.serving.args import AppArgs
+
+log = logging.getLogger(__name__)
 
 APP_NAME = "mass"
 
 
-def free_port(low: int = 20000, high: int = 29999) -> int:
-    """A TCP port nobody listens on, for a server started later.
+def build_app(args: AppArgs | dict[str, Any]):
+    """A bound Serve application for ``args`` (validated; ConfigError names the bad field)."""
+    from mass.gateway.app import Gateway
+    from mass.serving.deployments import actor_options, bind_app_models
 
-    Picked from ``low..high`` rather than by binding port 0: the kernel hands out port-0 ports from its
-    ephemeral range (32768-60999 here), where any outgoing connection made before the server starts can
-    take the same port as its local end (seen: HAProxy failing to bind its port during ``serve.start``).
-    The default range also stays clear of Ray's worker ports (10002-19999) and Serve's direct-ingress
-    ports (30000-31000, 40000-41000), and of Redis's 6379.
-    """
-    import random
-    import socket
+    if not isinstance(args, AppArgs):
+        args = load_config(AppArgs, data=args)
+    handles = bind_app_models(args)
+    gw = args.gateway
+    return Gateway.options(ray_actor_options=actor_options(gw.num_cpus),
+                           max_ongoing_requests=gw.max_ongoing_requests).bind(handles, args.model_dump())
 
-    for port in random.sample(range(low, high + 1), 200):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise MassError(f"no free TCP port between {low} and {high}")
+
+def load_app_args(path: str | Path, overrides: list[str] | None = None) -> AppArgs:
+    """``AppArgs`` from a YAML file (either the args themselves or a Serve config's first app args)."""
+    from mass.config import read_yaml
+
+    data = read_yaml(path)
+    if "applications" in data:
+        data = (data["applications"] or [{}])[0].get("args", {})
+    return load_config(AppArgs, data=data, overrides=overrides)
 
 
 def wait_ready(url: str, timeout: float = 300.0) -> dict:
@@ -63,18 +71,12 @@ def required_cpus(args: AppArgs) -> float:
     return need
 
 
-def check_resources(args: AppArgs) -> None:
+def check_app_resources(args: AppArgs) -> None:
     """Fail fast, naming the numbers, when the cluster cannot place the app's replicas."""
-    import ray
+    from mass.cluster import require
 
-    from mass.errors import InsufficientResources
-
-    have = ray.cluster_resources().get("CPU", 0)
-    need = required_cpus(args)
-    if need > have:
-        raise InsufficientResources(
-            f"the app needs {need:g} CPUs (gateway.num_cpus + each model's num_cpus x its starting replicas) "
-            f"but the cluster has {have:g}; lower num_cpus in the config or add nodes", need=need, have=have)
+    require("CPU", required_cpus(args), "the app (gateway.num_cpus + each model's num_cpus x its starting "
+            "replicas)", "lower num_cpus in the config or add nodes", "num_cpus")
 
 
 def check_http_options(host: str, port: int) -> None:
@@ -97,17 +99,16 @@ def serve_up(args: AppArgs, address: str | None = None, host: str = "127.0.0.1",
     """Deploy ``args`` as the ``mass`` app; with ``block``, serve until interrupted. Returns the base URL."""
     from ray import serve
 
-    from mass.serving.app import build_app
-    from mass.training.job import connect_ray
+    from mass.cluster import connect_ray
 
     connect_ray(address)
-    check_resources(args)
+    check_app_resources(args)
     serve.start(http_options={"host": host, "port": port})
     check_http_options(host, port)
     serve.run(build_app(args), name=APP_NAME, route_prefix="/")
     url = f"http://{host}:{port}"
     wait_ready(url)
-    print(f"serving {', '.join(m.name for m in args.models)} at {url}/v1", file=sys.stderr, flush=True)
+    log.info("serving %s at %s/v1", ", ".join(m.name for m in args.models), url)
     if block:
         try:
             while True:

@@ -1,0 +1,69 @@
+"""Load a Hugging Face model directory (model + tokenizer) offline, with a dtype and optional bitsandbytes
+quantization: what serving, training and registration share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mass.errors import ConfigError
+
+
+def load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None, dtype: str = "auto",
+                quantization: str = "none", device: str | None = None):
+    """Load model + tokenizer from an HF directory with the Auto class for ``task`` (offline only).
+
+    ``dtype`` picks the weight dtype ("auto" keeps the saved one); ``quantization`` "int8"/"nf4" loads the
+    linear layers through bitsandbytes (CPU or GPU); ``device`` moves (or, quantized, places) the model.
+    """
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    tokenizer_dir = tokenizer_dir or model_dir
+    if not any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        raise ConfigError(f"no tokenizer in {tokenizer_dir}: save it beside the model with "
+                          "tokenizer.save_pretrained(dir)", field="tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except Exception as exc:
+        raise ConfigError(f"cannot load the tokenizer in {tokenizer_dir}: {str(exc).splitlines()[0]}",
+                          field="tokenizer") from exc
+    auto = AutoModelForCausalLM if task == "text-generation" else AutoModel
+    kwargs = _load_kwargs(dtype, quantization, device)
+    try:
+        model = auto.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
+    except Exception as exc:
+        raise ConfigError(f"cannot load a {task} model from {model_dir}: {str(exc).splitlines()[0]}",
+                          field="model_dir") from exc
+    if device and "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_kwargs(dtype: str, quantization: str, device: str | None) -> dict:
+    """``from_pretrained`` keyword arguments for a dtype and a bitsandbytes quantization."""
+    import torch
+
+    kwargs: dict = {}
+    if dtype != "auto":
+        kwargs["dtype"] = getattr(torch, dtype)
+    if quantization == "none":
+        return kwargs
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it; fail here with the fix)
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise ConfigError(f"quantization={quantization!r} needs bitsandbytes: pip install 'mass-platform[serve]'",
+                          field="quantization") from exc
+    if quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif quantization == "nf4":
+        compute = getattr(torch, dtype) if dtype != "auto" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=compute)
+    else:
+        raise ConfigError(f"unknown quantization {quantization!r}; use none, int8 or nf4", field="quantization")
+    kwargs["device_map"] = {"": device or "cpu"}  # quantized models cannot be moved after loading
+    return kwargs
