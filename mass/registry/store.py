@@ -92,18 +92,24 @@ class ModelRegistry:
 
     @contextlib.contextmanager
     def _fluent_uris(self) -> Iterator[None]:
-        """This registry's URI for MLflow's fluent API (``mlflow.transformers.log_model`` has no client form),
-        and the process's previous URIs back afterwards: library code leaves no process-wide state behind."""
-        import mlflow
+        """This registry's URI for MLflow's fluent API (``mlflow.transformers.log_model`` has no client form, and
+        ``models:/`` sources resolve through the process's URIs), and the process's own URIs back exactly as
+        they were afterwards (unset stays unset): library code leaves no process-wide state behind."""
+        from mlflow.environment_variables import MLFLOW_REGISTRY_URI
+        from mlflow.tracking._model_registry import utils as registry_utils
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-        previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.tracking_uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(previous[0])
-            mlflow.set_registry_uri(previous[1])
+        registry_before, registry_env = registry_utils._registry_uri, MLFLOW_REGISTRY_URI.get_raw()
+        with _use_tracking_uri(self.tracking_uri):  # MLflow's own save-and-restore of the tracking URI
+            registry_utils.set_registry_uri(self.tracking_uri)
+            try:
+                yield
+            finally:
+                registry_utils._registry_uri = registry_before
+                if registry_env is None:
+                    MLFLOW_REGISTRY_URI.unset()
+                else:
+                    MLFLOW_REGISTRY_URI.set(registry_env)
 
     def _safe_uri(self) -> str:
         # never leak a password embedded in a database URI

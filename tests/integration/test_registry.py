@@ -213,16 +213,24 @@ def test_registry_contract_on_postgres_backed_mlflow_server(mass_home, tiny_dir,
     assert any(p.name == "model.safetensors" for p in artifacts.rglob("*"))  # weights went through the server
 
 
-def test_the_registry_leaves_the_process_mlflow_uris_alone(mass_home, tiny_dir, tmp_path):
-    """Library code sets no process-wide state: a user's own MLflow tracking URI survives a register/load."""
+def test_the_registry_leaves_the_process_mlflow_uris_alone(mass_home, tiny_dir, tmp_path, monkeypatch):
+    """Library code sets no process-wide state: a user's own MLflow tracking URI survives a register/load,
+    and a process that set none still has none afterwards (no stray ./mlflow.db from MLflow's default)."""
     import mlflow
+    from mlflow.environment_variables import MLFLOW_REGISTRY_URI, MLFLOW_TRACKING_URI
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
+    monkeypatch.chdir(tmp_path)
+    reg = ModelRegistry()
+    assert not is_tracking_uri_set() and not MLFLOW_REGISTRY_URI.is_set()
+    reg.register(tiny_dir, "scoped", "text-generation")
+    reg.load("scoped/1")
+    assert not is_tracking_uri_set() and not MLFLOW_REGISTRY_URI.is_set() and not MLFLOW_TRACKING_URI.is_set()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
     mine = (tmp_path / "mine").as_uri()
     mlflow.set_tracking_uri(mine)
     try:
-        reg = ModelRegistry()
         reg.register(tiny_dir, "scoped", "text-generation")
-        reg.load("scoped/1")
         assert mlflow.get_tracking_uri() == mine
     finally:
         mlflow.set_tracking_uri(None)
