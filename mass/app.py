@@ -94,19 +94,33 @@ def check_http_options(host: str, port: int) -> None:
                           running=f"{running.host}:{running.port}")
 
 
-def serve_up(args: AppArgs, address: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-             block: bool = True) -> str:
-    """Deploy ``args`` as the ``mass`` app; with ``block``, serve until interrupted. Returns the base URL."""
+def running_serve() -> tuple[str, int] | None:
+    """(host, port) of the HTTP ingress of the Serve running on the connected cluster, or None."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else (client.http_config.host, client.http_config.port)
+
+
+def serve_up(args: AppArgs, address: str | None = None, host: str = "127.0.0.1", port: int | None = 8000,
+             block: bool = True, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Deploy ``args`` as the Serve app ``name`` at ``route_prefix``; with ``block``, serve until interrupted
+    (then delete the app). Returns the base URL.
+
+    ``port=None`` takes the port of a Serve already running on the cluster, or a free one for a new Serve;
+    a port other than the running Serve's is refused (ConfigError naming it)."""
     from ray import serve
 
-    from mass.cluster import connect_ray
+    from mass.cluster import connect_ray, free_port
 
     connect_ray(address)
     check_app_resources(args)
+    if port is None:
+        host, port = running_serve() or (host, free_port())
     serve.start(http_options={"host": host, "port": port})
     check_http_options(host, port)
-    serve.run(build_app(args), name=APP_NAME, route_prefix="/")
-    url = f"http://{host}:{port}"
+    serve.run(build_app(args), name=name, route_prefix=route_prefix)
+    url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     wait_ready(url)
     log.info("serving %s at %s/v1", ", ".join(m.name for m in args.models), url)
     if block:
@@ -114,5 +128,5 @@ def serve_up(args: AppArgs, address: str | None = None, host: str = "127.0.0.1",
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
-            serve.delete(APP_NAME)
+            serve.delete(name)
     return url

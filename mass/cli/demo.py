@@ -7,24 +7,30 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: serve_apps/ and jobs/ beside mass/
+DEMO_APP = "mass-demo"
+
 
 def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
 def _serve(corpus_dir: str, card: str) -> str:
-    """Deploy the demo app on a free port, query it over HTTP and through the SDK, then take it down."""
+    """Deploy the demo app, query it over HTTP and through the SDK, then take it down."""
     import httpx
     from ray import serve
 
-    from mass.app import APP_NAME, load_app_args, serve_up
-    from mass.cluster import free_port
+    from mass.app import load_app_args, running_serve, serve_up
+    from mass.cluster import connect_ray
     from mass.data.loaders import load_corpus_split
     from mass.sdk import Client
 
-    port = free_port()  # so the demo never collides with a running server
-    args = load_app_args(Path(__file__).resolve().parents[1] / "serve_apps" / "configs" / "demo.yaml")
-    url = serve_up(args, port=port, block=False)
+    args = load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml")
+    # Its own app name and route: a `mass` app already on the cluster's Serve is left as it is; a Serve
+    # already running keeps its port (and keeps running afterwards), else one starts on a free port.
+    connect_ray()
+    had_serve = running_serve() is not None
+    url = serve_up(args, port=None, block=False, name=DEMO_APP, route_prefix=f"/{DEMO_APP}")
     try:
         print(f"tiny-gpt is {card}: expect docstring-flavoured babble, not answers.", flush=True)
         chat = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
@@ -45,7 +51,7 @@ def _serve(corpus_dir: str, card: str) -> str:
         print(flush=True)
 
         _step("6/6 semantic search over the corpus: MiniLM embeddings through the SDK (Serve handles)")
-        client = Client()  # this process is inside the Ray cluster, so it calls the deployments directly
+        client = Client(app_name=DEMO_APP)  # this process is inside the Ray cluster: it calls the deployments
         docs = load_corpus_split(corpus_dir, "train")[:500]
         vectors = client.embed("minilm", docs)
         print(f"embedded {len(docs)} docstrings via {client.via}s", flush=True)
@@ -56,8 +62,9 @@ def _serve(corpus_dir: str, card: str) -> str:
             for score, doc in scores[:3]:
                 print(f"    {score:.3f}  {doc.splitlines()[0][:90]}", flush=True)
     finally:
-        serve.delete(APP_NAME)
-        serve.shutdown()
+        serve.delete(DEMO_APP)
+        if not had_serve:
+            serve.shutdown()
     return url
 
 
@@ -86,7 +93,7 @@ def run_demo(recipe: str | None = None) -> int:
     print(f"corpus {corpus.path}: {corpus.counts}", flush=True)
 
     _step("2/6 train tiny-gpt on a local Ray cluster (Ray Train, 2 DDP workers)")
-    recipe = recipe or str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny-gpt-smoke.yaml")
+    recipe = recipe or str(ROOT / "jobs" / "configs" / "tiny-gpt-smoke.yaml")
     config = TrainConfig.load(recipe)
     trained_at = time.perf_counter()
     result = run_training(config)

@@ -58,6 +58,15 @@ def _refuse(value: Any, accepted: str) -> Any:
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 
+def as_inputs(value: str | list) -> list[str | list[int]]:
+    """A ``texts_or_tokens`` value as a list of inputs (texts or token-id lists)."""
+    if isinstance(value, str):
+        return [value]
+    if all(isinstance(item, int) for item in value):
+        return [list(value)]
+    return list(value)
+
+
 def texts_or_tokens(max_items: int):
     """A prompt or embedding input type: a text, texts, token ids, or lists of token ids (none empty; at
     most ``max_items`` texts or lists)."""

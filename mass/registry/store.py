@@ -83,7 +83,7 @@ class ModelRegistry:
         """Turn MLflow and connection failures into RegistryError naming the URI."""
         try:
             yield
-        except MassError:
+        except (MassError, ModuleNotFoundError):  # a missing platform module is an install problem, said as such
             raise
         except Exception as exc:  # MlflowException, requests errors, sqlalchemy errors
             text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

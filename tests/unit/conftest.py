@@ -16,4 +16,10 @@ def disallow_ray_init(monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
 
 
-from tests.unit.gateway_app import gateway_client  # noqa: E402,F401  (the in-process gateway fixture)
+from tests.unit.gateway_app import gateway_client, tiny_lm  # noqa: E402,F401  (gateway_client: a fixture)
+
+
+@pytest.fixture(scope="session")
+def lm():
+    """(model, tokenizer): a 2-layer random-weight GPT-2 over our BPE tokenizer, shared by the engine tests."""
+    return tiny_lm()

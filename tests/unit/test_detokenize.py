@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 
 from mass.serving.engines.detokenize import TextStream
-from tests.unit.gateway_app import tiny_lm
 
 TEXT = "Return the héllo wörld ✓ value; stop here and never after"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_lm()[1]
+def tok(lm):
+    return lm[1]
 
 
 class SlowTokenizer:

@@ -14,20 +14,6 @@ from mass.serving.engines.sampling import SamplingParams
 PROMPTS = ["Return the", "This module provides helpers for", "A", "Create a new thread and start it, then wait"]
 
 
-@pytest.fixture(scope="module")
-def lm():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from mass.data.corpus import collect_documents
-    from mass.data.tokenizer import train_tokenizer
-
-    tok = train_tokenizer([d["text"] for d in collect_documents(["json", "textwrap"], progress=False)], 512)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    return GPT2LMHeadModel(cfg).eval(), tok
-
-
 @pytest.fixture
 def engine(lm):
     eng = LLMEngine(*lm, max_running=8)

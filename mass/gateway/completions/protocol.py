@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from mass.gateway.protocol import Int, SamplingFields, texts_or_tokens
+from mass.gateway.protocol import Int, SamplingFields, as_inputs, texts_or_tokens
 from mass.sampling import MAX_CHOICES
 
 
@@ -23,8 +23,4 @@ class CompletionRequest(SamplingFields):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a list of prompts (texts or token-id lists)."""
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if all(isinstance(p, int) for p in self.prompt):
-            return [list(self.prompt)]
-        return list(self.prompt)
+        return as_inputs(self.prompt)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from mass.gateway.protocol import Int, OpenAIModel, texts_or_tokens
+from mass.gateway.protocol import Int, OpenAIModel, as_inputs, texts_or_tokens
 
 MAX_INPUTS = 2048
 
@@ -23,8 +23,4 @@ class EmbeddingRequest(OpenAIModel):
 
     def inputs(self) -> list[str | list[int]]:
         """The input as a list of texts or token-id lists."""
-        if isinstance(self.input, str):
-            return [self.input]
-        if all(isinstance(t, int) for t in self.input):
-            return [list(self.input)]
-        return list(self.input)
+        return as_inputs(self.input)
