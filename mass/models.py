@@ -8,6 +8,11 @@ from pathlib import Path
 from mass.errors import ConfigError
 
 
+def weights_bytes(model) -> int:
+    """Bytes of a model's weights and buffers as stored (what a version's ``size_bytes`` reports)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 def load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None, dtype: str = "auto",
                 quantization: str = "none", device: str | None = None):
     """Load model + tokenizer from an HF directory with the Auto class for ``task`` (offline only).

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from mass.errors import ConfigError, MassError, ModelNotFound, RegistryError
-from mass.models import load_hf_dir
+from mass.models import load_hf_dir, weights_bytes
 from mass.refs import ModelRef, validate_alias, validate_name
 from mass.registry.versions import (
     CONFIG_ARTIFACT,
@@ -24,7 +24,6 @@ from mass.registry.versions import (
     ModelVersionInfo,
     RegisteredModelInfo,
     aliases_by_version,
-    dir_size,
     encode_tags,
     version_info,
 )
@@ -159,14 +158,16 @@ class ModelRegistry:
             return sorted(m.name for m in self.client.search_registered_models(max_results=1000))
 
     # ---------------------------------------------------------------- register
-    def register(self, model_dir: str | Path, name: str, task: str, *, metrics: dict[str, float] | None = None,
+    def register(self, source: str | Path | tuple[Any, Any], name: str, task: str, *,
+                 metrics: dict[str, float] | None = None,
                  config: dict[str, Any] | None = None, lineage: dict[str, str] | None = None,
                  run_id: str | None = None, aliases: list[str] | tuple[str, ...] = (),
                  description: str = "") -> ModelVersionInfo:
-        """Register an HF model directory (safetensors + config + tokenizer) as a new version.
+        """Register a model as a new version: an HF directory (safetensors + config + tokenizer), or the
+        ``(model, tokenizer)`` pair already in memory (a training job's result: no save and reload).
 
         Args:
-            model_dir: directory written by ``save_pretrained`` for both model and tokenizer.
+            source: a directory written by ``save_pretrained`` for both model and tokenizer, or the pair.
             name: registered model name (created if new).
             task: ``text-generation`` or ``embedding``.
             metrics: evaluation metrics stored with the version.
@@ -186,11 +187,14 @@ class ModelRegistry:
             validate_alias(alias)
         if task not in TASKS:
             raise ConfigError(f"unknown task {task!r}; expected one of {sorted(TASKS)}", field="task")
-        model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
-            raise ConfigError(f"{model_dir} is not an HF model directory (no config.json)", field="model_dir")
-        model, tokenizer = load_hf_dir(model_dir, task)
-        tags = encode_tags(task, metrics, config, lineage, dir_size(model_dir))
+        if isinstance(source, tuple):
+            model, tokenizer = source
+        else:
+            model_dir = Path(source)
+            if not (model_dir / "config.json").is_file():
+                raise ConfigError(f"{model_dir} is not an HF model directory (no config.json)", field="model_dir")
+            model, tokenizer = load_hf_dir(model_dir, task)
+        tags = encode_tags(task, metrics, config, lineage, weights_bytes(model))
         if run_id is not None:
             created = self._log_and_register(name, task, model, tokenizer, tags, run_id, aliases, description,
                                              metrics=None, config=None)  # the caller's run logged its own

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 #: our task name -> the transformers pipeline task mlflow.transformers records.
@@ -60,11 +59,6 @@ class RegisteredModelInfo:
         """JSON-ready dict of this model and its versions."""
         return {"name": self.name, "aliases": self.aliases, "description": self.description,
                 "versions": [v.to_dict() for v in self.versions]}
-
-
-def dir_size(path: Path) -> int:
-    """Total size in bytes of the files under ``path``."""
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def encode_tags(task: str, metrics: dict[str, float] | None, config: dict[str, Any] | None,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,15 +148,12 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
                 state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
             model.load_state_dict(state["model"])
             model_ref = None
-            if cfg.registration.enabled:
-                with tempfile.TemporaryDirectory() as out:
-                    model.save_pretrained(out)
-                    tokenizer.save_pretrained(out)
-                    info = registry.register(
-                        out, cfg.name, "text-generation", metrics=metrics, config=resolved, run_id=run_id,
-                        lineage={"source_run": run_id, "parent": parent,
-                                 "method": "finetune" if parent else "train"},
-                        aliases=cfg.registration.aliases, description=cfg.registration.description)
+            if cfg.registration.enabled:  # straight from memory: no save and reload
+                info = registry.register(
+                    (model.eval(), tokenizer), cfg.name, "text-generation", metrics=metrics, config=resolved,
+                    run_id=run_id, lineage={"source_run": run_id, "parent": parent,
+                                            "method": "finetune" if parent else "train"},
+                    aliases=cfg.registration.aliases, description=cfg.registration.description)
                 model_ref = info.ref
     except MassError:
         raise
