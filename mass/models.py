@@ -9,8 +9,12 @@ from mass.errors import ConfigError
 
 
 def weights_bytes(model) -> int:
-    """Bytes of a model's weights and buffers as stored (what a version's ``size_bytes`` reports)."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    """Bytes of a model's weights and buffers as stored (what a version's ``size_bytes`` reports); tied
+    tensors (GPT-2's input and output embeddings) count once, as safetensors stores them."""
+    seen: dict[tuple[int, int], int] = {}
+    for t in model.state_dict().values():
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel() * t.element_size()
+    return sum(seen.values())
 
 
 def load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None, dtype: str = "auto",
