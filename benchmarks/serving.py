@@ -449,7 +449,8 @@ def _cell(values: list[float], unit: str) -> str:
 def render_table(result: dict) -> str:
     """The README's benchmark table (markdown) from one run's JSON; the README test checks they agree."""
     lines = [f"Run of {result['date']} on {result['machine']}; {result['rounds']} rounds, median (range over "
-             f"rounds).", "", "| part | system | median (range) | ratio | goal |", "|---|---|---|---|---|"]
+             f"rounds).{' ' + result['note'] if result.get('note') else ''}", "",
+             "| part | system | median (range) | ratio | goal |", "|---|---|---|---|---|"]
     if "tokens_per_s" in result:
         t, ok = result["tokens_per_s"], _met(result)
         lines += [

@@ -15,7 +15,6 @@ from mass.errors import InvalidRequest, MassError, raise_if_error
 from mass.sampling import SamplingParams
 
 
-
 @dataclass(frozen=True)
 class Completion:
     """Generated text with its finish reason and token counts."""

@@ -91,18 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as exc:  # a light install (the SDK and CLI client) running a platform command
-        extra = PLATFORM_MODULES.get((exc.name or "").split(".")[0])
-        if extra is None:
+        if (exc.name or "").split(".")[0] not in PLATFORM_MODULES:
             raise
         print(f"error: `mass {key}` needs {exc.name}, which this install lacks: "
-              f"pip install 'mass-platform[{extra}]'", file=sys.stderr)
+              "pip install 'mass-platform[all]'", file=sys.stderr)
         return 1
 
 
-#: top-level modules of the platform extras -> the extra that brings them (``pip install mass-platform`` alone
-#: is the SDK and the CLI client)
-PLATFORM_MODULES = {"torch": "all", "transformers": "all", "mlflow": "all", "ray": "all", "tokenizers": "all",
-                    "pyarrow": "all", "safetensors": "all", "accelerate": "all"}
+#: top-level modules the platform extras bring (``pip install mass-platform`` alone is the SDK and CLI client)
+PLATFORM_MODULES = {"torch", "transformers", "mlflow", "ray", "tokenizers", "pyarrow", "safetensors", "accelerate"}
 
 
 # ------------------------------------------------------------------ models
