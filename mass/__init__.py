@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mass.errors import (ConfigError, DataError, InsufficientResources, InvalidModelRef, InvalidRequest,
-                         JobFailed, MassError, ModelNotFound, NotFound, RegistryError)
+from mass.errors import (ConfigError, DataError, InsufficientResources, InvalidApiKey, InvalidModelRef,
+                         InvalidRequest, JobFailed, MassError, ModelNotFound, NotFound, PermissionDenied,
+                         QuotaExceeded, RateLimited, RegistryError)
 from mass.refs import ModelRef
 from mass.settings import Settings, get_settings
 
@@ -16,7 +17,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError", "DataError", "InsufficientResources", "InvalidModelRef", "InvalidRequest", "JobFailed",
-    "MassError", "ModelNotFound", "NotFound", "RegistryError", "ModelRef", "Settings", "get_settings",
+    "MassError", "ModelNotFound", "NotFound", "RegistryError", "InvalidApiKey", "PermissionDenied", "RateLimited",
+    "QuotaExceeded", "ModelRef", "Settings", "get_settings",
     "ModelRegistry", "TrainConfig", "run_training", "build_corpus", "Client", "Completion", "__version__",
 ]
 

@@ -30,7 +30,7 @@ def build_app(args: AppArgs | dict[str, Any]):
         args = load_config(AppArgs, data=args)
     handles = bind_app_models(args)
     gw = args.gateway
-    return Gateway.options(ray_actor_options=actor_options(gw.num_cpus),
+    return Gateway.options(ray_actor_options=actor_options(gw.num_cpus), num_replicas=gw.replicas,
                            max_ongoing_requests=gw.max_ongoing_requests).bind(handles, args.model_dump())
 
 
@@ -64,7 +64,7 @@ def required_cpus(args: AppArgs) -> float:
     def start(scaling) -> int:
         return scaling.initial_replicas if scaling.initial_replicas is not None else max(1, scaling.min_replicas)
 
-    need = args.gateway.num_cpus
+    need = args.gateway.num_cpus * args.gateway.replicas
     need += sum(m.num_cpus * start(m.autoscaling) for m in args.models if m.pool is None)
     used_pools = {m.pool for m in args.models if m.pool}
     need += sum(p.num_cpus * start(p.autoscaling) for p in args.pools if p.name in used_pools)
@@ -75,7 +75,7 @@ def check_app_resources(args: AppArgs) -> None:
     """Fail fast, naming the numbers, when the cluster cannot place the app's replicas."""
     from mass.cluster import require
 
-    require("CPU", required_cpus(args), "the app (gateway.num_cpus + each model's num_cpus x its starting "
+    require("CPU", required_cpus(args), "the app (gateway.num_cpus x gateway.replicas + each model's num_cpus x its starting "
             "replicas)", "lower num_cpus in the config or add nodes", "num_cpus")
 
 

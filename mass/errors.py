@@ -146,6 +146,43 @@ class UpstreamTimeout(MassError):
         return cls(f"model {model!r} did not answer within {timeout_s:g}s")
 
 
+class InvalidApiKey(MassError):
+    """The request carries no API key, a malformed one, or one that is unknown or revoked."""
+
+    code = "invalid_api_key"
+    http_status = 401
+    exit_code = 9
+
+
+class PermissionDenied(MassError):
+    """The API key is valid but may not do this (an admin endpoint with a user key)."""
+
+    code = "permission_denied"
+    http_status = 403
+    exit_code = 10
+
+
+class RateLimited(MassError):
+    """A key's requests or tokens per minute, or its concurrent requests, are used up; retry after
+    ``retry_after`` seconds."""
+
+    code = "rate_limit_exceeded"
+    http_status = 429
+    exit_code = 11
+
+
+class QuotaExceeded(RateLimited):
+    """A key's token budget for the day or month is spent (or cannot be checked: budgets fail closed)."""
+
+    code = "insufficient_quota"
+
+
+class KeyNotFound(NotFound):
+    """An API key named by id or name does not exist."""
+
+    code = "key_not_found"
+
+
 class RegistryError(MassError):
     """The model repository (MLflow) failed or could not be reached."""
 

@@ -41,13 +41,17 @@ class Client:
             connected to a Ray cluster that runs the app, HTTP otherwise).
         app_name: the Serve application to call through handles.
         timeout_s: per-request timeout.
+        api_key: the MASS API key sent to the gateway (default ``MASS_API_KEY``). Handle calls inside the Ray
+            cluster need none: the cluster's own authentication guards them.
     """
 
     def __init__(self, base_url: str | None = None, via: Literal["auto", "handle", "http"] = "auto",
-                 app_name: str = APP_NAME, timeout_s: float = 60.0) -> None:
+                 app_name: str = APP_NAME, timeout_s: float = 60.0, api_key: str | None = None) -> None:
         from mass.settings import get_settings
 
-        self.base_url = (base_url or get_settings().gateway_url).rstrip("/")
+        settings = get_settings()
+        self.base_url = (base_url or settings.gateway_url).rstrip("/")
+        self.api_key = api_key or settings.api_key or None
         self.app_name = app_name
         self.timeout_s = timeout_s
         self._table: dict[str, dict[str, Any]] | None = None
@@ -132,7 +136,41 @@ class Client:
             raise InvalidRequest("input must contain at least one non-empty text", field="input")
         return self._call(model, "embedding", "embed", texts)["data"]
 
+    # ------------------------------------------------------------------ API keys (admin API, admin keys only)
+    def create_key(self, name: str, models: list[str] | None = None, rpm: int | None = None,
+                   tpm: int | None = None, max_parallel: int | None = None, budget: str | None = None,
+                   admin: bool = False) -> dict[str, Any]:
+        """A new API key (``budget``: ``"1000000/day"`` or ``".../month"``); the result's ``secret`` is shown
+        this once."""
+        spec = {"name": name, "models": models, "rpm": rpm, "tpm": tpm, "max_parallel": max_parallel,
+                "budget": budget, "admin": admin}
+        return self._post_or_get("POST", "/admin/keys", {k: v for k, v in spec.items() if v is not None})
+
+    def list_keys(self) -> list[dict[str, Any]]:
+        """Every API key (never a secret)."""
+        return self._post_or_get("GET", "/admin/keys")["data"]
+
+    def show_key(self, key: str) -> dict[str, Any]:
+        """One API key, by name or id."""
+        return self._post_or_get("GET", f"/admin/keys/{_q(key)}")
+
+    def update_key(self, key: str, **changes: Any) -> dict[str, Any]:
+        """Change a key's ``models``, ``rpm``, ``tpm``, ``max_parallel``, ``budget``, ``name`` or ``admin``
+        (None clears a limit)."""
+        return self._post_or_get("PATCH", f"/admin/keys/{_q(key)}", changes)
+
+    def revoke_key(self, key: str) -> dict[str, Any]:
+        """Revoke a key for good (every gateway replica refuses it within a second)."""
+        return self._post_or_get("POST", f"/admin/keys/{_q(key)}/revoke")
+
+    def rotate_key(self, key: str) -> dict[str, Any]:
+        """A new secret for a key (in the result's ``secret``); the old one stops working."""
+        return self._post_or_get("POST", f"/admin/keys/{_q(key)}/rotate")
+
     # ------------------------------------------------------------------ transports
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
     def _routes(self) -> dict[str, dict[str, Any]]:
         """The app's routing table, asked once of its gateway (its ingress deployment)."""
         if self._table is None:
@@ -171,7 +209,8 @@ class Client:
         import httpx
 
         try:
-            resp = httpx.request(verb, self.base_url + path, json=body, timeout=self.timeout_s)
+            resp = httpx.request(verb, self.base_url + path, json=body, timeout=self.timeout_s,
+                                 headers=self._headers())
         except httpx.HTTPError as exc:
             raise MassError(f"cannot reach the gateway at {self.base_url}: {exc}", url=self.base_url) from exc
         if resp.status_code >= 400:
@@ -181,7 +220,8 @@ class Client:
     def _http_stream(self, body: dict[str, Any]) -> Iterator[str]:
         import httpx
 
-        with httpx.stream("POST", self.base_url + "/v1/completions", json=body, timeout=self.timeout_s) as resp:
+        with httpx.stream("POST", self.base_url + "/v1/completions", json=body, timeout=self.timeout_s,
+                          headers=self._headers()) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 raise _http_error(resp)
@@ -211,3 +251,10 @@ def _from_openai(body: dict[str, Any], text: str) -> Completion:
 def _from_engine(result: dict[str, Any]) -> Completion:
     choice, usage = result["choices"][0], result["usage"]
     return Completion(choice["text"], choice["finish_reason"], usage["prompt_tokens"], usage["completion_tokens"])
+
+
+def _q(part: str) -> str:
+    """One URL path segment."""
+    from urllib.parse import quote
+
+    return quote(part, safe="")

@@ -35,9 +35,13 @@ DECLARED: tuple[Variable, ...] = (
              "MLflow experiment that training and registration runs are logged under."),
     Variable("MASS_STORAGE_PATH", "storage_path", "", "Ray Train storage for checkpoints. Empty: "
              "`$MASS_HOME/ray_results`. Multi-node: shared storage (s3://, NFS)."),
+    Variable("MASS_DATABASE_URL", "database_url", "", "SQLAlchemy URL of the platform database (API keys, "
+             "usage ledger). Empty: `sqlite:///$MASS_HOME/mass.db`. Production: `postgresql+psycopg2://...`."),
     Variable("MASS_LOG_LEVEL", "log_level", "INFO", "Log level for MASS loggers (DEBUG, INFO, WARNING, ERROR)."),
     Variable("MASS_GATEWAY_URL", "gateway_url", "http://127.0.0.1:8000",
              "Gateway the SDK calls over HTTP when it runs outside the Ray cluster.", forwarded=False),
+    Variable("MASS_API_KEY", "api_key", "", "API key the SDK sends to the gateway (`Authorization: Bearer`); "
+             "see [API keys](#api-keys-limits-and-the-usage-ledger).", forwarded=False),
     Variable("MASS_SERVE_INGRESS", "serve_ingress", "haproxy", "How HTTP reaches the gateway when MASS starts "
              "Ray: `haproxy` (Ray Serve's high-throughput mode: HAProxy in front of the gateway replicas, direct "
              "ingress, gRPC between replicas) or `proxy` (Serve's default Python proxy). See "
@@ -77,7 +81,9 @@ class Settings:
     artifact_root: str
     experiment: str
     storage_path: str
+    database_url: str
     log_level: str
+    api_key: str
     ray_address: str
     gateway_url: str
     serve_ingress: str
@@ -101,6 +107,7 @@ def get_settings() -> Settings:
         artifact_root = (home / "artifacts").as_uri()
     resolved = {  # variables whose value is more than the raw string
         "home": home, "tracking_uri": tracking, "artifact_root": artifact_root,
+        "database_url": _env("MASS_DATABASE_URL") or f"sqlite:///{home / 'mass.db'}",
         "storage_path": _env("MASS_STORAGE_PATH") or str(home / "ray_results"),
         "log_level": _env("MASS_LOG_LEVEL").upper(), "gateway_url": _env("MASS_GATEWAY_URL").rstrip("/"),
         "serve_ingress": _serve_ingress()}

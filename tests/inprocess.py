@@ -66,9 +66,9 @@ def _unbatched(server) -> None:
     server._embed_batch = embed_batch
 
 
-def build_state(app_args: dict[str, Any], models: dict[str, tuple[Any, Any]]):
+def build_state(app_args: dict[str, Any], models: dict[str, tuple[Any, Any]], keys: Any = None):
     """A GatewayState for ``app_args`` whose handles call real deployment objects built over ``models``
-    (served name -> (model, tokenizer))."""
+    (served name -> (model, tokenizer)); ``keys``: its API key store."""
     from mass.gateway.state import GatewayState
     from mass.serving.args import AppArgs
     from mass.serving.deployments import EmbeddingServer, LLMServer, Served
@@ -81,7 +81,7 @@ def build_state(app_args: dict[str, Any], models: dict[str, tuple[Any, Any]]):
         if m.engine == "embedding":
             _unbatched(server)
         handles[m.name] = LocalHandle(server)
-    return GatewayState(handles, args)
+    return GatewayState(handles, args, keys=keys)
 
 
 def served(state, name: str):

@@ -17,9 +17,12 @@ def _step(title: str) -> None:
 
 def _serve(corpus_dir: str, card: str) -> str:
     """Deploy the demo app, query it over HTTP and through the SDK, then take it down."""
+    import secrets
+
     import httpx
     from ray import serve
 
+    from mass.access.keys import KeyStore
     from mass.app import load_app_args, running_serve, serve_up
     from mass.cluster import connect_ray
     from mass.data.loaders import load_corpus_split
@@ -31,16 +34,24 @@ def _serve(corpus_dir: str, card: str) -> str:
     connect_ray()
     had_serve = running_serve() is not None
     url = serve_up(args, port=None, block=False, name=DEMO_APP, route_prefix=f"/{DEMO_APP}")
+    keys = KeyStore()
+    key, secret = keys.create({"name": f"demo-{secrets.token_hex(3)}", "models": ["tiny-gpt", "minilm*"],
+                               "rpm": 600, "tpm": 100_000, "budget": "1000000/day"})
+    auth = {"Authorization": f"Bearer {secret}"}
     try:
+        print(f"API key {key.name} ({key.prefix}, models {','.join(key.models)}, {key.rpm} rpm) created with "
+              f"`mass keys create`'s library call; the gateway needs it on every /v1 call:", flush=True)
+        refused = httpx.get(f"{url}/v1/models", timeout=60).json()["error"]
+        print(f"  without a key: {refused['code']}: {refused['message']}", flush=True)
         print(f"tiny-gpt is {card}: expect docstring-flavoured babble, not answers.", flush=True)
-        chat = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        chat = httpx.post(f"{url}/v1/chat/completions", timeout=60, headers=auth, json={
             "model": "tiny-gpt", "max_tokens": 24, "seed": 0,
             "messages": [{"role": "user", "content": "How do I parse a JSON string?"}]}).json()
         print(f"chat (HTTP):  {chat['choices'][0]['message']['content']!r}", flush=True)
         sampling = {"temperature": 0.8, "top_p": 0.95, "seed": 7, "frequency_penalty": 1.0, "presence_penalty": 0.5}
         print(f"stream (HTTP SSE, {', '.join(f'{k}={v}' for k, v in sampling.items())}): Return the", end="",
               flush=True)
-        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, headers=auth, json={
                 "model": "tiny-gpt", "prompt": "Return the", "max_tokens": 32, "stream": True, **sampling}) as resp:
             for line in resp.iter_lines():
                 if line.startswith("data: {"):
@@ -62,6 +73,7 @@ def _serve(corpus_dir: str, card: str) -> str:
             for score, doc in scores[:3]:
                 print(f"    {score:.3f}  {doc.splitlines()[0][:90]}", flush=True)
     finally:
+        keys.revoke(key.id)  # the demo's key ends with the demo
         serve.delete(DEMO_APP)
         if not had_serve:
             serve.shutdown()

@@ -68,8 +68,41 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--detach", action="store_true", help="return once ready (the app stays on the cluster)")
 
+    keys = sub.add_parser("keys", help="API keys of the gateway").add_subparsers(dest="cmd", required=True)
+    create = keys.add_parser("create", help="a new key; its secret is printed once")
+    create.add_argument("--name", required=True, help="unique name, e.g. team-a")
+    _limit_args(create)
+    create.add_argument("--admin", action="store_true", help="may call /admin/* (manage keys, read usage)")
+    keys.add_parser("list", help="every key (never a secret)")
+    for verb, text in (("show", "one key in full"), ("revoke", "revoke a key for good (every gateway "
+                                                                "replica refuses it within 1 s)"),
+                       ("rotate", "a new secret for a key, printed once (the old one stops working)")):
+        keys.add_parser(verb, help=text).add_argument("key", help="its name or id")
+    update = keys.add_parser("update", help="change a key's models, limits, budget, name or admin flag")
+    update.add_argument("key", help="its name or id")
+    update.add_argument("--name", default=None, help="a new unique name")
+    _limit_args(update)
+    update.add_argument("--admin", choices=["true", "false"], default=None)
+
+    usage = sub.add_parser("usage", help="the usage ledger: requests and tokens per key, model or day")
+    usage.add_argument("--key", default=None, help="one key (name or id); default: every key")
+    usage.add_argument("--since", default="1d", help="30m, 12h, 1d, 2w or an ISO date (default 1d)")
+    usage.add_argument("--by", choices=["key", "model", "day"], default=None,
+                       help="group rows (default: by key, or one total row with --key)")
+
     sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")
     return parser
+
+
+def _limit_args(parser: argparse.ArgumentParser) -> None:
+    """The options of a key's access and limits (``none`` clears a limit in ``update``)."""
+    parser.add_argument("--models", default=None, help="comma-separated glob patterns of model ids, e.g. "
+                                                       "'tiny-gpt,minilm*' (create's default: '*', every model)")
+    parser.add_argument("--rpm", default=None, help="requests per minute (sliding 60 s window)")
+    parser.add_argument("--tpm", default=None, help="tokens per minute, prompt + completion")
+    parser.add_argument("--max-parallel", default=None, help="requests in flight at once")
+    parser.add_argument("--budget-tokens", default=None, help="token budget per UTC day or month: "
+                                                              "1000000/day, 30000000/month")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 #: top-level modules the platform extras bring (``pip install mass-platform`` alone is the SDK and CLI client)
-PLATFORM_MODULES = {"torch", "transformers", "mlflow", "ray", "tokenizers", "pyarrow", "safetensors", "accelerate"}
+PLATFORM_MODULES = {"torch", "transformers", "mlflow", "ray", "tokenizers", "pyarrow", "safetensors", "accelerate",
+                    "sqlalchemy", "alembic", "redis"}
 
 
 # ------------------------------------------------------------------ models
@@ -233,6 +267,117 @@ def _serve_up(args) -> int:
     from mass.cli.output import emit
 
     emit(args.output, {"url": url, "models": [m.name for m in app_args.models]}, f"serving at {url}")
+    return 0
+
+
+# ------------------------------------------------------------------ keys
+def _limits(args) -> dict:
+    """The key fields given on the command line (``none`` clears a limit)."""
+    from mass.errors import InvalidRequest
+
+    out: dict = {}
+    if args.models is not None:
+        out["models"] = [p.strip() for p in args.models.split(",") if p.strip()]
+    for opt, field in (("rpm", "rpm"), ("tpm", "tpm"), ("max_parallel", "max_parallel")):
+        value = getattr(args, opt)
+        if value is None:
+            continue
+        if value.strip().lower() in ("none", "unlimited"):
+            out[field] = None
+            continue
+        try:
+            out[field] = int(value)
+        except ValueError:
+            raise InvalidRequest(f"--{opt.replace('_', '-')} {value!r} is not a whole number (or none)",
+                                 field=field) from None
+    if args.budget_tokens is not None:
+        out["budget"] = args.budget_tokens
+    return out
+
+
+def _key_text(key: dict, secret: str | None = None) -> str:
+    from mass.cli.output import key_detail
+
+    text = key_detail(key)
+    if secret:
+        text += (f"\n\nsecret (shown once; store it now): {secret}\n"
+                 f"use it as: Authorization: Bearer {secret[:17]}...")
+    return text
+
+
+@command("keys create")
+def _keys_create(args) -> int:
+    from mass.access.keys import KeyStore
+    from mass.cli.output import emit
+
+    key, secret = KeyStore().create({"name": args.name, **_limits(args), "admin": args.admin})
+    emit(args.output, {**key.to_dict(), "secret": secret}, _key_text(key.to_dict(), secret))
+    return 0
+
+
+@command("keys list")
+def _keys_list(args) -> int:
+    from mass.access.keys import KeyStore
+    from mass.cli.output import emit, keys_table
+
+    keys = [k.to_dict() for k in KeyStore().list()]
+    emit(args.output, keys, keys_table(keys))
+    return 0
+
+
+@command("keys show")
+def _keys_show(args) -> int:
+    from mass.access.keys import KeyStore
+    from mass.cli.output import emit
+
+    key = KeyStore().get(args.key).to_dict()
+    emit(args.output, key, _key_text(key))
+    return 0
+
+
+@command("keys revoke")
+def _keys_revoke(args) -> int:
+    from mass.access.keys import KeyStore
+    from mass.cli.output import emit
+
+    key = KeyStore().revoke(args.key).to_dict()
+    emit(args.output, key, f"revoked {key['name']} ({key['prefix']}) at {key['revoked_at']}")
+    return 0
+
+
+@command("keys rotate")
+def _keys_rotate(args) -> int:
+    from mass.access.keys import KeyStore
+    from mass.cli.output import emit
+
+    key, secret = KeyStore().rotate(args.key)
+    emit(args.output, {**key.to_dict(), "secret": secret}, _key_text(key.to_dict(), secret))
+    return 0
+
+
+@command("keys update")
+def _keys_update(args) -> int:
+    from mass.access.keys import KeyStore
+    from mass.cli.output import emit
+
+    changes = _limits(args)
+    if args.name is not None:
+        changes["name"] = args.name
+    if args.admin is not None:
+        changes["admin"] = args.admin == "true"
+    key = KeyStore().update(args.key, changes).to_dict()
+    emit(args.output, key, _key_text(key))
+    return 0
+
+
+@command("usage")
+def _usage(args) -> int:
+    from mass.access.ledger import usage_summary
+    from mass.cli.output import emit, usage_table
+
+    by = args.by or (None if args.key else "key")
+    rows = usage_summary(key=args.key, since=args.since, by=by)
+    emit(args.output, rows, usage_table(rows, by))
     return 0
 
 

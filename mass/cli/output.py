@@ -73,3 +73,36 @@ def report_error(exc: MassError, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"error": exc.to_dict()}, default=str), flush=True)
     return exc.exit_code
+
+
+def keys_table(keys: list[dict[str, Any]]) -> str:
+    """API keys, one row each (never a secret)."""
+    if not keys:
+        return "no API keys yet: `mass keys create --name NAME`"
+    rows = [[k["name"], k["prefix"], k["status"], ",".join(k["models"]), k["rpm"] or "-", k["tpm"] or "-",
+             k["max_parallel"] or "-", k["budget"] or "-", "yes" if k["admin"] else "", k["created_at"]]
+            for k in keys]
+    return table(["NAME", "KEY", "STATUS", "MODELS", "RPM", "TPM", "PARALLEL", "BUDGET", "ADMIN", "CREATED"], rows)
+
+
+def key_detail(key: dict[str, Any]) -> str:
+    """One key, a field per line."""
+    fields = ["name", "id", "prefix", "status", "models", "rpm", "tpm", "max_parallel", "budget", "admin",
+              "created_at", "updated_at", "revoked_at"]
+    width = max(map(len, fields))
+    lines = []
+    for f in fields:
+        value = key.get(f)
+        value = ",".join(value) if isinstance(value, list) else ("-" if value is None else value)
+        lines.append(f"{f.ljust(width)}  {value}")
+    return "\n".join(lines)
+
+
+def usage_table(rows: list[dict[str, Any]], by: str | None) -> str:
+    """Ledger rollups, one row per group."""
+    if not rows:
+        return "no requests in that span"
+    head = [by.upper()] if by else []
+    cols = ["requests", "refused", "prompt_tokens", "completion_tokens", "total_tokens", "latency_ms", "overhead_ms"]
+    body = [[*([r[by] if r[by] is not None else "-"] if by else []), *(r[c] for c in cols)] for r in rows]
+    return table(head + ["REQUESTS", "REFUSED", "PROMPT", "COMPLETION", "TOTAL", "LATENCY_MS", "OVERHEAD_MS"], body)

@@ -17,30 +17,38 @@ def create_app(state: "GatewayState | None" = None) -> FastAPI:
     ``state``: the routing state to serve (an in-process app, as the gateway tests build it); without it,
     the app serves the state its ``Gateway`` replica installs."""
     from mass.gateway import errors
+    from mass.gateway.admin.router import router as admin
     from mass.gateway.chat.router import router as chat
     from mass.gateway.completions.router import router as completions
     from mass.gateway.embeddings.router import router as embeddings
     from mass.gateway.models.router import router as models
+    from mass.gateway.proxy import ProxyMiddleware
 
     app = FastAPI(title="MASS gateway", version="0.1.0",
                   description="OpenAI-compatible API over models served by MASS on Ray Serve.")
-    for router in (models, completions, chat, embeddings):
+    for router in (models, completions, chat, embeddings, admin):
         app.include_router(router)
     errors.install(app)
+    app.add_middleware(ProxyMiddleware)
     app.state.mass = state
     app.openapi = lambda: _openapi(app)
     return app
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document without its default 422 (validation failures are OpenAI-style 400s here)."""
+    """FastAPI's document without its default 422 (validation failures are OpenAI-style 400s here), with the
+    bearer-key security the proxy enforces on ``/v1`` and ``/admin``."""
     from fastapi.openapi.utils import get_openapi
 
     if app.openapi_schema is None:
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        for path in doc.get("paths", {}).values():
+        doc.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "A MASS API key (mass-<id>-<secret>)"}}
+        for route, path in doc.get("paths", {}).items():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
+                if route.startswith(("/v1/", "/admin/")):
+                    operation["security"] = [{"bearer": []}]
         for name in ("HTTPValidationError", "ValidationError"):
             doc.get("components", {}).get("schemas", {}).pop(name, None)
         app.openapi_schema = doc

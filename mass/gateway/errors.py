@@ -14,7 +14,8 @@ from mass.errors import MassError, Overloaded, UpstreamTimeout
 from mass.gateway.protocol import UNSUPPORTED, error_body
 
 log = logging.getLogger(__name__)
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 503: "overloaded_error", 504: "timeout_error"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -72,7 +73,12 @@ def _is_type_tag(part: str) -> bool:
 
 def error_response(exc: BaseException) -> JSONResponse:
     """Map any exception to (status, OpenAI error body); never a traceback."""
+    from mass.gateway.proxy import current_call
+
     exc = unwrap(exc)
+    call = current_call()
+    if call is not None:
+        call.error_code = exc.code if isinstance(exc, MassError) else "internal_error"
     if isinstance(exc, MassError):
         status = exc.http_status
         param = exc.details.get("param") or exc.details.get("field")

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from mass.errors import raise_if_error
 from mass.gateway.errors import call_upstream, error_response
 from mass.gateway.protocol import SamplingFields
+from mass.gateway.proxy import current_call, upstream
 from mass.gateway.state import GatewayState
 
 
@@ -35,7 +36,7 @@ class Shape(Protocol):
 
 
 async def generate(state: GatewayState, body: SamplingFields, payload: dict[str, Any], choices: int,
-                   prefix: str, shape: Shape, request_id: str | None = None):
+                   prefix: str, shape: Shape, request_id: str | None = None, caller=None):
     """Run one generation request: a JSON response, or SSE chunks ending with ``[DONE]``.
 
     Args:
@@ -44,9 +45,14 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
         prefix: response id prefix (``cmpl``, ``chatcmpl``).
         request_id: the request's ``X-Request-Id`` (Serve and HAProxy set one and send it back themselves);
             the response id is ``<prefix>-<request id>``, and the header is added here only when none came.
+        caller: the request's API key (None with auth off): a model it may not call is not found.
     """
-    route = state.route(body.model, "llm")  # limits are checked by the model deployment, for SDK calls too
+    route = state.route(body.model, "llm", caller)  # limits are checked by the model deployment, for SDK calls too
     request = {**payload, "n": body.n or 1}
+    call = current_call()
+    if call is not None and call.key is not None:
+        context = (await state.facts(route))["context_length"]
+        await state.admit(call, reserve_tokens(request, context))
     headers = {}
     if request_id is None:  # no Serve in front (an in-process app): this app names the request itself
         request_id = uuid.uuid4().hex[:24]
@@ -55,15 +61,20 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
     timeout, retry = state.args.gateway.request_timeout_s, state.args.gateway.retry_after_s
     base = {"id": rid, "created": created, "model": body.model}
     if not body.stream:
-        result = raise_if_error(await call_upstream(route.target.generate.remote(request), timeout, body.model,
-                                                    retry))
+        result = raise_if_error(await upstream(call_upstream(route.target.generate.remote(request), timeout,
+                                                                    body.model, retry)))
+        _count(call, result["usage"])
         return JSONResponse({**base, "object": shape.object, "choices": [shape.whole(c) for c in result["choices"]],
                              "usage": result["usage"]}, headers=headers)
 
     stream = route.target.options(stream=True).stream.remote(request)
     try:  # the first event surfaces request errors (context overflow...) as a status, not a broken stream
-        first = await call_upstream(stream.__anext__(), timeout, body.model, retry)
+        first = await upstream(call_upstream(stream.__anext__(), timeout, body.model, retry))
         raise_if_error(first)
+        if "prompt_tokens" in first:  # the request was accepted: its prompt size, then the choices
+            if call is not None:
+                call.prompt_tokens = first["prompt_tokens"]
+            first = await upstream(call_upstream(stream.__anext__(), timeout, body.model, retry))
     except StopAsyncIteration:
         first = None
     except BaseException:
@@ -80,10 +91,14 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
             while event is not None:
                 if "usage" in event:
                     usage = event["usage"]
-                elif event["text"] or event["finish_reason"] or event["logprobs"]:
-                    yield _sse({**base, "choices": [shape.delta(event)]})
+                    _count(call, usage)
+                else:
+                    if call is not None:  # a stream cut short is charged the tokens it produced
+                        call.completion_tokens += len(event.get("token_ids") or ())
+                    if event["text"] or event["finish_reason"] or event["logprobs"]:
+                        yield _sse({**base, "choices": [shape.delta(event)]})
                 try:
-                    event = await call_upstream(stream.__anext__(), timeout, body.model, retry)
+                    event = await upstream(call_upstream(stream.__anext__(), timeout, body.model, retry))
                 except StopAsyncIteration:
                     event = None
             if body.include_usage and usage is not None:
@@ -95,6 +110,27 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
             stream.cancel()  # no-op when finished; frees the engine slots when the client went away
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+
+
+def reserve_tokens(request: dict[str, Any], context: int) -> int:
+    """An upper bound of the tokens a generation request can use, reserved against its key's limits before it
+    runs (and settled to the real count after): per prompt, its tokens (a text's UTF-8 bytes + 2 — a byte-level
+    or WordPiece token covers at least one byte —, a chat's messages plus a template allowance; at most the
+    context) plus ``n`` x ``max_tokens`` (unset: the context)."""
+    n = request.get("n") or 1
+    max_tokens = (request.get("sampling") or {}).get("max_tokens") or context
+    if "messages" in request:
+        prompts = [sum(len(m.get("role", "").encode()) + len(str(m.get("content") or "").encode()) + 8
+                       for m in request["messages"]) + 16]
+    else:
+        prompts = [len(p) if not isinstance(p, str) else len(p.encode()) + 2 for p in request["prompts"]]
+    return sum(min(p, context) + n * min(max_tokens, context) for p in prompts)
+
+
+def _count(call, usage: dict[str, int]) -> None:
+    """Record a response's usage on its call (what its key is charged)."""
+    if call is not None:
+        call.prompt_tokens, call.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
 
 
 def _sse(data: dict[str, Any]) -> str:

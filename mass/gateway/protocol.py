@@ -145,7 +145,12 @@ class ErrorResponse(BaseModel):
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for the error statuses a route returns (all with the OpenAI error body)."""
-    meaning = {400: "Invalid request: the message names the field", 404: "Model not served here (or unknown)",
+    meaning = {400: "Invalid request: the message names the field",
+               401: "Missing, malformed, unknown or revoked API key (`invalid_api_key`)",
+               403: "The key may not do this (/admin needs an admin key)",
+               404: "Model not served here, or not one the key may call",
+               429: "Rate limit (`rate_limit_exceeded`) or token budget (`insufficient_quota`); retry after "
+                    "Retry-After seconds",
                500: "Internal error (never a traceback)", 502: "Model repository failed",
                503: "Model at capacity or gateway starting; retry after Retry-After seconds",
                504: "Model did not answer within the gateway's request timeout"}

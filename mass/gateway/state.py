@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
-from mass.errors import Overloaded
+from mass.errors import Overloaded, PermissionDenied
 from mass.routing import check_served
 from mass.serving.args import AppArgs, EmbeddingArgs, LLMArgs
 
@@ -27,15 +29,95 @@ class Route:
         return self.handle.options(multiplexed_model_id=self.args.name) if self.args.pool else self.handle
 
 
-class GatewayState:
-    """Everything a request handler needs, built once per gateway replica."""
+log = logging.getLogger(__name__)
 
-    def __init__(self, handles: dict[str, Any], args: AppArgs) -> None:
+
+class GatewayState:
+    """Everything a request handler needs, built once per gateway replica.
+
+    Args:
+        handles: served model name -> its deployment handle.
+        args: the app config.
+        keys: the API key store (default: the platform database of ``MASS_DATABASE_URL``); unused when the
+            app config turns ``gateway.auth`` off.
+    """
+
+    def __init__(self, handles: dict[str, Any], args: AppArgs, keys: Any = None) -> None:
         self.args = args
         self.routes = {m.name: Route(m, handles[m.name]) for m in args.models}
         for route in self.routes.values():
             if route.args.engine == "embedding":
                 route.coalescer = self._coalescer(route)
+        self.limits = self._limiter(args.gateway)
+        self.ledger = None
+        if args.gateway.ledger:
+            from mass.access.ledger import UsageLedger
+
+            self.ledger = UsageLedger(keys.url if keys is not None else None)
+        self.resolver = None
+        if args.gateway.auth:
+            from mass.access.keys import KeyStore
+            from mass.access.resolver import KeyResolver
+
+            self.resolver = KeyResolver(keys if keys is not None else KeyStore())
+        else:
+            log.warning("gateway.auth is false: anyone who reaches this gateway calls every model without a key "
+                        "or limits. Turn it on (the default) for anything but a private test setup")
+
+    @staticmethod
+    def _limiter(gw):
+        """Per-key limits: shared through Redis when the config names one, else in-process (one replica)."""
+        if gw.redis_url:
+            from mass.access.redis_limits import RedisLimiter
+
+            return RedisLimiter(gw.redis_url, replicas=gw.replicas)
+        from mass.access.limits import LocalLimiter
+
+        if gw.replicas > 1:
+            log.warning("gateway.replicas is %d without gateway.redis_url: each replica enforces every key's "
+                        "limits on its own (up to %dx the limit in all); set redis_url for exact shared limits",
+                        gw.replicas, gw.replicas)
+        return LocalLimiter()
+
+    async def admit(self, call, tokens: int) -> None:
+        """Admit ``call`` (a proxied request) against its key's limits, reserving one request and ``tokens``;
+        RateLimited / QuotaExceeded (429) or LimitsUnavailable (503) otherwise. No key (auth off, SDK handle
+        calls): nothing to enforce."""
+        from mass.access.limits import Refusal, refusal_error
+
+        if call is None or call.key is None:
+            return
+        result = self.limits.admit(call.key, tokens)
+        if inspect.isawaitable(result):
+            result = await result
+        call.quota = result.quota
+        if isinstance(result, Refusal):
+            raise refusal_error(call.key, result)
+        call.reservation = result
+
+    async def settle(self, call) -> None:
+        """Charge ``call``'s real token usage against its reservation and free its in-flight slot."""
+        reservation = call.reservation
+        if reservation is None or reservation.settled:
+            return
+        out = reservation.backend.settle(reservation, call.prompt_tokens + call.completion_tokens)
+        if inspect.isawaitable(out):
+            await out
+
+    async def authenticate(self, header: str | None, admin: bool = False):
+        """The caller's key for an ``Authorization`` header (None when auth is off); InvalidApiKey (401), or
+        PermissionDenied (403) for a user key where ``admin`` is needed."""
+        if self.resolver is None:
+            return None
+        key = await self.resolver.authenticate(header)
+        if admin and not key.admin:
+            raise PermissionDenied(f"key {key.name!r} is not an admin key: /admin endpoints need one "
+                                   "(`mass keys create --admin`)")
+        return key
+
+    def visible(self, caller) -> list[str]:
+        """The served model names ``caller`` (a key, or None with auth off) may see, sorted."""
+        return sorted(n for n in self.routes if caller is None or caller.allows(n))
 
     def _coalescer(self, route: Route):
         """Merges concurrent embedding requests for ``route`` into one upstream call (its ``batch`` bounds)."""
@@ -50,10 +132,18 @@ class GatewayState:
 
         return Coalescer(send, batch.max_batch_size, batch.batch_wait_timeout_s)
 
-    def route(self, model: str, engine: str) -> Route:
-        """The route for ``model``; 404 naming the served models, 400 when it is the wrong kind."""
+    def route(self, model: str, engine: str, caller=None) -> Route:
+        """The route for ``model``; 404 naming the models ``caller`` may see (a model the key may not call is
+        answered exactly as one that is not served), 400 when it is the wrong kind."""
+        from mass.gateway.proxy import current_call
+
+        call = current_call()
+        if call is not None:
+            call.model = model
         route = self.routes.get(model)
-        check_served(model, route.args.engine if route else None, engine, self.routes)
+        if route is not None and caller is not None and not caller.allows(model):
+            route = None
+        check_served(model, route.args.engine if route else None, engine, self.visible(caller))
         return route
 
     def table(self) -> dict[str, dict[str, Any]]:
@@ -67,7 +157,9 @@ class GatewayState:
         """Embeddings of ``texts`` (texts or token-id lists) from ``route``'s model, merged with concurrent
         requests for the same model into one upstream call (bounded by the model's ``batch`` settings);
         ``{"error"}`` from the model."""
-        return await route.coalescer.submit(texts)
+        from mass.gateway.proxy import upstream
+
+        return await upstream(route.coalescer.submit(texts))
 
     async def facts(self, route: Route) -> dict[str, Any]:
         """The deployment's ``describe()`` (cached after the first call)."""
@@ -90,6 +182,12 @@ def current_state() -> GatewayState:
     if _current is None:
         raise Overloaded("gateway is starting; retry in 1s", retry_after=1)
     return _current
+
+
+def caller(request: Request):
+    """The request's API key (set by the proxy middleware; None with auth off)."""
+    call = request.scope.get("state", {}).get("mass_call")
+    return None if call is None else call.key
 
 
 async def get_state(request: Request) -> GatewayState:

@@ -112,6 +112,14 @@ class GatewayArgs(MassConfig):
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 503 on backpressure.")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per gateway replica.")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests a gateway replica accepts at once.")
+    replicas: int = Field(1, ge=1, description="Gateway replicas (HAProxy spreads requests over them).")
+    redis_url: str | None = Field(None, description="Redis shared by the gateway replicas for exact per-key "
+                                                    "limits and budgets (redis://host:port/db). None: in-process "
+                                                    "limits, exact for one replica.")
+    ledger: bool = Field(True, description="Record every /v1 request in the usage ledger (platform database).")
+    auth: bool = Field(True, description="Require an API key (`Authorization: Bearer`) on /v1 and /admin. "
+                                         "false: anyone who reaches the port calls every model without limits "
+                                         "(logged as a warning at start).")
 
 
 class AppArgs(MassConfig):

@@ -102,14 +102,16 @@ class Served:
         return sequences
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Choice events (``index``, ``text``, ``token_ids``, ``finish_reason``, ``logprobs``) as the tokens
-        come, then one ``{"usage": ...}``; ``{"error": ...}`` alone for a request that cannot run. Closing
-        the stream (client gone) cancels every choice."""
+        """``{"prompt_tokens": N}`` once the request is accepted, then choice events (``index``, ``text``,
+        ``token_ids``, ``finish_reason``, ``logprobs``) as the tokens come, then one ``{"usage": ...}``;
+        ``{"error": ...}`` alone for a request that cannot run. Closing the stream (client gone) cancels every
+        choice (the gateway then charges the prompt and the tokens it saw)."""
         try:
             sequences = self.prepare(request)
         except MassError as exc:
             yield exc.as_value()
             return
+        yield {"prompt_tokens": _usage(sequences, [])["prompt_tokens"]}
         counts = [0] * len(sequences)
         if request.get("echo"):
             for index, (ids, _) in enumerate(sequences):

@@ -23,7 +23,7 @@ def session_home(tmp_path_factory):
     """MASS_HOME for the session, exported so Ray (started later) and subprocesses inherit it."""
     home = tmp_path_factory.mktemp("mass-session")
     saved = {k: os.environ.get(k) for k in ("MASS_HOME", "MASS_TRACKING_URI", "MASS_ARTIFACT_ROOT",
-                                             "MASS_STORAGE_PATH", "RAY_ADDRESS")}
+                                             "MASS_STORAGE_PATH", "MASS_DATABASE_URL", "RAY_ADDRESS")}
     os.environ["MASS_HOME"] = str(home)
     for key in saved:
         if key != "MASS_HOME":
@@ -87,7 +87,22 @@ def trained(ray_cluster, corpus):
 
 
 @pytest.fixture(scope="session")
-def gateway(trained, ray_cluster):
+def api_key(session_home):
+    """An admin API key in the session's platform database, exported as ``MASS_API_KEY``."""
+    from mass.access.keys import KeyStore
+
+    saved = os.environ.get("MASS_API_KEY")
+    _, secret = KeyStore().create({"name": "integration", "admin": True})
+    os.environ["MASS_API_KEY"] = secret
+    yield secret
+    if saved is None:
+        os.environ.pop("MASS_API_KEY", None)
+    else:
+        os.environ["MASS_API_KEY"] = saved
+
+
+@pytest.fixture(scope="session")
+def gateway(trained, ray_cluster, api_key):
     """demo.yaml (tiny-gpt + MiniLM behind the gateway) served on the session cluster; its base URL."""
     from ray import serve
 

@@ -14,6 +14,17 @@ VENV_BIN = Path(sys.executable).parent
 SMOKE = ROOT / "jobs" / "configs" / "tiny-gpt-smoke.yaml"
 
 
+def api_key() -> str:
+    """The session's admin API key (created by the ``api_key`` fixture, exported as ``MASS_API_KEY`` so the SDK
+    and the ``mass`` CLI send it too)."""
+    return os.environ["MASS_API_KEY"]
+
+
+def auth() -> dict[str, str]:
+    """The session key as an ``Authorization`` header."""
+    return {"Authorization": f"Bearer {api_key()}"}
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now, outside the kernel's ephemeral range and Ray's own ranges."""
     from mass.cluster import free_port as pick

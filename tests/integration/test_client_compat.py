@@ -10,6 +10,8 @@ import openai
 import pytest
 import torch
 
+from tests.integration.support import api_key
+
 pytestmark = pytest.mark.compat
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -17,7 +19,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture(scope="module")
 def client(gateway):
-    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=api_key(), max_retries=0)
 
 
 def test_openai_models_list_and_retrieve(client):
@@ -70,7 +72,7 @@ def test_openai_streaming_sync_and_async(client, gateway):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
     async def run():
-        aclient = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+        aclient = openai.AsyncOpenAI(base_url=f"{gateway}/v1", api_key=api_key(), max_retries=0)
         text = ""
         async for chunk in await aclient.completions.create(model="tiny-gpt", prompt="Return the", max_tokens=10,
                                                             temperature=0, stream=True):
@@ -96,7 +98,7 @@ def test_openai_embeddings_texts_and_token_ids(client):
 def test_langchain_chat_openai_invoke_stream_batch(client, gateway):
     from langchain_openai import ChatOpenAI
 
-    llm = ChatOpenAI(model="tiny-gpt", base_url=f"{gateway}/v1", api_key="unused", max_tokens=8, temperature=0,
+    llm = ChatOpenAI(model="tiny-gpt", base_url=f"{gateway}/v1", api_key=api_key(), max_tokens=8, temperature=0,
                      max_retries=0)
     expected = client.chat.completions.create(model="tiny-gpt", messages=HELLO, max_tokens=8,
                                               temperature=0).choices[0].message.content
@@ -110,7 +112,7 @@ def test_langchain_openai_embeddings_with_check_embedding_ctx_length_false(clien
     own vocabulary, so the README says: ``check_embedding_ctx_length=False``."""
     from langchain_openai import OpenAIEmbeddings
 
-    emb = OpenAIEmbeddings(model="minilm", base_url=f"{gateway}/v1", api_key="unused",
+    emb = OpenAIEmbeddings(model="minilm", base_url=f"{gateway}/v1", api_key=api_key(),
                            check_embedding_ctx_length=False, max_retries=0)
     docs = emb.embed_documents(["a cat sits on the mat", "quarterly tax filing"])
     direct = client.embeddings.create(model="minilm", input=["a cat sits on the mat", "quarterly tax filing"])
@@ -124,14 +126,14 @@ def test_llamaindex_openai_like_complete_chat_stream(client, gateway):
 
     expected = client.completions.create(model="tiny-gpt", prompt="Return the", max_tokens=8,
                                          temperature=0).choices[0].text
-    llm = OpenAILike(model="tiny-gpt", api_base=f"{gateway}/v1", api_key="unused", max_tokens=8, temperature=0,
+    llm = OpenAILike(model="tiny-gpt", api_base=f"{gateway}/v1", api_key=api_key(), max_tokens=8, temperature=0,
                      context_window=256, is_chat_model=False, max_retries=0)
     assert llm.complete("Return the").text == expected
     assert "".join(r.delta for r in llm.stream_complete("Return the")) == expected
 
     chat_expected = client.chat.completions.create(model="tiny-gpt", messages=HELLO, max_tokens=8,
                                                    temperature=0).choices[0].message.content
-    chat = OpenAILike(model="tiny-gpt", api_base=f"{gateway}/v1", api_key="unused", max_tokens=8, temperature=0,
+    chat = OpenAILike(model="tiny-gpt", api_base=f"{gateway}/v1", api_key=api_key(), max_tokens=8, temperature=0,
                       context_window=256, is_chat_model=True, max_retries=0)
     messages = [ChatMessage(role="user", content="hello")]
     assert chat.chat(messages).message.content == chat_expected

@@ -10,14 +10,14 @@ import openai
 import pytest
 import torch
 
-from mass.registry import ModelRegistry
 from mass.app import APP_NAME, build_app, load_app_args, wait_ready
-from tests.integration.support import ROOT, VENV_BIN, free_port, run_cli, wait_for
+from mass.registry import ModelRegistry
+from tests.integration.support import ROOT, VENV_BIN, api_key, auth, free_port, run_cli, wait_for
 
 
 @pytest.fixture
 def client(gateway):
-    return openai.OpenAI(base_url=f"{gateway}/v1", api_key="unused", max_retries=0)
+    return openai.OpenAI(base_url=f"{gateway}/v1", api_key=api_key(), max_retries=0)
 
 
 def test_models_health_and_openapi(gateway, client):
@@ -43,7 +43,7 @@ def test_greedy_completion_matches_the_registered_model(client, trained):
 def test_chat_and_streaming(client, gateway):
     chat = client.chat.completions.create(model="tiny-gpt", messages=[{"role": "user", "content": "hello"}],
                                           max_tokens=8, seed=1)
-    raw = httpx.post(f"{gateway}/v1/chat/completions", json={"model": "tiny-gpt", "max_tokens": 2,
+    raw = httpx.post(f"{gateway}/v1/chat/completions", headers=auth(), json={"model": "tiny-gpt", "max_tokens": 2,
                                                              "messages": [{"role": "user", "content": "hi"}]})
     ids = raw.headers.get_list("x-request-id")
     assert len(ids) == 1 and raw.json()["id"] == f"chatcmpl-{ids[0]}"  # one request id, the response's own
@@ -66,7 +66,7 @@ def test_embeddings_float_and_base64(client, gateway):
                                                           "quarterly tax filing"])
     v = torch.tensor([d.embedding for d in out.data])  # the client asked for base64 and decoded it
     assert v.shape == (3, 384) and float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.2
-    raw = httpx.post(f"{gateway}/v1/embeddings", json={"model": "minilm", "input": "a cat",
+    raw = httpx.post(f"{gateway}/v1/embeddings", headers=auth(), json={"model": "minilm", "input": "a cat",
                                                        "encoding_format": "float"}).json()
     assert torch.allclose(torch.tensor(raw["data"][0]["embedding"]),
                           torch.tensor(client.embeddings.create(model="minilm", input="a cat").data[0].embedding),
@@ -80,10 +80,10 @@ def test_concurrent_embedding_requests_are_merged_and_each_gets_its_own_answer(g
     import asyncio
 
     from ray import serve
+    from transformers import AutoModel, AutoTokenizer
 
     from mass.registry.imports import minilm_dir
     from mass.serving.engines.embedding import EmbeddingEngine
-    from transformers import AutoModel, AutoTokenizer
 
     requests = [[f"request {i} asks about topic {i * 7 % 11}"] + [f"extra text {j} of {i}" for j in range(i % 3)]
                 for i in range(24)]
@@ -91,7 +91,7 @@ def test_concurrent_embedding_requests_are_merged_and_each_gets_its_own_answer(g
     before = stats.remote().result()
 
     async def fire():
-        async with httpx.AsyncClient(timeout=120) as http:
+        async with httpx.AsyncClient(timeout=120, headers=auth()) as http:
             return await asyncio.gather(*[http.post(f"{gateway}/v1/embeddings",
                                                     json={"model": "minilm", "input": texts, "encoding_format": "float"})
                                           for texts in requests])
@@ -120,7 +120,7 @@ def test_concurrent_embedding_requests_are_merged_and_each_gets_its_own_answer(g
     ("/v1/embeddings", {"model": "minilm", "input": "x", "dimensions": 8}, 400, "returns 384 dimensions"),
 ])
 def test_bad_inputs_get_openai_errors(gateway, path, body, status, needle):
-    resp = httpx.post(f"{gateway}{path}", json=body)
+    resp = httpx.post(f"{gateway}{path}", headers=auth(), json=body)
     assert resp.status_code == status, resp.text
     error = resp.json()["error"]
     assert needle in error["message"] and error["type"] == "invalid_request_error"
@@ -128,7 +128,7 @@ def test_bad_inputs_get_openai_errors(gateway, path, body, status, needle):
 
 def test_malformed_json_is_a_400(gateway):
     resp = httpx.post(f"{gateway}/v1/completions", content=b'{"model": "tiny-gpt", "prompt": ',
-                      headers={"content-type": "application/json"})
+                      headers={"content-type": "application/json", **auth()})
     assert resp.status_code == 400 and "JSON" in resp.json()["error"]["message"]
 
 
@@ -144,12 +144,12 @@ def test_client_disconnect_mid_stream_frees_the_slot(gateway):
 
     llm = serve.get_deployment_handle("llm-tiny-gpt", APP_NAME)
     body = {"model": "tiny-gpt", "prompt": "The", "max_tokens": 120, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{gateway}/v1/completions", json=body) as resp:
+    with httpx.stream("POST", f"{gateway}/v1/completions", json=body, headers=auth()) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["text"]:
                 break  # got real tokens; now hang up
     wait_for(lambda: llm.stats.remote().result()["running"] == 0, 30, "the engine to drop the sequence")
-    out = httpx.post(f"{gateway}/v1/completions", json={**body, "stream": False, "max_tokens": 4}).json()
+    out = httpx.post(f"{gateway}/v1/completions", headers=auth(), json={**body, "stream": False, "max_tokens": 4}).json()
     assert out["usage"]["completion_tokens"] == 4
 
 
@@ -173,7 +173,7 @@ def test_backpressure_is_503_with_retry_after_and_nothing_is_mixed_up(gateway, c
                 .choices[0].text for p in prompts[:10]}
 
     async def fire():
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=200)) as http:
+        async with httpx.AsyncClient(timeout=120, headers=auth(), limits=httpx.Limits(max_connections=200)) as http:
             return await asyncio.gather(*[
                 http.post(f"{base}/v1/completions",
                           json={"model": "tiny-gpt", "prompt": p, "max_tokens": 4, "temperature": 0})
@@ -262,7 +262,7 @@ def test_pool_multiplexes_models_with_lru_eviction(gateway, client, tmp_path):
         wait_ready(base, timeout=240)
         pool_stats = serve.get_deployment_handle("pool-small", "mass-pool").stats
         assert pool_stats.remote().result()["loads"] == []  # readiness and listing load no pooled model
-        pool_client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+        pool_client = openai.OpenAI(base_url=f"{base}/v1", api_key=api_key(), max_retries=0)
         assert sorted(m.id for m in pool_client.models.list()) == ["pa", "pb", "pe"]
         assert httpx.get(f"{base}/readyz").json()["models"] == {"pa": "ready", "pb": "ready", "pe": "ready"}
         assert pool_stats.remote().result()["loads"] == []
@@ -320,7 +320,7 @@ def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(gateway):
 
     async def load():
         body = {"model": "tiny-gpt", "prompt": "The", "max_tokens": 128, "temperature": 0}
-        async with httpx.AsyncClient(timeout=120) as http:
+        async with httpx.AsyncClient(timeout=120, headers=auth()) as http:
             async def worker():
                 while not stop.is_set():
                     await http.post(f"{base}/v1/completions", json=body)
@@ -362,19 +362,19 @@ def test_scale_to_zero_wakes_on_demand_and_a_slow_upstream_is_a_504(gateway):
 
     try:
         wait_ready(base, timeout=240)
-        warm = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        warm = httpx.post(f"{base}/v1/completions", headers=auth(), json=body, timeout=60)
         assert warm.status_code == 200, warm.text
         wait_for(lambda: replicas() == 0, 180, "the idle deployment to scale to zero", interval=1)
 
-        cold = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+        cold = httpx.post(f"{base}/v1/completions", headers=auth(), json=body, timeout=60)
         assert cold.status_code == 504, cold.text
         error = cold.json()["error"]
         assert error["type"] == "timeout_error" and "did not answer within 1.5s" in error["message"]
 
-        wait_for(lambda: httpx.post(f"{base}/v1/completions", json=body, timeout=60).status_code == 200, 180,
+        wait_for(lambda: httpx.post(f"{base}/v1/completions", headers=auth(), json=body, timeout=60).status_code == 200, 180,
                  "the woken replica to answer", interval=1)
         assert replicas() == 1
-        again = httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()
+        again = httpx.post(f"{base}/v1/completions", headers=auth(), json=body, timeout=60).json()
         assert again["choices"][0]["text"] == warm.json()["choices"][0]["text"]
     finally:
         serve.delete("mass-zero")
@@ -402,11 +402,11 @@ def test_the_config_file_runs_with_mass_serve_up_serve_run_and_serve_deploy(gate
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
     port = int(gateway.rsplit(":", 1)[1])
     body = {"model": "tiny-gpt", "prompt": "Return the", "max_tokens": 6, "temperature": 0}
-    expected = httpx.post(f"{gateway}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+    expected = httpx.post(f"{gateway}/v1/completions", headers=auth(), json=body, timeout=60).json()["choices"][0]["text"]
 
     def answers() -> bool:
         wait_ready(gateway, timeout=240)
-        out = httpx.post(f"{gateway}/v1/completions", json=body, timeout=60).json()
+        out = httpx.post(f"{gateway}/v1/completions", headers=auth(), json=body, timeout=60).json()
         return out["choices"][0]["text"] == expected
 
     up = run_cli(["-o", "json", "serve", "up", "--config", str(config), "--port", str(port), "--detach"], env=env)

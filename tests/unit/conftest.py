@@ -16,7 +16,7 @@ def disallow_ray_init(monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
 
 
-from tests.unit.gateway_app import gateway_client, tiny_lm  # noqa: E402,F401  (gateway_client: a fixture)
+from tests.unit.gateway_app import gateway_client, tiny_lm, unit_keys  # noqa: E402,F401  (fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -36,14 +36,27 @@ def minilm():
 
 
 @pytest.fixture(scope="session")
-def gateway_client():
-    """A Starlette TestClient (an httpx.Client) on the in-process gateway; the engines live for the session."""
+def unit_keys(tmp_path_factory):
+    """A key store in a fresh sqlite database, with a user key for every model (``user``) and an admin key
+    (``admin``): name -> secret, plus ``store``."""
+    from mass.access.keys import KeyStore
+
+    store = KeyStore(f"sqlite:///{tmp_path_factory.mktemp('keys') / 'mass.db'}")
+    return {"store": store, "user": store.create({"name": "unit-user"})[1],
+            "admin": store.create({"name": "unit-admin", "admin": True})[1]}
+
+
+@pytest.fixture(scope="session")
+def gateway_client(unit_keys):
+    """A Starlette TestClient (an httpx.Client) on the in-process gateway, sending the session's user key;
+    the engines live for the session."""
     from fastapi.testclient import TestClient
 
     from mass.gateway.app import create_app
     from tests.inprocess import build_state, served
 
-    state = build_state(APP, {"tiny-gpt": tiny_lm(), "minilm": minilm()})
-    with TestClient(create_app(state), raise_server_exceptions=False) as client:
+    state = build_state(APP, {"tiny-gpt": tiny_lm(), "minilm": minilm()}, keys=unit_keys["store"])
+    with TestClient(create_app(state), raise_server_exceptions=False,
+                    headers={"Authorization": f"Bearer {unit_keys['user']}"}) as client:
         yield client
     served(state, "tiny-gpt").engine.shutdown()

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from mass.gateway.chat.protocol import ChatCompletionRequest
 from mass.gateway.generation import generate
 from mass.gateway.protocol import STREAM_RESPONSE, error_responses
-from mass.gateway.state import GatewayState, get_state
+from mass.gateway.state import GatewayState, caller, get_state
 
 router = APIRouter()
 
@@ -49,11 +49,11 @@ class ChatShape:
                             for e in event["logprobs"] or []], "refusal": None}
 
 
-@router.post("/v1/chat/completions", responses={**error_responses(400, 404, 500, 503, 504), **STREAM_RESPONSE})
+@router.post("/v1/chat/completions", responses={**error_responses(400, 401, 404, 429, 500, 503, 504), **STREAM_RESPONSE})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request, state: GatewayState = Depends(get_state)):
     """OpenAI-compatible chat completion (a plain role template for models without a chat template)."""
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     sampling = body.sampling(max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
     payload = {"messages": body.conversation(), "sampling": sampling.to_dict()}
     return await generate(state, body, payload, body.n or 1, "chatcmpl", ChatShape(bool(body.logprobs)),
-                          request.headers.get("x-request-id"))
+                          request.headers.get("x-request-id"), caller(request))

@@ -10,7 +10,7 @@ from mass.errors import InvalidRequest
 from mass.gateway.completions.protocol import CompletionRequest
 from mass.gateway.generation import generate
 from mass.gateway.protocol import STREAM_RESPONSE, error_responses
-from mass.gateway.state import GatewayState, get_state
+from mass.gateway.state import GatewayState, caller, get_state
 
 router = APIRouter()
 
@@ -49,7 +49,7 @@ class CompletionShape:
                 "text_offset": offsets}
 
 
-@router.post("/v1/completions", responses={**error_responses(400, 404, 500, 503, 504), **STREAM_RESPONSE})
+@router.post("/v1/completions", responses={**error_responses(400, 401, 404, 429, 500, 503, 504), **STREAM_RESPONSE})
 async def create_completion(body: CompletionRequest, request: Request, state: GatewayState = Depends(get_state)):
     """OpenAI-compatible completion, streamed as SSE when ``stream`` is true."""
     if body.echo and body.logprobs is not None:
@@ -59,4 +59,4 @@ async def create_completion(body: CompletionRequest, request: Request, state: Ga
     payload = {"prompts": prompts, "echo": bool(body.echo), "sampling": sampling.to_dict()}
     return await generate(state, body, payload, len(prompts) * (body.n or 1), "cmpl",
                           CompletionShape(body.logprobs is not None),
-                          request.headers.get("x-request-id"))
+                          request.headers.get("x-request-id"), caller(request))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import time
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from mass.errors import ModelNotFound
 from mass.gateway.protocol import error_responses
-from mass.gateway.state import GatewayState, get_state
+from mass.gateway.state import GatewayState, caller, get_state
 
 router = APIRouter()
 _STARTED = int(time.time())
@@ -21,20 +21,20 @@ def _model(name: str, route) -> dict:
             "mass": {"ref": route.args.ref, "engine": route.args.engine}}
 
 
-@router.get("/v1/models", responses=error_responses(500, 503))
-async def list_models(state: GatewayState = Depends(get_state)):
-    """The served models, OpenAI shape plus a ``mass`` block (ref, engine)."""
-    return {"object": "list", "data": [_model(name, r) for name, r in sorted(state.routes.items())]}
+@router.get("/v1/models", responses=error_responses(401, 500, 503))
+async def list_models(request: Request, state: GatewayState = Depends(get_state)):
+    """The served models the key may call, OpenAI shape plus a ``mass`` block (ref, engine)."""
+    return {"object": "list", "data": [_model(name, state.routes[name]) for name in state.visible(caller(request))]}
 
 
-@router.get("/v1/models/{model}", responses=error_responses(404, 500, 503))
-async def retrieve_model(model: str, state: GatewayState = Depends(get_state)):
-    """One served model (``client.models.retrieve``); 404 naming the served models otherwise."""
-    route = state.routes.get(model)
-    if route is None:
-        raise ModelNotFound(f"model {model!r} is not served here; served models: {', '.join(sorted(state.routes))}",
+@router.get("/v1/models/{model}", responses=error_responses(401, 404, 500, 503))
+async def retrieve_model(model: str, request: Request, state: GatewayState = Depends(get_state)):
+    """One served model (``client.models.retrieve``); 404 naming the models the key may see otherwise."""
+    visible = state.visible(caller(request))
+    if model not in visible:
+        raise ModelNotFound(f"model {model!r} is not served here; served models: {', '.join(visible) or 'none'}",
                             param="model")
-    return _model(model, route)
+    return _model(model, state.routes[model])
 
 
 @router.get("/healthz")

@@ -1,0 +1,53 @@
+"""The platform database's tables (SQLAlchemy Core). Alembic's migrations under ``migrations/versions``
+create them; a change here needs a new migration."""
+
+from __future__ import annotations
+
+from sqlalchemy import BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text
+
+metadata = MetaData()
+
+#: one row per API key; the secret itself is never stored, only its SHA-256
+api_keys = Table(
+    "api_keys", metadata,
+    Column("id", String(16), primary_key=True),
+    Column("name", String(128), nullable=False, unique=True),
+    Column("secret_sha256", String(64), nullable=False, unique=True),
+    Column("models", Text, nullable=False),  # comma-separated glob patterns
+    Column("rpm", Integer),
+    Column("tpm", Integer),
+    Column("max_parallel", Integer),
+    Column("budget_tokens", BigInteger),
+    Column("budget_period", String(8)),  # day | month
+    Column("admin", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+#: one row: a counter bumped by every key change in the same transaction; gateways poll it and drop
+#: their key cache when it moves (how a revoke reaches every replica within a second)
+access_state = Table(
+    "access_state", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", BigInteger, nullable=False),
+)
+
+#: the usage ledger: one row per /v1 request, admitted or refused; appended in batches, never updated
+usage_records = Table(
+    "usage_records", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("request_id", String(64), nullable=False),
+    Column("key_id", String(16)),  # None: auth off
+    Column("model", String(128)),
+    Column("path", String(64), nullable=False),
+    Column("status", Integer, nullable=False),
+    Column("error_code", String(64)),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("overhead_ms", Float, nullable=False),
+    Index("ix_usage_records_key_at", "key_id", "at"),
+    Index("ix_usage_records_at", "at"),
+)

@@ -1,0 +1,188 @@
+"""Per-key limits: the in-process limiter's windows, reservations and settlement (driven by an explicit clock),
+and the Redis limiter against a real Redis — the same answers, exact under concurrency, and the failure policy
+when its Redis stops (a private ``redis-server`` on a free port, never the machine's)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from mass.access.keys import ApiKey
+from mass.access.limits import BUDGET, PARALLEL, RPM, TPM, LimitsUnavailable, LocalLimiter, Refusal, Reservation
+
+
+def key(**limits) -> ApiKey:
+    now = datetime.now(timezone.utc)
+    fields = {"rpm": None, "tpm": None, "max_parallel": None, "budget_tokens": None, "budget_period": None,
+              **limits}
+    return ApiKey(id=uuid.uuid4().hex[:12], name="k", models=("*",), admin=False, created_at=now, updated_at=now,
+                  revoked_at=None, **fields)
+
+
+def test_requests_per_minute_is_a_sliding_window():
+    lim, k = LocalLimiter(), key(rpm=3)
+    admitted = [lim.admit(k, 0, now=t) for t in (0.0, 10.0, 20.0)]
+    assert all(isinstance(r, Reservation) for r in admitted)
+    assert admitted[-1].quota.requests_left == 0
+    refused = lim.admit(k, 0, now=59.9)
+    assert isinstance(refused, Refusal) and refused.reason == RPM and refused.retry_after_s == pytest.approx(0.1)
+    assert isinstance(lim.admit(k, 0, now=60.0), Reservation)  # the first one left the window
+    assert isinstance(lim.admit(k, 0, now=65.0), Refusal)  # no fixed bucket boundary lets a burst through
+
+
+def test_tokens_are_reserved_then_settled_to_the_real_usage():
+    lim, k = LocalLimiter(), key(tpm=100)
+    first = lim.admit(k, 80, now=0.0)
+    assert isinstance(first, Reservation) and first.quota.tokens_left == 20
+    refused = lim.admit(k, 30, now=1.0)
+    assert refused.reason == TPM and refused.retry_after_s == pytest.approx(59.0)
+    lim.settle(first, 10)  # the request used 10 of its 80
+    second = lim.admit(k, 30, now=2.0)
+    assert isinstance(second, Reservation) and second.quota.tokens_left == 60
+    lim.settle(second, 30)
+    lim.settle(second, 999)  # settling twice changes nothing
+    assert lim.admit(k, 61, now=3.0).reason == TPM
+    too_big = lim.admit(k, 101, now=3.0)
+    assert "more than the whole minute allows" in too_big.detail
+
+
+def test_parallel_slots_free_when_settled():
+    lim, k = LocalLimiter(), key(max_parallel=2)
+    a, b = lim.admit(k, 1, now=0.0), lim.admit(k, 1, now=0.0)
+    assert lim.admit(k, 1, now=0.0).reason == PARALLEL
+    lim.settle(a, 1)
+    assert isinstance(lim.admit(k, 1, now=0.1), Reservation) and isinstance(b, Reservation)
+
+
+def test_a_budget_is_never_exceeded_and_renews_with_its_period():
+    lim, k = LocalLimiter(), key(budget_tokens=100, budget_period="day")
+    noon = datetime(2026, 11, 26, 12, tzinfo=timezone.utc).timestamp()
+    r = lim.admit(k, 60, now=noon)
+    refused = lim.admit(k, 41, now=noon)
+    assert refused.reason == BUDGET and refused.retry_after_s == pytest.approx(12 * 3600)
+    lim.settle(r, 59)
+    assert isinstance(lim.admit(k, 41, now=noon), Reservation) and lim.spent(k, now=noon) == 100
+    assert lim.admit(k, 1, now=noon).reason == BUDGET
+    assert isinstance(lim.admit(k, 100, now=noon + 12 * 3600), Reservation)  # the next UTC day
+
+
+def test_the_per_replica_cap_divides_every_limit():
+    lim, k = LocalLimiter(scale=2), key(rpm=5, tpm=100)
+    assert [isinstance(lim.admit(k, 0, now=0.0), Reservation) for _ in range(3)] == [True, True, False]
+    assert lim.admit(key(tpm=100), 51, now=0.0).reason == TPM
+
+
+def test_refusals_name_the_limit_and_when_to_retry():
+    from mass.access.limits import refusal_error
+
+    k = key(rpm=3, budget_tokens=10, budget_period="month")
+    err = refusal_error(k, Refusal(RPM, 2.2, None))
+    assert (err.code, err.http_status, err.details["retry_after"]) == ("rate_limit_exceeded", 429, 3)
+    assert "3 requests per minute" in err.message
+    quota = refusal_error(k, Refusal(BUDGET, 3600, None))
+    assert quota.code == "insufficient_quota" and "budget of 10 per month" in quota.message
+
+
+# ------------------------------------------------------------------ Redis
+def _redis_up(port: int) -> bool:
+    import redis
+
+    try:
+        return redis.Redis(port=port, socket_timeout=0.5).ping()
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of this test's own on a free port (stopped and started by the test)."""
+    from mass.cluster import free_port
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    cmd = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
+
+    class Server:
+        url = f"redis://127.0.0.1:{port}/0"
+        proc = None
+
+        def start(self):
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.monotonic() + 10
+            while not _redis_up(port):
+                assert time.monotonic() < deadline, "private redis-server did not start"
+                time.sleep(0.05)
+
+        def stop(self):
+            self.proc.kill()
+            self.proc.wait()
+
+    server = Server()
+    server.start()
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
+
+
+def test_redis_limits_are_exact_under_concurrency(private_redis):
+    from mass.access.redis_limits import RedisLimiter
+
+    async def run():
+        lim = RedisLimiter(private_redis.url, replicas=2)
+        other = RedisLimiter(private_redis.url, replicas=2)  # a second gateway replica
+        k = key(rpm=50, budget_tokens=1000, budget_period="day")
+        results = await asyncio.gather(*[(lim if i % 2 else other).admit(k, 10) for i in range(200)])
+        admitted = [r for r in results if isinstance(r, Reservation)]
+        assert len(admitted) == 50 and {r.reason for r in results if isinstance(r, Refusal)} == {RPM}
+        await asyncio.gather(*[r.backend.settle(r, 4) for r in admitted])  # 200 of the 500 reserved
+        b = key(tpm=100, max_parallel=3)
+        held = [await lim.admit(b, 30) for _ in range(3)]
+        assert all(isinstance(r, Reservation) for r in held)
+        assert (await other.admit(b, 1)).reason == PARALLEL
+        await lim.settle(held[0], 5)
+        nxt = await other.admit(b, 30)
+        assert isinstance(nxt, Reservation) and nxt.quota.tokens_left == 100 - 5 - 30 - 30 - 30
+        assert (await lim.admit(b, 30)).reason in (TPM, PARALLEL)
+        spent = int(await lim.redis.get(f"mass:limits:{{{k.id}}}:budget:{admitted[0].period}"))
+        assert spent == 200
+        await lim.close()
+        await other.close()
+
+    asyncio.run(run())
+
+
+def test_redis_failure_policy_budgets_closed_rates_capped_per_replica_then_recovery(private_redis):
+    from mass.access.redis_limits import RedisLimiter
+
+    async def run():
+        lim = RedisLimiter(private_redis.url, replicas=2, retry_s=0.2)
+        rated, budgeted = key(rpm=10), key(budget_tokens=100, budget_period="day")
+        assert isinstance(await lim.admit(rated, 1), Reservation)
+        private_redis.stop()
+        with pytest.raises(LimitsUnavailable) as info:
+            await lim.admit(budgeted, 1)
+        assert info.value.http_status == 503 and "budgets fail closed" in info.value.message
+        local = [await lim.admit(rated, 1) for _ in range(6)]
+        assert [isinstance(r, Reservation) for r in local] == [True] * 5 + [False]  # 10 rpm / 2 replicas
+        for r in local[:5]:
+            await r.backend.settle(r, 1)  # settled locally, no Redis needed
+        private_redis.start()
+        deadline = time.monotonic() + 10
+        while True:  # back on Redis by itself: the budget is checked again
+            try:
+                result = await lim.admit(budgeted, 1)
+                break
+            except LimitsUnavailable:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.1)
+        assert isinstance(result, Reservation) and result.backend is lim
+        await lim.close()
+
+    asyncio.run(run())
