@@ -135,8 +135,9 @@ def test_redis_limits_are_exact_under_concurrency(private_redis):
     from mass.access.redis_limits import RedisLimiter
 
     async def run():
-        lim = RedisLimiter(private_redis.url, replicas=2)
-        other = RedisLimiter(private_redis.url, replicas=2)  # a second gateway replica
+        # generous timeouts: this test is about exactness, not about a slow Redis on a busy test machine
+        lim = RedisLimiter(private_redis.url, replicas=2, timeout_s=10)
+        other = RedisLimiter(private_redis.url, replicas=2, timeout_s=10)  # a second gateway replica
         k = key(rpm=50, budget_tokens=1000, budget_period="day")
         results = await asyncio.gather(*[(lim if i % 2 else other).admit(k, 10) for i in range(200)])
         admitted = [r for r in results if isinstance(r, Reservation)]
