@@ -183,6 +183,21 @@ class KeyNotFound(NotFound):
     code = "key_not_found"
 
 
+class UpstreamUnavailable(MassError):
+    """A model's replica died or could not be reached (after one transparent retry); retry after
+    ``retry_after`` seconds. An upstream failure, never the gateway's own 500."""
+
+    code = "upstream_unavailable"
+    http_status = 503
+    exit_code = 7
+
+
+class CircuitOpen(UpstreamUnavailable):
+    """A model's circuit breaker is open (its recent requests failed) and no fallback could answer."""
+
+    code = "circuit_open"
+
+
 class RegistryError(MassError):
     """The model repository (MLflow) failed or could not be reached."""
 

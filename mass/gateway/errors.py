@@ -10,12 +10,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from mass.errors import MassError, Overloaded, UpstreamTimeout
+from mass.errors import MassError, Overloaded, UpstreamTimeout, UpstreamUnavailable
 from mass.gateway.protocol import UNSUPPORTED, error_body
 
 log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
+          404: "invalid_request_error", 429: "rate_limit_error", 502: "upstream_error", 503: "overloaded_error",
+          504: "timeout_error"}
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -28,7 +29,8 @@ def unwrap(exc: BaseException) -> BaseException:
 
 
 async def call_upstream(response, timeout: float, model: str, retry_after_s: int):
-    """Await a Serve handle response; backpressure -> Overloaded (503), timeout -> UpstreamTimeout (504).
+    """Await a Serve handle response; backpressure -> Overloaded (503), timeout -> UpstreamTimeout (504), a
+    replica that died -> UpstreamUnavailable (503 with Retry-After: an upstream failure, not our 500).
 
     Translating here, inside the route, matters: Serve installs its own plain-text 503 handler for
     BackPressureError on the app, which would bypass the OpenAI error body and ``Retry-After``.
@@ -43,6 +45,35 @@ async def call_upstream(response, timeout: float, model: str, retry_after_s: int
         if hasattr(response, "cancel"):  # a DeploymentResponse; a stream is cancelled by its owner
             response.cancel()
         raise UpstreamTimeout.after(model, timeout) from exc
+    except Exception as exc:
+        if replica_lost(exc):
+            raise UpstreamUnavailable(f"model {model!r} lost the replica serving this request; retry in "
+                                      f"{retry_after_s}s", retry_after=retry_after_s) from exc
+        raise
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """True when ``exc`` says the model replica (its actor, worker or node) died or cannot be reached."""
+    import ray.exceptions as rex
+    from ray.serve import exceptions as sex
+
+    lost = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, sex.ReplicaUnavailableError,
+            sex.DeploymentUnavailableError)
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, lost):
+            return True
+        exc, seen = exc.__cause__ or getattr(exc, "cause", None), seen + 1
+    return False
+
+
+def is_upstream_failure(exc: BaseException) -> bool:
+    """Does ``exc`` count against a model's circuit breaker? Its replica died, it timed out, or it failed on
+    its own (5xx); a client's mistake (4xx) and backpressure (503 at capacity) do not."""
+    exc = unwrap(exc)
+    if isinstance(exc, MassError):
+        return exc.http_status >= 500 and not isinstance(exc, Overloaded)
+    return not isinstance(exc, asyncio.CancelledError)
 
 
 def validation_error_body(errors: list[dict]) -> dict:

@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, Protocol
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mass.errors import raise_if_error
-from mass.gateway.errors import call_upstream, error_response
+from mass.gateway.errors import call_upstream, error_response, is_upstream_failure
 from mass.gateway.protocol import SamplingFields
 from mass.gateway.proxy import current_call, upstream
 from mass.gateway.state import GatewayState
@@ -61,28 +61,42 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
     timeout, retry = state.args.gateway.request_timeout_s, state.args.gateway.retry_after_s
     base = {"id": rid, "created": created, "model": body.model}
     if not body.stream:
-        result = raise_if_error(await upstream(call_upstream(route.target.generate.remote(request), timeout,
-                                                                    body.model, retry)))
-        _count(call, result["usage"])
-        return JSONResponse({**base, "object": shape.object, "choices": [shape.whole(c) for c in result["choices"]],
-                             "usage": result["usage"]}, headers=headers)
+        async def whole(candidate) -> dict[str, Any]:
+            return raise_if_error(await upstream(call_upstream(candidate.target.generate.remote(request), timeout,
+                                                               candidate.args.name, retry)))
 
-    stream = route.target.options(stream=True).stream.remote(request)
-    try:  # the first event surfaces request errors (context overflow...) as a status, not a broken stream
-        first = await upstream(call_upstream(stream.__anext__(), timeout, body.model, retry))
-        raise_if_error(first)
-        if "prompt_tokens" in first:  # the request was accepted: its prompt size, then the choices
-            if call is not None:
-                call.prompt_tokens = first["prompt_tokens"]
-            first = await upstream(call_upstream(stream.__anext__(), timeout, body.model, retry))
-    except StopAsyncIteration:
-        first = None
-    except BaseException:
-        stream.cancel()
-        raise
+        result, answered = await state.call(route, whole)
+        _count(call, result["usage"])
+        return JSONResponse({**base, "model": answered.args.name, "object": shape.object,
+                             "choices": [shape.whole(c) for c in result["choices"]], "usage": result["usage"]},
+                            headers=headers)
+
+    async def opened(candidate):
+        """The stream and its first choice event: a failure until then (a lost replica included) can still
+        be retried or sent to a fallback, since nothing has reached the client."""
+        stream = candidate.target.options(stream=True).stream.remote(request)
+        name = candidate.args.name
+        try:  # the first event surfaces request errors (context overflow...) as a status, not a broken stream
+            first = await upstream(call_upstream(stream.__anext__(), timeout, name, retry))
+            raise_if_error(first)
+            if "prompt_tokens" in first:  # the request was accepted: its prompt size, then the choices
+                if call is not None:
+                    call.prompt_tokens = first["prompt_tokens"]
+                first = await upstream(call_upstream(stream.__anext__(), timeout, name, retry))
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            stream.cancel()
+            raise
+        return stream, first
+
+    (stream, first), answered = await state.call(route, opened, record=False)
+    breaker, model = answered.breaker, answered.args.name
+    base["model"] = model
     base["object"] = shape.chunk_object
 
     async def events() -> AsyncIterator[str]:
+        failed = False
         try:
             heads = [h for h in (shape.head(i) for i in range(choices)) if h is not None]
             if heads:
@@ -98,15 +112,17 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
                     if event["text"] or event["finish_reason"] or event["logprobs"]:
                         yield _sse({**base, "choices": [shape.delta(event)]})
                 try:
-                    event = await upstream(call_upstream(stream.__anext__(), timeout, body.model, retry))
+                    event = await upstream(call_upstream(stream.__anext__(), timeout, model, retry))
                 except StopAsyncIteration:
                     event = None
             if body.include_usage and usage is not None:
                 yield _sse({**base, "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
-        except Exception as exc:  # mid-stream failure: an error event, then the stream ends
+        except Exception as exc:  # mid-stream failure (a lost replica: upstream_unavailable): an error event
+            failed = is_upstream_failure(exc)
             yield _sse(json.loads(error_response(exc).body))
         finally:
+            breaker.record(failed)
             stream.cancel()  # no-op when finished; frees the engine slots when the client went away
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -18,6 +18,7 @@ from mass.errors import MassError
 
 T = TypeVar("T")
 OVERHEAD_HEADER = "x-mass-overhead-ms"
+MODEL_HEADER = "x-mass-model"  # the model that answered
 _PROTECTED = ("/v1/", "/admin/")
 
 
@@ -30,6 +31,7 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     key: Any = None  # mass.access.keys.ApiKey, or None with auth off
     model: str | None = None
+    served_by: str | None = None  # the model that answered (a fallback, when the requested one could not)
     upstream_s: float = 0.0  # time spent awaiting model deployments
     first_byte_s: float | None = None
     status: int = 0
@@ -103,6 +105,8 @@ class ProxyMiddleware:
                 headers.append(OVERHEAD_HEADER, f"{call.overhead_ms():.2f}")
                 if named_here:
                     headers.append("x-request-id", call.request_id)
+                if call.served_by is not None:
+                    headers.append(MODEL_HEADER, call.served_by)
                 if call.quota is not None:
                     for name, value in call.quota.headers():
                         headers.append(name, value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 
@@ -22,6 +22,7 @@ class Route:
     handle: Any
     facts: dict[str, Any] = field(default_factory=dict)
     coalescer: Any = None  # embedding models: a mass.gateway.coalesce.Coalescer
+    breaker: Any = None  # mass.gateway.breaker.CircuitBreaker
 
     @property
     def target(self):
@@ -30,6 +31,7 @@ class Route:
 
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class GatewayState:
@@ -45,9 +47,12 @@ class GatewayState:
     def __init__(self, handles: dict[str, Any], args: AppArgs, keys: Any = None) -> None:
         self.args = args
         self.routes = {m.name: Route(m, handles[m.name]) for m in args.models}
+        from mass.gateway.breaker import CircuitBreaker
+
         for route in self.routes.values():
             if route.args.engine == "embedding":
                 route.coalescer = self._coalescer(route)
+            route.breaker = CircuitBreaker(route.args.name, **args.gateway.breaker.model_dump())
         self.limits = self._limiter(args.gateway)
         self.ledger = None
         if args.gateway.ledger:
@@ -145,6 +150,56 @@ class GatewayState:
             route = None
         check_served(model, route.args.engine if route else None, engine, self.visible(caller))
         return route
+
+    async def call(self, route: Route, attempt: Callable[[Route], Awaitable[T]], record: bool = True
+                   ) -> tuple[T, Route]:
+        """``attempt(route)`` through the model's circuit breaker: a replica lost before any output is retried
+        once (Serve routes the retry to another replica), then the model's fallbacks are tried in order; a
+        model whose breaker is open is skipped. Returns (the result, the route that answered). With
+        ``record=False`` the caller records the answering route's outcome itself (a stream, when it ends).
+
+        CircuitOpen (503 with Retry-After) when no candidate may be called; otherwise the last failure."""
+        from mass.errors import CircuitOpen
+        from mass.gateway.errors import is_upstream_failure, replica_lost
+        from mass.gateway.proxy import current_call
+
+        candidates = [route, *(self.routes[name] for name in route.args.fallbacks)]
+        failure: BaseException | None = None
+        for candidate in candidates:
+            if not candidate.breaker.allow():
+                continue
+            for retry in (False, True):
+                try:
+                    result = await attempt(candidate)
+                except Exception as exc:
+                    if not is_upstream_failure(exc):
+                        candidate.breaker.record(False)
+                        raise
+                    candidate.breaker.record(True)
+                    failure = exc
+                    if replica_lost(exc) and not retry and candidate.breaker.allow():
+                        log.warning("model %r lost a replica mid-request; retrying once", candidate.args.name)
+                        continue
+                    break
+                if record:
+                    candidate.breaker.record(False)
+                call = current_call()
+                if call is not None:
+                    call.served_by = candidate.args.name
+                return result, candidate
+            if failure is not None and not replica_lost(failure):
+                break  # a timeout or a model error is the answer; only a lost replica moves to the fallbacks
+        if failure is not None:
+            raise failure
+        wait = min(c.breaker.retry_after_s() for c in candidates)
+        raise CircuitOpen(f"model {route.args.name!r} is failing (circuit open) and no fallback can answer; retry "
+                          f"in {max(1, round(wait))}s", retry_after=max(1, round(wait)))
+
+    def services(self) -> dict[str, Any]:
+        """Every served model's circuit breaker and fallbacks (``/admin/services``)."""
+        return {name: {"engine": r.args.engine, "deployment": self.args.deployment_of(r.args),
+                       "fallbacks": list(r.args.fallbacks), "breaker": r.breaker.status()}
+                for name, r in sorted(self.routes.items())}
 
     def table(self) -> dict[str, dict[str, Any]]:
         """The routing table the SDK uses for handle calls: name -> deployment, engine, pooled, and the

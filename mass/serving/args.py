@@ -54,6 +54,8 @@ class _ServedModel(MassConfig):
         "auto", description="Weight dtype at load time (auto: as saved).")
     quantization: Literal["none", "int8", "nf4"] = Field(
         "none", description="Load weights quantized with bitsandbytes (int8, or 4-bit nf4).")
+    fallbacks: list[str] = Field(default_factory=list, description="Served models (same engine) that answer, in "
+                                 "order, while this model's circuit breaker is open or its replica was lost twice.")
 
     @field_validator("ref")
     @classmethod
@@ -105,6 +107,16 @@ class PoolArgs(MassConfig):
     max_queued_requests: int = Field(-1, ge=-1, description="Queued per caller before 503 (-1: unbounded).")
 
 
+class BreakerArgs(MassConfig):
+    """The circuit breaker the gateway keeps for every served model."""
+
+    failure_ratio: float = Field(0.5, gt=0, le=1, description="Open at this share of failed requests...")
+    min_requests: int = Field(10, ge=1, description="...once the window holds at least this many.")
+    window_s: float = Field(30.0, gt=0, description="Sliding window of request outcomes.")
+    open_s: float = Field(10.0, gt=0, description="Stay open this long, then let probe requests through.")
+    half_open_probes: int = Field(2, ge=1, description="Probe requests that must all succeed to close again.")
+
+
 class GatewayArgs(MassConfig):
     """The OpenAI-compatible gateway."""
 
@@ -117,6 +129,7 @@ class GatewayArgs(MassConfig):
                                                     "limits and budgets (redis://host:port/db). None: in-process "
                                                     "limits, exact for one replica.")
     ledger: bool = Field(True, description="Record every /v1 request in the usage ledger (platform database).")
+    breaker: BreakerArgs = Field(default_factory=BreakerArgs)
     auth: bool = Field(True, description="Require an API key (`Authorization: Bearer`) on /v1 and /admin. "
                                          "false: anyone who reaches the port calls every model without limits "
                                          "(logged as a warning at start).")
@@ -145,6 +158,19 @@ class AppArgs(MassConfig):
             if pools[model.pool].engine != model.engine:
                 raise ValueError(f"model {model.name!r} ({model.engine}) cannot join pool {model.pool!r} "
                                  f"({pools[model.pool].engine})")
+        return self
+
+    @model_validator(mode="after")
+    def _fallbacks(self) -> "AppArgs":
+        engines = {m.name: m.engine for m in self.models}
+        for model in self.models:
+            for name in model.fallbacks:
+                if name == model.name or name not in engines:
+                    raise ValueError(f"model {model.name!r}: fallback {name!r} must be another served model; "
+                                     f"served: {sorted(engines)}")
+                if engines[name] != model.engine:
+                    raise ValueError(f"model {model.name!r} ({model.engine}) cannot fall back to {name!r} "
+                                     f"({engines[name]})")
         return self
 
     def deployment_of(self, model: ModelArgs) -> str:

@@ -61,6 +61,13 @@ def rotate_key(ref: str, state: GatewayState = Depends(get_state)) -> dict[str, 
     return {**key.to_dict(), "secret": secret}
 
 
+@router.get("/services", responses=_ERRORS)
+async def services(state: GatewayState = Depends(get_state)) -> dict[str, Any]:
+    """Every served model's circuit breaker (state, window counts, recent transitions) and fallbacks, as this
+    gateway replica sees them."""
+    return {"object": "list", "data": state.services()}
+
+
 class UsageQuery(BaseModel):
     """The query of ``/admin/usage``."""
 

@@ -30,7 +30,10 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: Gat
     if call is not None and call.key is not None:  # at most max_length tokens per input (truncated beyond)
         await state.admit(call, sum(min(len(t) if not isinstance(t, str) else len(t.encode()) + 2,
                                         facts["max_length"]) for t in inputs))
-    result = raise_if_error(await state.embed(route, inputs))
+    async def attempt(candidate):
+        return raise_if_error(await state.embed(candidate, inputs))
+
+    result, answered = await state.call(route, attempt)
     if call is not None:
         call.prompt_tokens = result["prompt_tokens"]
     data = []
@@ -40,5 +43,5 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: Gat
         data.append({"object": "embedding", "index": i, "embedding": vector})
     tokens = result["prompt_tokens"]
     # a JSONResponse as is: FastAPI would otherwise walk every float through jsonable_encoder
-    return JSONResponse({"object": "list", "data": data, "model": body.model,
+    return JSONResponse({"object": "list", "data": data, "model": answered.args.name,
                          "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
