@@ -7,6 +7,7 @@ gateway's HTTP API or to the model deployments directly; it never imports the ga
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
@@ -55,6 +56,7 @@ class Client:
         self.app_name = app_name
         self.timeout_s = timeout_s
         self._table: dict[str, dict[str, Any]] | None = None
+        self._pending: list[Any] = []
         self.via = self._pick(via)
 
     def _pick(self, via: str) -> str:
@@ -120,10 +122,18 @@ class Client:
                                           **_openai_fields(params)})
             return
         handle = self._handle(model, "llm").options(stream=True)
-        for event in handle.stream.remote({"prompts": [prompt], "sampling": params.to_dict()}):
-            raise_if_error(event)
-            if event.get("text"):
-                yield event["text"]
+        started, usage, error = time.perf_counter(), {}, None
+        try:
+            for event in handle.stream.remote({"prompts": [prompt], "sampling": params.to_dict()}):
+                raise_if_error(event)
+                usage = event.get("usage", usage)
+                if event.get("text"):
+                    yield event["text"]
+        except MassError as exc:
+            error = exc
+            raise
+        finally:
+            self._attribute(model, "stream", started, usage, error)
 
     def embed(self, model: str, texts: str | list[str]) -> list[list[float]]:
         """One vector per text, in order."""
@@ -195,15 +205,44 @@ class Client:
 
         from mass.errors import Overloaded, UpstreamTimeout
 
+        started, result, error = time.perf_counter(), None, None
         response = getattr(self._handle(model, engine), method).remote(payload)
         try:
-            result = response.result(timeout_s=self.timeout_s)
+            result = raise_if_error(response.result(timeout_s=self.timeout_s))
         except BackPressureError as exc:
-            raise Overloaded.at_capacity(model, self._routes()[model]["retry_after_s"]) from exc
+            error = Overloaded.at_capacity(model, self._routes()[model]["retry_after_s"])
+            raise error from exc
         except TimeoutError as exc:
             response.cancel()
-            raise UpstreamTimeout.after(model, self.timeout_s) from exc
-        return raise_if_error(result)
+            error = UpstreamTimeout.after(model, self.timeout_s)
+            raise error from exc
+        except MassError as exc:
+            error = exc
+            raise
+        finally:
+            usage = (result or {}).get("usage") or {"prompt_tokens": (result or {}).get("prompt_tokens", 0)}
+            self._attribute(model, method, started, usage, error)
+        return result
+
+    def _attribute(self, model: str, method: str, started: float, usage: dict[str, Any],
+                   error: MassError | None) -> None:
+        """With an API key, a handle call is recorded in the usage ledger under it (sent to the app's gateway,
+        which writes it with its own records; not awaited, so the call pays nothing for it)."""
+        if not self.api_key:
+            return
+        from datetime import datetime, timezone
+        from uuid import uuid4
+
+        from ray import serve
+
+        record = {"at": datetime.now(timezone.utc), "request_id": uuid4().hex[:24], "model": model,
+                  "path": f"handle:{method}", "status": error.http_status if error else 200,
+                  "error_code": error.code if error else None,
+                  "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+                  "completion_tokens": int(usage.get("completion_tokens") or 0),
+                  "latency_ms": (time.perf_counter() - started) * 1000, "overhead_ms": 0.0}
+        self._pending = [*self._pending[-15:], serve.get_app_handle(self.app_name).record_usage.remote(
+            self.api_key, record)]  # kept referenced until sent
 
     def _post_or_get(self, verb: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         import httpx

@@ -39,8 +39,8 @@ def _serve(corpus_dir: str, card: str) -> str:
                                "rpm": 600, "tpm": 100_000, "budget": "1000000/day"})
     auth = {"Authorization": f"Bearer {secret}"}
     try:
-        print(f"API key {key.name} ({key.prefix}, models {','.join(key.models)}, {key.rpm} rpm) created with "
-              f"`mass keys create`'s library call; the gateway needs it on every /v1 call:", flush=True)
+        print(f"created API key {key.name} ({key.prefix}: models {','.join(key.models)}, {key.rpm} rpm, "
+              f"{key.budget_tokens} tokens/day), as `mass keys create` does; every /v1 call needs one:", flush=True)
         refused = httpx.get(f"{url}/v1/models", timeout=60).json()["error"]
         print(f"  without a key: {refused['code']}: {refused['message']}", flush=True)
         print(f"tiny-gpt is {card}: expect docstring-flavoured babble, not answers.", flush=True)

@@ -71,3 +71,19 @@ class Gateway:
         from mass.gateway.state import current_state
 
         return current_state().table()
+
+    async def record_usage(self, api_key: str, record: dict[str, Any]) -> bool:
+        """Attribute an SDK handle call (in-cluster, so trusted and not limited) to ``api_key`` in the usage
+        ledger; False when the key is not valid or the ledger is off (not an HTTP route)."""
+        from mass.errors import MassError
+        from mass.gateway.state import current_state
+
+        state = current_state()
+        if state.resolver is None or state.ledger is None:
+            return False
+        try:
+            key = await state.resolver.authenticate(f"Bearer {api_key}")
+        except MassError:
+            return False
+        state.ledger.record({**record, "key_id": key.id})
+        return True

@@ -19,6 +19,11 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           504: "timeout_error"}
 
 
+#: OpenAI's own types where a code has one; an upstream failure is not the gateway being overloaded
+_CODE_TYPES = {"insufficient_quota": "insufficient_quota", "upstream_unavailable": "upstream_error",
+               "circuit_open": "upstream_error"}
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The original exception behind Ray's wrappers (RayTaskError keeps it as ``cause``)."""
     seen = 0
@@ -113,7 +118,8 @@ def error_response(exc: BaseException) -> JSONResponse:
     if isinstance(exc, MassError):
         status = exc.http_status
         param = exc.details.get("param") or exc.details.get("field")
-        body = error_body(exc.message, _TYPES.get(status, "server_error"), exc.code, param)
+        body = error_body(exc.message, _CODE_TYPES.get(exc.code) or _TYPES.get(status, "server_error"), exc.code,
+                          param)
         if status >= 500:
             log.warning("request failed: %s", exc.message)
         headers = {"Retry-After": str(exc.details["retry_after"])} if "retry_after" in exc.details else None

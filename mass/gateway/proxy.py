@@ -83,13 +83,14 @@ class ProxyMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(_PROTECTED):
+        path = route_path(scope)
+        if scope["type"] != "http" or not path.startswith(_PROTECTED):
             await self.app(scope, receive, send)
             return
         from mass.gateway.errors import error_response
         from mass.gateway.state import current_state
 
-        call = Call(scope["path"], _header(scope, b"x-request-id") or "")
+        call = Call(path, _header(scope, b"x-request-id") or "")
         named_here = not call.request_id
         if named_here:  # no Serve/HAProxy in front (an in-process app): the proxy names the request
             call.request_id = uuid.uuid4().hex[:24]
@@ -117,7 +118,7 @@ class ProxyMiddleware:
             try:
                 state = scope["app"].state.mass or current_state()
                 call.key = await state.authenticate(_header(scope, b"authorization"),
-                                                    admin=scope["path"].startswith("/admin/"))
+                                                    admin=path.startswith("/admin/"))
             except MassError as exc:
                 await error_response(exc)(scope, receive, stamped)
                 return
@@ -129,6 +130,15 @@ class ProxyMiddleware:
                     await state.settle(call)
                 if state.ledger is not None and call.path.startswith("/v1/"):
                     state.ledger.record(call.record())
+
+
+def route_path(scope) -> str:
+    """The request path inside the app: an app served under a route prefix (``/proxy``, ``/mass-demo``) sees
+    ``/proxy/v1/models`` in ``path`` and ``/proxy`` in ``root_path``; the proxy must protect ``/v1/models``."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):]
+    return path
 
 
 def _header(scope, name: bytes) -> str | None:

@@ -13,6 +13,7 @@ def test_demo_runs_to_the_end(ray_cluster, tmp_path):
     for step in ("1/6 build the docstring corpus", "2/6 train tiny-gpt", "3/6 import", "4/6 the model repository",
                  "5/6 serve tiny-gpt and MiniLM", "6/6 semantic search"):
         assert step in out
+    assert "  without a key: invalid_api_key: missing API key" in out  # the app at /mass-demo is protected
     assert "chat (HTTP):" in out and "stream (HTTP SSE, " in out and "embedded 500 docstrings via handles" in out
     assert "tiny-gpt is a 0.7M-parameter GPT-2 trained for" in out and "frequency_penalty=1.0" in out
     hits = [line for line in out.splitlines() if line.startswith("    0.")]

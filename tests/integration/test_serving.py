@@ -226,13 +226,30 @@ def test_sdk_gives_the_same_results_and_errors_over_http_and_serve_handles(gatew
     import ray
 
     over_http = _sdk_session({"base_url": gateway, "via": "http"})
-    in_cluster = ray.get(ray.remote(num_cpus=0)(_sdk_session).remote({}))  # inside a Ray task: handles, chosen by itself
+    # inside a Ray task: handles, chosen by itself; the key is passed only to attribute the calls in the ledger
+    in_cluster = ray.get(ray.remote(num_cpus=0)(_sdk_session).remote({"api_key": api_key()}))
     assert over_http["via"] == "http" and in_cluster["via"] == "handle"
     for key in ("models", "complete", "chat", "stream", "ghost", "too_long", "limit", "wrong_kind"):
         assert over_http[key] == in_cluster[key], key
     assert torch.allclose(torch.tensor(over_http["embed"]), torch.tensor(in_cluster["embed"]), atol=1e-6)
     assert over_http["ghost"][0] == "ModelNotFound" and over_http["too_long"][0] == "InvalidRequest"
     assert over_http["complete"].completion_tokens == 8 and over_http["stream"]
+
+    from sqlalchemy import text
+
+    from mass.access.db import engine
+    from mass.access.keys import KeyStore
+
+    store = KeyStore()
+    key_id = store.get("integration").id
+
+    def attributed() -> dict:
+        with engine(store.url).connect() as conn:
+            return dict(conn.execute(text("select path, count(*) from usage_records where key_id = :k and path "
+                                          "like 'handle:%' group by path"), {"k": key_id}).all())
+
+    wait_for(lambda: {"handle:generate", "handle:stream", "handle:embed"} <= set(attributed()), 30,
+             "the SDK's handle calls in the usage ledger")
 
 
 def test_pool_multiplexes_models_with_lru_eviction(gateway, client, tmp_path):

@@ -238,3 +238,12 @@ def test_a_cancelled_stream_is_charged_what_it_generated(gateway_client, unit_ke
         time.sleep(0.05)
     spent = limiter.spent(k)
     assert 3 + 3 <= spent < 3 + 60  # the prompt (3 tokens) and what was generated, not the 60 reserved
+
+
+def test_an_app_under_a_route_prefix_protects_its_v1_routes():
+    """Serve passes an app mounted at /proxy the full path and /proxy as root_path."""
+    from mass.gateway.proxy import route_path
+
+    assert route_path({"path": "/proxy/v1/models", "root_path": "/proxy"}) == "/v1/models"
+    assert route_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
+    assert route_path({"path": "/proxyx/v1/models", "root_path": "/proxy"}) == "/proxyx/v1/models"

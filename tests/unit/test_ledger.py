@@ -14,7 +14,7 @@ import pytest
 
 from mass.access.ledger import UsageLedger, parse_since, usage_summary
 from mass.cli.main import main
-from tests import pgserver
+from tests import servers
 
 
 def rows(db_path, key_id):
@@ -94,12 +94,12 @@ def test_parse_since():
     assert parse_since("2026-11-01", now) == datetime(2026, 11, 1, tzinfo=timezone.utc)
 
 
-@pytest.mark.skipif(not pgserver.available(), reason="initdb/pg_ctl not installed")
+@pytest.mark.skipif(not servers.postgres_available(), reason="initdb/pg_ctl not installed")
 def test_no_record_is_lost_while_postgresql_restarts_and_an_overflow_is_counted():
     from mass.access.db import dispose
     from mass.cluster import free_port
 
-    pg = pgserver.PrivatePostgres(free_port())
+    pg = servers.PrivatePostgres(free_port())
     pg.start()
     ledger = UsageLedger(pg.url, max_buffer=130)
     now = datetime.now(timezone.utc)

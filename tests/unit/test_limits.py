@@ -5,8 +5,6 @@ when its Redis stops (a private ``redis-server`` on a free port, never the machi
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import time
 import uuid
 from datetime import datetime, timezone
@@ -90,45 +88,18 @@ def test_refusals_name_the_limit_and_when_to_retry():
 
 
 # ------------------------------------------------------------------ Redis
-def _redis_up(port: int) -> bool:
-    import redis
-
-    try:
-        return redis.Redis(port=port, socket_timeout=0.5).ping()
-    except redis.RedisError:
-        return False
-
-
 @pytest.fixture
-def private_redis(tmp_path):
+def private_redis():
     """A redis-server of this test's own on a free port (stopped and started by the test)."""
     from mass.cluster import free_port
+    from tests.servers import PrivateRedis, redis_available
 
-    if shutil.which("redis-server") is None:
+    if not redis_available():
         pytest.skip("redis-server is not installed")
-    port = free_port()
-    cmd = ["redis-server", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-
-    class Server:
-        url = f"redis://127.0.0.1:{port}/0"
-        proc = None
-
-        def start(self):
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 10
-            while not _redis_up(port):
-                assert time.monotonic() < deadline, "private redis-server did not start"
-                time.sleep(0.05)
-
-        def stop(self):
-            self.proc.kill()
-            self.proc.wait()
-
-    server = Server()
+    server = PrivateRedis(free_port())
     server.start()
     yield server
-    if server.proc.poll() is None:
-        server.stop()
+    server.remove()
 
 
 def test_redis_limits_are_exact_under_concurrency(private_redis):

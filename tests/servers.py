@@ -1,5 +1,5 @@
-"""A PostgreSQL server of a test's own (``initdb`` + ``pg_ctl`` on a free port, as the ``postgres`` user when the
-tests run as root): fault tests stop and restart it, never the machine's server."""
+"""Servers of a test's own, on free ports — a PostgreSQL (``initdb`` + ``pg_ctl``, as the ``postgres`` user when the
+tests run as root) and a Redis (``redis-server``): fault tests stop and restart these, never the machine's."""
 
 from __future__ import annotations
 
@@ -44,6 +44,52 @@ class PrivatePostgres:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def available() -> bool:
+def postgres_available() -> bool:
     """initdb and pg_ctl are installed."""
     return shutil.which("initdb") is not None and shutil.which("pg_ctl") is not None
+
+
+class PrivateRedis:
+    """``start()``/``stop()`` a redis-server without persistence; ``url`` points at it."""
+
+    def __init__(self, port: int) -> None:
+        self.port, self.url, self.proc = port, f"redis://127.0.0.1:{port}/0", None
+        self.dir = tempfile.mkdtemp(prefix="mass-redis-")
+
+    def up(self) -> bool:
+        """It answers PING."""
+        import redis
+
+        try:
+            return bool(redis.Redis(port=self.port, socket_timeout=0.5).ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        """Start and wait until it answers."""
+        import time
+
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", self.dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self.up():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"private redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Kill it (as a crash would)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def remove(self) -> None:
+        """Stop and delete its directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def redis_available() -> bool:
+    """redis-server is installed."""
+    return shutil.which("redis-server") is not None
