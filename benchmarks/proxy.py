@@ -234,12 +234,9 @@ README_START, README_END = "<!-- benchmark:proxy -->", "<!-- /benchmark:proxy --
 
 def write_readme(path: str, result: dict) -> None:
     """Replace the table between the README's proxy benchmark markers with ``render_table(result)``."""
-    from pathlib import Path
+    from serving import replace_block  # this directory's serving benchmark (a script dir on sys.path)
 
-    text = Path(path).read_text()
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    Path(path).write_text(f"{head}{README_START}\n{render_table(result)}\n{README_END}{tail}")
+    replace_block(path, README_START, README_END, render_table(result))
 
 
 def main(argv=None) -> int:

@@ -494,12 +494,17 @@ README_START, README_END = "<!-- benchmark:serving -->", "<!-- /benchmark:servin
 
 def write_readme(path: str, result: dict) -> None:
     """Replace the table between the README's benchmark markers with ``render_table(result)``."""
+    replace_block(path, README_START, README_END, render_table(result))
+
+
+def replace_block(path: str, start: str, end: str, text: str) -> None:
+    """Replace what lies between the markers ``start`` and ``end`` in the file at ``path`` with ``text``."""
     from pathlib import Path
 
-    text = Path(path).read_text()
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    Path(path).write_text(f"{head}{README_START}\n{render_table(result)}\n{README_END}{tail}")
+    whole = Path(path).read_text()
+    head, rest = whole.split(start, 1)
+    _, tail = rest.split(end, 1)
+    Path(path).write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 def main(argv=None) -> int:

@@ -247,3 +247,51 @@ def test_an_app_under_a_route_prefix_protects_its_v1_routes():
     assert route_path({"path": "/proxy/v1/models", "root_path": "/proxy"}) == "/v1/models"
     assert route_path({"path": "/v1/models", "root_path": ""}) == "/v1/models"
     assert route_path({"path": "/proxyx/v1/models", "root_path": "/proxy"}) == "/proxyx/v1/models"
+
+
+def test_keys_on_the_machines_postgresql_in_a_database_of_their_own():
+    """The same store on PostgreSQL (psycopg2), in a fresh database dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine, text
+
+    from mass.access.db import dispose
+
+    name = f"mass_keys_{uuid.uuid4().hex[:8]}"
+    admin = create_engine("postgresql+psycopg2://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    try:
+        store = KeyStore(url)
+        key, secret = store.create({"name": "team-pg", "models": ["minilm*"], "budget": "10/month"})
+        assert store.resolve(secret).budget_period == "month" and store.version() == 1
+        store.revoke("team-pg")
+        assert store.resolve(secret) is None and store.version() == 2
+        with create_engine(url).connect() as conn:
+            assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
+            assert secret not in str(conn.execute(text("select * from api_keys")).all())
+    finally:
+        dispose(url)
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def test_auth_off_takes_an_explicit_setting_and_is_logged(lm, caplog):
+    from fastapi.testclient import TestClient
+
+    from mass.gateway.app import create_app
+    from tests.inprocess import build_state
+
+    app = {"gateway": {"auth": False, "ledger": False},
+           "models": [{"name": "open-gpt", "ref": "tiny-gpt@production", "engine": "llm"}]}
+    with caplog.at_level("WARNING"):
+        state = build_state(app, {"open-gpt": lm})
+    assert "gateway.auth is false" in caplog.text
+    try:
+        with TestClient(create_app(state)) as client:
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["open-gpt"]
+            assert client.get("/admin/keys").status_code == 403  # no admin API without authentication
+    finally:
+        state.routes["open-gpt"].handle._target.served.engine.shutdown()

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from mass.cli.main import COMMANDS
 from mass.settings import VARIABLES, settings_table
 from mass.training.config import TrainConfig
@@ -30,19 +32,24 @@ def test_every_recipe_section_is_documented():
         assert f"`{section}" in README, section
 
 
-def test_benchmark_table_is_the_saved_run():
-    """The README's benchmark table is exactly what benchmarks/serving.py renders from its saved JSON."""
+@pytest.mark.parametrize("name", ["serving", "proxy"])
+def test_benchmark_tables_are_the_saved_runs(name):
+    """The README's benchmark tables are exactly what benchmarks/<name>.py renders from its saved JSON."""
+    import importlib
     import json
     import sys
 
     root = Path(__file__).resolve().parents[2]
     sys.path.insert(0, str(root / "benchmarks"))
     try:
-        import serving
+        bench = importlib.import_module(name)
     finally:
         sys.path.remove(str(root / "benchmarks"))
-    result = json.loads((root / "benchmarks" / "results" / "serving.json").read_text())
-    block = README.split(serving.README_START, 1)[1].split(serving.README_END, 1)[0]
-    assert block.strip() == serving.render_table(result).strip()
-    assert {"engine", "engine_hf_runner", "one_by_one", "static_batch"} <= set(result["tokens_per_s"])
-    assert {"in_process_1x2", "in_process_2x1", "gateway"} <= set(result["texts_per_s"])
+    result = json.loads((root / "benchmarks" / "results" / f"{name}.json").read_text())
+    block = README.split(bench.README_START, 1)[1].split(bench.README_END, 1)[0]
+    assert block.strip() == bench.render_table(result).strip()
+    if name == "serving":
+        assert {"engine", "engine_hf_runner", "one_by_one", "static_batch"} <= set(result["tokens_per_s"])
+        assert {"in_process_1x2", "in_process_2x1", "gateway"} <= set(result["texts_per_s"])
+    else:
+        assert {"embed_on", "embed_off", "chat_on", "chat_off"} == set(result["rates"])
