@@ -75,8 +75,8 @@ def check_app_resources(args: AppArgs) -> None:
     """Fail fast, naming the numbers, when the cluster cannot place the app's replicas."""
     from mass.cluster import require
 
-    require("CPU", required_cpus(args), "the app (gateway.num_cpus x gateway.replicas + each model's num_cpus x its starting "
-            "replicas)", "lower num_cpus in the config or add nodes", "num_cpus")
+    require("CPU", required_cpus(args), "the app (gateway.num_cpus x gateway.replicas + each model's num_cpus x "
+            "its starting replicas)", "lower num_cpus in the config or add nodes", "num_cpus")
 
 
 def check_http_options(host: str, port: int) -> None:

@@ -117,6 +117,11 @@ class ApiKey:
         return self.revoked_at is None
 
     @property
+    def limited(self) -> bool:
+        """True when any limit or budget applies to the key."""
+        return any(v is not None for v in (self.rpm, self.tpm, self.max_parallel, self.budget_tokens))
+
+    @property
     def prefix(self) -> str:
         """The visible part of the secret, for people to tell keys apart."""
         return f"mass-{self.id}-…"

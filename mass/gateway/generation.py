@@ -50,7 +50,7 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
     route = state.route(body.model, "llm", caller)  # limits are checked by the model deployment, for SDK calls too
     request = {**payload, "n": body.n or 1}
     call = current_call()
-    if call is not None and call.key is not None:
+    if call is not None and call.key is not None and call.key.limited:  # the token bound needs the context
         context = (await state.facts(route))["context_length"]
         await state.admit(call, reserve_tokens(request, context))
     headers = {}

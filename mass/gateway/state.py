@@ -92,7 +92,10 @@ class GatewayState:
 
         if call is None or call.key is None:
             return
-        result = self.limits.admit(call.key, tokens)
+        key = call.key
+        if not key.limited:
+            return  # a key without limits: nothing to reserve, no round trip to the limit store
+        result = self.limits.admit(key, tokens)
         if inspect.isawaitable(result):
             result = await result
         call.quota = result.quota
@@ -218,8 +221,12 @@ class GatewayState:
 
     async def facts(self, route: Route) -> dict[str, Any]:
         """The deployment's ``describe()`` (cached after the first call)."""
-        if not route.facts:
-            route.facts = await route.target.describe.remote()
+        if not route.facts:  # through call_upstream: a model at capacity is a 503 with Retry-After here too
+            from mass.gateway.errors import call_upstream
+
+            gw = self.args.gateway
+            route.facts = await call_upstream(route.target.describe.remote(), gw.request_timeout_s, route.args.name,
+                                              gw.retry_after_s)
         return route.facts
 
 

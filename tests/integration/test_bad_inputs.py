@@ -59,8 +59,8 @@ def test_serve_up_refuses_an_app_the_cluster_cannot_place(ray_cluster):
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address}
     proc = run_cli(["serve", "up", "--config", str(ROOT / "serve_apps" / "configs" / "demo.yaml"),
                     "--set", "gateway.num_cpus=64", "--detach"], env=env)
-    _assert_one_line_error(proc, 4, "the app (gateway.num_cpus + each model's num_cpus x its starting replicas) "
-                                    "needs 65 CPUs")
+    _assert_one_line_error(proc, 4, "the app (gateway.num_cpus x gateway.replicas + each model's num_cpus x its "
+                                    "starting replicas) needs 65 CPUs")
     assert "but the cluster has 4" in proc.stderr and "lower num_cpus" in proc.stderr
     assert _serve_apps() == apps_before
 

@@ -27,7 +27,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: Gat
                              param="dimensions")
     inputs = body.inputs()
     call = current_call()
-    if call is not None and call.key is not None:  # at most max_length tokens per input (truncated beyond)
+    if call is not None and call.key is not None and call.key.limited:  # at most max_length tokens per input
         await state.admit(call, sum(min(len(t) if not isinstance(t, str) else len(t.encode()) + 2,
                                         facts["max_length"]) for t in inputs))
     async def attempt(candidate):
