@@ -317,6 +317,7 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
     import ray
     from ray import serve
 
+    from mass.access.keys import KeyStore
     from mass.app import APP_NAME, build_app, wait_ready
     from mass.cluster import free_port
     from mass.data.corpus import collect_documents
@@ -350,7 +351,10 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
     async def measure() -> dict[str, list[float]]:
         results: dict[str, list[float]] = {name: [] for name in ("in_process_1x2", "in_process_2x1", *SERVED,
                                                                  *HANDLE_ROWS.values())}
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as http:
+        # the gateway as deployed by default: auth on and the ledger on, with a key without limits
+        _, secret = KeyStore().create({"name": f"bench-serving-{os.urandom(3).hex()}"})
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
+                                         headers={"Authorization": f"Bearer {secret}"}) as http:
             for round_ in range(rounds + 1):  # round 0 warms every system up (loads, first batches, sockets)
                 count = 64 if round_ == 0 else requests
                 runs = {"in_process_1x2": batcher.embed, "in_process_2x1": workers.embed}
