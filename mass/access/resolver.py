@@ -5,12 +5,11 @@ second while a request with a known key never waits on the database."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections import OrderedDict
 
-from mass.access.keys import SECRET_RE, ApiKey, KeyStore
+from mass.access.keys import SECRET_RE, ApiKey, KeyStore, hash_secret
 from mass.errors import InvalidApiKey, MassError
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,7 @@ class KeyResolver:
         """The active key of an Authorization header; InvalidApiKey (401) otherwise."""
         secret = bearer_secret(header)
         self._ensure_polling()
-        digest = hashlib.sha256(secret.encode()).hexdigest()
+        digest = hash_secret(secret)
         hit = self._cache.get(digest)
         now = time.monotonic()
         if hit is None or now - hit[1] > self.ttl_s:

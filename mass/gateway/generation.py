@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from typing import Any, AsyncIterator, Protocol
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -36,15 +35,15 @@ class Shape(Protocol):
 
 
 async def generate(state: GatewayState, body: SamplingFields, payload: dict[str, Any], choices: int,
-                   prefix: str, shape: Shape, request_id: str | None = None, caller=None):
+                   prefix: str, shape: Shape, request_id: str, caller=None):
     """Run one generation request: a JSON response, or SSE chunks ending with ``[DONE]``.
 
     Args:
         payload: ``prompts``/``messages`` (and ``echo``) for the LLM deployment, with ``sampling``.
         choices: how many choices the request makes (prompts x n), for the stream's first chunks.
         prefix: response id prefix (``cmpl``, ``chatcmpl``).
-        request_id: the request's ``X-Request-Id`` (Serve and HAProxy set one and send it back themselves);
-            the response id is ``<prefix>-<request id>``, and the header is added here only when none came.
+        request_id: the request's ``X-Request-Id`` (set by Serve/HAProxy, or by the proxy middleware when
+            none came); the response id is ``<prefix>-<request id>``.
         caller: the request's API key (None with auth off): a model it may not call is not found.
     """
     route = state.route(body.model, "llm", caller)  # limits are checked by the model deployment, for SDK calls too
@@ -53,10 +52,6 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
     if call is not None and call.key is not None and call.key.limited:  # the token bound needs the context
         context = (await state.facts(route))["context_length"]
         await state.admit(call, reserve_tokens(request, context))
-    headers = {}
-    if request_id is None:  # no Serve in front (an in-process app): this app names the request itself
-        request_id = uuid.uuid4().hex[:24]
-        headers["X-Request-Id"] = request_id
     rid, created = f"{prefix}-{request_id}", int(time.time())
     timeout, retry = state.args.gateway.request_timeout_s, state.args.gateway.retry_after_s
     base = {"id": rid, "created": created, "model": body.model}
@@ -68,8 +63,7 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
         result, answered = await state.call(route, whole)
         _count(call, result["usage"])
         return JSONResponse({**base, "model": answered.args.name, "object": shape.object,
-                             "choices": [shape.whole(c) for c in result["choices"]], "usage": result["usage"]},
-                            headers=headers)
+                             "choices": [shape.whole(c) for c in result["choices"]], "usage": result["usage"]})
 
     async def opened(candidate):
         """The stream and its first choice event: a failure until then (a lost replica included) can still
@@ -125,7 +119,7 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
             breaker.record(failed)
             stream.cancel()  # no-op when finished; frees the engine slots when the client went away
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def reserve_tokens(request: dict[str, Any], context: int) -> int:
