@@ -62,8 +62,10 @@ class Gateway:
 
     def __init__(self, handles: dict[str, Any], args: dict[str, Any]) -> None:
         from mass.gateway.state import GatewayState, set_state
+        from mass.logs import setup_replica_logging
         from mass.serving.args import AppArgs
 
+        setup_replica_logging()
         set_state(GatewayState(handles, AppArgs.model_validate(args)))
 
     def routes(self) -> dict[str, dict[str, Any]]:

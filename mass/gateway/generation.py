@@ -6,17 +6,19 @@ Each endpoint family supplies a ``Shape``: how one choice looks in a whole respo
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, AsyncIterator, Protocol
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from mass.errors import raise_if_error
-from mass.gateway.errors import call_upstream, error_response, is_upstream_failure
+from mass.gateway.errors import call_upstream, error_response, is_upstream_failure, replica_lost
 from mass.gateway.protocol import SamplingFields
 from mass.gateway.proxy import current_call, upstream
 from mass.gateway.state import GatewayState
 
+log = logging.getLogger(__name__)
 
 class Shape(Protocol):
     """The wire shape of one endpoint family's choices."""
@@ -65,32 +67,35 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
         return JSONResponse({**base, "model": answered.args.name, "object": shape.object,
                              "choices": [shape.whole(c) for c in result["choices"]], "usage": result["usage"]})
 
-    async def opened(candidate):
-        """The stream and its first choice event: a failure until then (a lost replica included) can still
-        be retried or sent to a fallback, since nothing has reached the client."""
-        stream = candidate.target.options(stream=True).stream.remote(request)
-        name = candidate.args.name
-        try:  # the first event surfaces request errors (context overflow...) as a status, not a broken stream
-            first = await upstream(call_upstream(stream.__anext__(), timeout, name, retry))
-            raise_if_error(first)
-            if "prompt_tokens" in first:  # the request was accepted: its prompt size, then the choices
-                if call is not None:
-                    call.prompt_tokens = first["prompt_tokens"]
+    def opener(request: dict[str, Any]):
+        async def opened(candidate):
+            """The stream and its first choice event: a failure until then (a lost replica included) can still
+            be retried or sent to a fallback, since nothing has reached the client."""
+            stream = candidate.target.options(stream=True).stream.remote(request)
+            name = candidate.args.name
+            try:  # the first event surfaces request errors (context overflow...) as a status, not a broken stream
                 first = await upstream(call_upstream(stream.__anext__(), timeout, name, retry))
-        except StopAsyncIteration:
-            first = None
-        except BaseException:
-            stream.cancel()
-            raise
-        return stream, first
+                raise_if_error(first)
+                if "prompt_tokens" in first:  # the request was accepted: its prompt size, then the choices
+                    if call is not None:
+                        call.prompt_tokens = first["prompt_tokens"]
+                    first = await upstream(call_upstream(stream.__anext__(), timeout, name, retry))
+            except StopAsyncIteration:
+                first = None
+            except BaseException:
+                stream.cancel()
+                raise
+            return stream, first
+        return opened
 
-    (stream, first), answered = await state.call(route, opened, record=False)
-    breaker, model = answered.breaker, answered.args.name
-    base["model"] = model
+    (stream, first), answered = await state.call(route, opener(request), record=False)
+    base["model"] = answered.args.name
     base["object"] = shape.chunk_object
 
     async def events() -> AsyncIterator[str]:
-        failed = False
+        nonlocal stream
+        failed, resumed = False, False
+        progress = _Progress(choices, echo=bool(request.get("echo")))
         try:
             heads = [h for h in (shape.head(i) for i in range(choices)) if h is not None]
             if heads:
@@ -103,12 +108,25 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
                 else:
                     if call is not None:  # a stream cut short is charged the tokens it produced
                         call.completion_tokens += len(event.get("token_ids") or ())
+                    progress.saw(event)
                     if event["text"] or event["finish_reason"] or event["logprobs"]:
                         yield _sse({**base, "choices": [shape.delta(event)]})
                 try:
-                    event = await upstream(call_upstream(stream.__anext__(), timeout, model, retry))
+                    event = await upstream(call_upstream(stream.__anext__(), timeout, answered.args.name, retry))
                 except StopAsyncIteration:
                     event = None
+                except Exception as exc:
+                    if resumed or not replica_lost(exc):
+                        raise
+                    # its replica died mid-stream: the same model continues it on another replica from the tokens
+                    # the client already has (not a fallback: another model's tokens would not fit)
+                    resumed = True
+                    log.warning("model %r lost a replica mid-stream; resuming %d choices on another replica",
+                                answered.args.name, progress.unfinished())
+                    answered.breaker.record(True)
+                    stream.cancel()
+                    (stream, event), _ = await state.call(answered, opener({**request, "resume": progress.resume()}),
+                                                          record=False, fallbacks=False)
             if body.include_usage and usage is not None:
                 yield _sse({**base, "choices": [], "usage": usage})
             yield "data: [DONE]\n\n"
@@ -116,10 +134,40 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
             failed = is_upstream_failure(exc)
             yield _sse(json.loads(error_response(exc).body))
         finally:
-            breaker.record(failed)
+            answered.breaker.record(failed)
             stream.cancel()  # no-op when finished; frees the engine slots when the client went away
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+class _Progress:
+    """What a stream's client has received per choice: the token ids, the characters of generated text and
+    whether the choice finished, so a stream whose replica died can be resumed where it stopped."""
+
+    def __init__(self, choices: int, echo: bool) -> None:
+        self.ids: list[list[int]] = [[] for _ in range(choices)]
+        self.sent = [0] * choices
+        self.finished = [False] * choices
+        self.echoed = [not echo] * choices  # with echo, each choice's first event is its prompt
+
+    def saw(self, event: dict[str, Any]) -> None:
+        """Account one choice event the client is sent (or that carried only held-back tokens)."""
+        i = event["index"]
+        if not self.echoed[i]:
+            self.echoed[i] = True
+            return
+        self.ids[i] += event.get("token_ids") or []
+        self.sent[i] += len(event["text"])
+        self.finished[i] = self.finished[i] or event["finish_reason"] is not None
+
+    def unfinished(self) -> int:
+        """Choices still generating."""
+        return self.finished.count(False)
+
+    def resume(self) -> list[dict[str, Any]]:
+        """The deployment's ``resume`` field: every choice's progress."""
+        return [{"index": i, "token_ids": list(ids), "sent": sent, "finished": done}
+                for i, (ids, sent, done) in enumerate(zip(self.ids, self.sent, self.finished))]
 
 
 def reserve_tokens(request: dict[str, Any], context: int) -> int:

@@ -154,19 +154,20 @@ class GatewayState:
         check_served(model, route.args.engine if route else None, engine, self.visible(caller))
         return route
 
-    async def call(self, route: Route, attempt: Callable[[Route], Awaitable[T]], record: bool = True
-                   ) -> tuple[T, Route]:
+    async def call(self, route: Route, attempt: Callable[[Route], Awaitable[T]], record: bool = True,
+                   fallbacks: bool = True) -> tuple[T, Route]:
         """``attempt(route)`` through the model's circuit breaker: a replica lost before any output is retried
         once (Serve routes the retry to another replica), then the model's fallbacks are tried in order; a
         model whose breaker is open is skipped. Returns (the result, the route that answered). With
-        ``record=False`` the caller records the answering route's outcome itself (a stream, when it ends).
+        ``record=False`` the caller records the answering route's outcome itself (a stream, when it ends);
+        ``fallbacks=False`` tries ``route`` alone (a stream resumed from its tokens needs the same model).
 
         CircuitOpen (503 with Retry-After) when no candidate may be called; otherwise the last failure."""
         from mass.errors import CircuitOpen
         from mass.gateway.errors import is_upstream_failure, replica_lost
         from mass.gateway.proxy import current_call
 
-        candidates = [route, *(self.routes[name] for name in route.args.fallbacks)]
+        candidates = [route, *(self.routes[name] for name in route.args.fallbacks if fallbacks)]
         failure: BaseException | None = None
         for candidate in candidates:
             if not candidate.breaker.allow():

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from mass.errors import InvalidRequest, MassError
+from mass.logs import setup_replica_logging
 from mass.sampling import MAX_CHOICES, SamplingParams
 from mass.serving.args import AppArgs, EmbeddingArgs, LLMArgs, PoolArgs, model_args
 
@@ -105,22 +106,55 @@ class Served:
         """``{"prompt_tokens": N}`` once the request is accepted, then choice events (``index``, ``text``,
         ``token_ids``, ``finish_reason``, ``logprobs``) as the tokens come, then one ``{"usage": ...}``;
         ``{"error": ...}`` alone for a request that cannot run. Closing the stream (client gone) cancels every
-        choice (the gateway then charges the prompt and the tokens it saw)."""
+        choice (the gateway then charges the prompt and the tokens it saw).
+
+        ``request["resume"]`` continues a stream whose replica was lost: one entry per choice, ``{"index",
+        "token_ids", "sent", "finished"}`` (the output the client got so far, and how many characters of its
+        text); finished choices are not run again, the others continue after their tokens (no echo again).
+        Greedy choices continue exactly as they would have; sampled ones continue from a fresh generator."""
         try:
             sequences = self.prepare(request)
+            resumed = self._resumed(request, sequences)
         except MassError as exc:
             yield exc.as_value()
             return
         yield {"prompt_tokens": _usage(sequences, [])["prompt_tokens"]}
-        counts = [0] * len(sequences)
-        if request.get("echo"):
+        counts = [len(r["token_ids"]) for r in resumed] if resumed else [0] * len(sequences)
+        if request.get("echo") and not resumed:
             for index, (ids, _) in enumerate(sequences):
                 yield {"index": index, "text": self._echo(request, index, ids), "token_ids": [], "finish_reason": None,
                        "logprobs": None}
-        async for index, event in merge_streams([self.engine.stream(ids, p) for ids, p in sequences]):
+        runs = [(index, ids, params, resumed[index] if resumed else None)
+                for index, (ids, params) in enumerate(sequences) if not (resumed and resumed[index]["finished"])]
+        streams = [self.engine.stream(ids, params, r["token_ids"], r["sent"]) if r else self.engine.stream(ids, params)
+                   for _, ids, params, r in runs]
+        async for k, event in merge_streams(streams):
+            index = runs[k][0]
             counts[index] = event.completion_tokens
             yield _choice(index, event)
         yield {"usage": _usage(sequences, counts)}
+
+    def _resumed(self, request: dict[str, Any], sequences: list[tuple[list[int], SamplingParams]]
+                 ) -> list[dict[str, Any]] | None:
+        """The validated ``resume`` entries of a request, one per choice in order (None when it has none)."""
+        entries = request.get("resume")
+        if entries is None:
+            return None
+        indexes = [e.get("index") for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+        if len(indexes) != len(sequences) or not all(type(i) is int for i in indexes) or \
+                sorted(indexes) != list(range(len(sequences))):
+            raise InvalidRequest(f"resume must hold one entry per choice (indexes 0..{len(sequences) - 1})",
+                                 param="resume")
+        out = sorted(entries, key=lambda e: e["index"])
+        for entry, (_, params) in zip(out, sequences):
+            ids, sent = entry.get("token_ids"), entry.get("sent")
+            if not isinstance(ids, list) or isinstance(sent, bool) or not isinstance(sent, int) or sent < 0 \
+                    or not isinstance(entry.get("finished"), bool):
+                raise InvalidRequest("each resume entry needs token_ids (a list), sent (characters >= 0) and "
+                                     "finished (a boolean)", param="resume")
+            if not entry["finished"]:
+                self.engine.check_resume(ids, params)
+        return out
 
     async def generate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Every choice whole: ``{"choices": [...], "usage": ...}`` (or ``{"error": ...}``)."""
@@ -194,6 +228,7 @@ class LLMServer:
     """Continuous-batching text generation for one registered causal LM."""
 
     def __init__(self, args: dict[str, Any], served: Served | None = None) -> None:
+        setup_replica_logging()
         self.served = served or Served(model_args(args))
 
     def ready(self) -> bool:
@@ -228,6 +263,7 @@ class EmbeddingServer:
     """Dynamically batched sentence embeddings for one registered encoder."""
 
     def __init__(self, args: dict[str, Any], served: Served | None = None) -> None:
+        setup_replica_logging()
         self.served = served or Served(model_args(args))
         batch = self.served.args.batch
         self._embed_batch.set_max_batch_size(batch.max_batch_size)
@@ -285,6 +321,7 @@ class _Pool:
     """Many registered models behind one deployment; the model id of each call picks (and loads) one."""
 
     def __init__(self, models: dict[str, dict[str, Any]]) -> None:
+        setup_replica_logging()
         self.models = {name: model_args(a) for name, a in models.items()}
         self.loads: list[str] = []
 

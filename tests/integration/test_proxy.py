@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import httpx
 import openai
@@ -246,24 +247,32 @@ def test_a_postgresql_restart_loses_no_ledger_record_of_an_answered_request(prox
     assert recorded() == len(answered)  # every answered request, once
 
 
-def test_killing_a_replica_under_load_fails_no_request_with_a_500(proxy, capsys):
-    """16 clients (streamed chat, completions, embeddings) while one replica of each model is killed."""
+def test_killing_a_replica_under_load_fails_no_request(proxy, capsys):
+    """16 clients (streamed greedy chat, completions, embeddings) while one replica of each model is killed: a
+    request lost before any output is retried, a stream under way resumes on the other replica — every chat's
+    text is exactly the uninterrupted one."""
     import ray
 
     outcomes: dict[str, list[str]] = {"chat": [], "completions": [], "embeddings": []}
     stop = threading.Event()
+    chat = {"model": "tiny-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 24,
+            "temperature": 0, "stream": True}
+    with httpx.Client(base_url=proxy.url, headers=bearer(proxy.admin), timeout=60) as http:
+        reference = chat_text(http.post("/v1/chat/completions", json=chat).text)
+    assert reference, "the greedy reference chat is empty"
 
     async def client(kind: str):
         async with httpx.AsyncClient(base_url=proxy.url, headers=bearer(proxy.admin), timeout=120) as http:
             while not stop.is_set():
                 try:
                     if kind == "chat":
-                        body = {"model": "tiny-gpt", "messages": [{"role": "user", "content": "hi"}],
-                                "max_tokens": 24, "stream": True}
-                        async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                        async with http.stream("POST", "/v1/chat/completions", json=chat) as resp:
                             text = (await resp.aread()).decode()
                         ok = resp.status_code == 200 and text.endswith("data: [DONE]\n\n")
-                        outcome = "ok" if ok else f"{resp.status_code}:{text[-300:]}"
+                        if ok and chat_text(text) != reference:
+                            outcome = f"200:wrong text {chat_text(text)!r}, expected {reference!r}"
+                        else:
+                            outcome = "ok" if ok else f"{resp.status_code}:{text[-300:]}"
                     elif kind == "completions":
                         resp = await http.post("/v1/completions", json={"model": "tiny-gpt", "prompt": "The",
                                                                        "max_tokens": 16})
@@ -293,12 +302,28 @@ def test_killing_a_replica_under_load_fails_no_request_with_a_500(proxy, capsys)
         loader.join(timeout=180)
     total = sum(map(len, outcomes.values()))
     failed = [o for v in outcomes.values() for o in v if o != "ok"]
+    resumed, retried = (gateway_log_count(needle) for needle in ("mid-stream; resuming", "mid-request; retrying"))
     with capsys.disabled():
         per_kind = ", ".join(f"{k} {v.count('ok')}/{len(v)}" for k, v in outcomes.items())
         print(f"\nreplica kill under load: {total - len(failed)}/{total} succeeded "
-              f"({100 * (total - len(failed)) / total:.2f} %: {per_kind}); failures: {[f[-200:] for f in failed[:3]]}")
+              f"({100 * (total - len(failed)) / total:.2f} %: {per_kind}; {resumed} streams resumed, {retried} "
+              f"requests retried); failures: {[f[-200:] for f in failed[:3]]}")
     assert not [f for f in failed if f.startswith("500") or "internal_error" in f], failed
+    assert not [f for f in failed if "wrong text" in f], failed  # a resumed stream continues exactly
     assert all("upstream_unavailable" in f for f in failed), failed  # a lost replica is an upstream failure
-    started_streams = [f for f in failed if f.startswith("200:")]  # only a stream already under way may fail
-    assert started_streams == failed, failed
-    assert (total - len(failed)) / total >= 0.99
+    assert (total - len(failed)) / total >= 0.999, failed
+
+
+def gateway_log_count(needle: str) -> int:
+    """Lines holding ``needle`` in this app's gateway replica logs (the cluster is local: its session's
+    ``logs/serve`` directory)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"  # no public accessor in Ray 2.60
+    return sum(f.read_text(errors="replace").count(needle) for f in logs.glob(f"replica_{APP}_Gateway_*.log"))
+
+
+def chat_text(sse: str) -> str:
+    """The assistant text of a streamed chat completion's SSE body."""
+    return "".join(json.loads(b[6:])["choices"][0]["delta"].get("content") or ""
+                   for b in sse.split("\n\n") if b.startswith("data: {") and '"choices":[{' in b)

@@ -5,6 +5,7 @@ before any output is retried once, transparently."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -168,3 +169,98 @@ def test_a_replica_lost_before_any_output_is_retried_once_transparently(flaky):
         assert "retry-after" in resp.headers
     finally:
         heal()
+
+
+@pytest.fixture(scope="module")
+def resumable(lm, unit_keys):
+    """An in-process gateway serving ``tiny`` (a real LLM deployment over the session's tiny GPT-2) whose breaker
+    does not open during these tests (each lost replica counts as a failure)."""
+    from mass.gateway.app import create_app
+    from tests.inprocess import build_state
+
+    app = {"gateway": {"breaker": {"min_requests": 1000}},
+           "models": [{"name": "tiny", "ref": "tiny-gpt@production", "engine": "llm", "max_tokens_limit": 16}]}
+    state = build_state(app, {"tiny": lm}, keys=unit_keys["store"])
+    with TestClient(create_app(state), raise_server_exceptions=False,
+                    headers={"Authorization": f"Bearer {unit_keys['admin']}"}) as client:
+        yield client, state
+    state.routes["tiny"].handle._target.served.engine.shutdown()
+
+
+def die_mid_stream(state, name, after: int, times: int = 1):
+    """Make model ``name``'s next ``times`` streams lose their replica after ``after`` choice events; returns
+    (heal, the requests the deployment was sent, ``died`` set on those whose replica was lost)."""
+    from ray.exceptions import ActorDiedError
+
+    server = state.routes[name].handle._target
+    real_stream, sent, left = server.stream, [], [times]
+
+    async def stream(request):
+        sent.append(request)
+        dying, left[0] = left[0] > 0, left[0] - 1
+        seen = 0
+        async for event in real_stream(request):
+            if dying and "index" in event:
+                if seen == after:
+                    sent[-1] = {**request, "died": True}
+                    raise ActorDiedError()
+                seen += 1
+            yield event
+
+    server.stream = stream
+    return (lambda: setattr(server, "stream", real_stream)), sent
+
+
+def streamed_text(resp) -> tuple[list[str], dict]:
+    """Each choice's streamed text and the usage chunk of a completions SSE body."""
+    texts, usage = {}, None
+    for block in resp.text.split("\n\n"):
+        if block.startswith("data: {"):
+            data = json.loads(block[6:])
+            assert "error" not in data, data
+            usage = data.get("usage") or usage
+            for c in data["choices"]:
+                texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    assert resp.text.endswith("data: [DONE]\n\n"), resp.text[-300:]
+    return [texts[i] for i in sorted(texts)], usage
+
+
+@pytest.mark.parametrize("fields", [{}, {"n": 2, "frequency_penalty": 1.5}, {"echo": True}])
+def test_a_stream_whose_replica_dies_mid_way_resumes_where_it_stopped(resumable, fields):
+    """Greedy output resumed on another replica (the same model) is exactly the uninterrupted output, with the
+    same usage, whichever event the replica died after; the stop string's held-back text is decided once."""
+    client, state = resumable
+    body = {"model": "tiny", "prompt": "Return the", "max_tokens": 16, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, **fields}
+    whole, usage = streamed_text(client.post("/v1/completions", json=body))
+    stop = whole[0][len(whole[0]) // 2:][:3]
+    cases = [(body, whole, usage)]
+    if stop.strip() and not fields:
+        stopped = {**body, "stop": [stop]}
+        cases.append((stopped, *streamed_text(client.post("/v1/completions", json=stopped))))
+    for request, expected, expected_usage in cases:
+        for after in (0, 1, 3, 6):
+            heal, sent = die_mid_stream(state, "tiny", after)
+            try:
+                resp = client.post("/v1/completions", json=request)
+            finally:
+                heal()
+            assert resp.status_code == 200 and resp.headers["x-mass-model"] == "tiny"
+            assert streamed_text(resp) == (expected, expected_usage), (after, request.get("stop"))
+            if not sent[0].get("died"):  # the stream had ended before that event
+                continue
+            assert len(sent) == 2 and "resume" not in sent[0]  # died before any output: retried, not resumed
+            assert len(sent[1].get("resume", ())) == (len(expected) if after else 0)
+
+
+def test_a_resumed_stream_that_loses_its_replica_again_ends_with_an_error_event(resumable):
+    client, state = resumable
+    heal, sent = die_mid_stream(state, "tiny", after=1, times=3)
+    try:
+        resp = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content":
+                                                        "hi"}], "max_tokens": 16, "temperature": 0, "stream": True})
+    finally:
+        heal()
+    last = json.loads(resp.text.strip().split("\n\n")[-1][6:])
+    assert resp.status_code == 200 and last["error"]["code"] == "upstream_unavailable", resp.text[-300:]
+    assert "resume" in sent[-1]

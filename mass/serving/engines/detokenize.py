@@ -39,6 +39,13 @@ class TextStream:
             self._prefix, self._read = self._read, len(self._ids)
             self.text += full[len(prefix):]
 
+    def replay(self, tokens: list[int], sent: int) -> None:
+        """Resume a text whose ``tokens`` were decoded elsewhere and whose first ``sent`` characters were
+        released there (the rest, held back, is decided again by the next ``release``)."""
+        for token in tokens:
+            self.push(token)
+        self.sent = min(max(0, sent), len(self.text))
+
     def release(self, finishing: bool = False) -> tuple[str, bool]:
         """(text that may be sent now, whether a stop string ended the text). Unless ``finishing``, the
         last characters that could begin a stop string are held back until the next token decides."""

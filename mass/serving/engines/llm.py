@@ -131,12 +131,29 @@ class LLMEngine:
             raise InvalidRequest(f"request needs {len(prompt_ids) + params.max_tokens} tokens; this engine's "
                                  f"batch budget is {self.max_batch_tokens}", field="max_tokens")
 
+    def check_resume(self, generated: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequest unless ``generated`` can be the start of a ``params`` request's output."""
+        bad = [t for t in generated if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"resumed token id {bad[0]!r} is outside this model's vocabulary "
+                                 f"(0..{self.vocab_size - 1})", param="resume")
+        if params.max_tokens is not None and len(generated) >= params.max_tokens:
+            raise InvalidRequest(f"a resumed choice already has {len(generated)} tokens, max_tokens is "
+                                 f"{params.max_tokens}: nothing is left to generate", param="resume")
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue,
-               loop: asyncio.AbstractEventLoop) -> int:
-        """Queue a request; its events are put on ``queue`` in ``loop``. Returns the request id."""
+               loop: asyncio.AbstractEventLoop, generated: list[int] = (), sent: int = 0) -> int:
+        """Queue a request; its events are put on ``queue`` in ``loop``. Returns the request id.
+
+        ``generated``/``sent`` resume a request another replica had started: its output so far (token ids) and
+        how many characters of that output's text were already streamed; only text after them is sent, and
+        ``max_tokens``, penalties and the usage count the resumed tokens."""
         self.check(prompt_ids, params)
+        self.check_resume(list(generated), params)
+        text = TextStream(self.tokenizer, params.stop)
+        text.replay(generated, sent)
         seq = _Sequence(next(self._ids), list(prompt_ids), params, queue, loop, make_generator(params.seed),
-                        text=TextStream(self.tokenizer, params.stop))
+                        generated=list(generated), text=text)
         with self._cond:
             if self._stopped:
                 raise MassError("engine is shut down")
@@ -153,11 +170,13 @@ class LLMEngine:
                 seq.done = True
                 self._cond.notify()
 
-    async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[TokenEvent]:
-        """Yield events for one request; closing the iterator early cancels the request."""
+    async def stream(self, prompt: str | list[int], params: SamplingParams, generated: list[int] = (),
+                     sent: int = 0) -> AsyncIterator[TokenEvent]:
+        """Yield events for one request; closing the iterator early cancels the request. ``generated``/``sent``
+        resume a started request (see ``submit``)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        request_id = self.submit(ids, params, queue, asyncio.get_running_loop())
+        request_id = self.submit(ids, params, queue, asyncio.get_running_loop(), generated, sent)
         finished = False
         try:
             while True:
@@ -269,14 +288,14 @@ class LLMEngine:
 
     def _prefill(self, seqs: list[_Sequence]) -> None:
         """Prompts of the joining sequences in one forward pass; each keeps its own cache until it joins."""
-        try:
-            logits, kv = self.runner.prefill([s.prompt_ids for s in seqs])
+        try:  # a resumed sequence prefills its prompt and the output it already has
+            logits, kv = self.runner.prefill([s.prompt_ids + s.generated for s in seqs])
         except Exception as exc:
             log.warning("prefill of %d requests failed (%s: %s); retrying each alone", len(seqs),
                         type(exc).__name__, exc)
             self._recompute(seqs)
             return
-        for seq, cache in zip(seqs, split_rows(kv, [len(s.prompt_ids) for s in seqs])):
+        for seq, cache in zip(seqs, split_rows(kv, [len(s.prompt_ids) + len(s.generated) for s in seqs])):
             seq.cache = cache
         self._advance(seqs, logits)
 
