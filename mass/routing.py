@@ -1,5 +1,6 @@
 """The routing contract the gateway and the SDK share: which answer a request for a model gets when the model
-is not served, or is served by the other kind of engine (the gateway's routing table holds the rest)."""
+is not served, or is served by the other kind of engine (the gateway's routing table holds the rest), and
+which failures mean its replica was lost (retried, or resumed)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,18 @@ def check_served(model: str, engine: str | None, wanted: str, served: Iterable[s
     if engine != wanted:
         verb = "text generation" if wanted == "llm" else "embeddings"
         raise InvalidRequest(f"model {model!r} is a {engine} model and does not do {verb}", param="model")
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """True when ``exc`` says the model replica (its actor, worker or node) died or cannot be reached."""
+    import ray.exceptions as rex
+    from ray.serve import exceptions as sex
+
+    lost = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, sex.ReplicaUnavailableError,
+            sex.DeploymentUnavailableError)
+    seen = 0
+    while exc is not None and seen < 5:
+        if isinstance(exc, lost):
+            return True
+        exc, seen = exc.__cause__ or getattr(exc, "cause", None), seen + 1
+    return False

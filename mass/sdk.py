@@ -7,13 +7,17 @@ gateway's HTTP API or to the model deployments directly; it never imports the ga
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 from mass.app import APP_NAME
 from mass.errors import InvalidRequest, MassError, raise_if_error
+from mass.routing import replica_lost
 from mass.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -122,13 +126,32 @@ class Client:
                                           **_openai_fields(params)})
             return
         handle = self._handle(model, "llm").options(stream=True)
+        request = {"prompts": [prompt], "sampling": params.to_dict()}
         started, usage, error = time.perf_counter(), {}, None
+        ids, sent, lost = [], 0, 0  # what the caller got so far: resumed there when the replica dies
         try:
-            for event in handle.stream.remote({"prompts": [prompt], "sampling": params.to_dict()}):
-                raise_if_error(event)
-                usage = event.get("usage", usage)
-                if event.get("text"):
-                    yield event["text"]
+            while True:
+                try:
+                    for event in handle.stream.remote(request):
+                        raise_if_error(event)
+                        usage = event.get("usage", usage)
+                        if "index" in event:
+                            ids += event.get("token_ids") or []
+                            sent += len(event["text"])
+                            if event["text"]:
+                                yield event["text"]
+                    break
+                except Exception as exc:
+                    if not replica_lost(exc):
+                        raise
+                    lost += 1
+                    if lost > 2:
+                        raise self._lost(model) from exc
+                    # like the gateway: retried before any output, resumed from the tokens after (same model)
+                    log.warning("model %r lost a replica mid-stream; %s", model, "resuming" if ids else "retrying")
+                    if ids or sent:
+                        request = {**request, "resume": [{"index": 0, "token_ids": ids, "sent": sent,
+                                                          "finished": False}]}
         except MassError as exc:
             error = exc
             raise
@@ -206,9 +229,19 @@ class Client:
         from mass.errors import Overloaded, UpstreamTimeout
 
         started, result, error = time.perf_counter(), None, None
-        response = getattr(self._handle(model, engine), method).remote(payload)
+        handle = self._handle(model, engine)
         try:
-            result = raise_if_error(response.result(timeout_s=self.timeout_s))
+            for attempt in range(2):  # a replica lost mid-call: retried once (Serve routes it to another)
+                response = getattr(handle, method).remote(payload)
+                try:
+                    result = raise_if_error(response.result(timeout_s=self.timeout_s))
+                    break
+                except Exception as exc:
+                    if not replica_lost(exc):
+                        raise
+                    if attempt:
+                        raise self._lost(model) from exc
+                    log.warning("model %r lost a replica mid-request; retrying once", model)
         except BackPressureError as exc:
             error = Overloaded.at_capacity(model, self._routes()[model]["retry_after_s"])
             raise error from exc
@@ -223,6 +256,14 @@ class Client:
             usage = (result or {}).get("usage") or {"prompt_tokens": (result or {}).get("prompt_tokens", 0)}
             self._attribute(model, method, started, usage, error)
         return result
+
+    def _lost(self, model: str) -> MassError:
+        """The error for a call whose replicas kept dying: 503 ``upstream_unavailable``, as the gateway says."""
+        from mass.errors import UpstreamUnavailable
+
+        retry = self._routes()[model]["retry_after_s"]
+        return UpstreamUnavailable(f"model {model!r} lost the replica serving this request; retry in {retry}s",
+                                   retry_after=retry)
 
     def _attribute(self, model: str, method: str, started: float, usage: dict[str, Any],
                    error: MassError | None) -> None:

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 
 from mass.errors import MassError, Overloaded, UpstreamTimeout, UpstreamUnavailable
 from mass.gateway.protocol import UNSUPPORTED, error_body
+from mass.routing import replica_lost
 
 log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -55,21 +56,6 @@ async def call_upstream(response, timeout: float, model: str, retry_after_s: int
             raise UpstreamUnavailable(f"model {model!r} lost the replica serving this request; retry in "
                                       f"{retry_after_s}s", retry_after=retry_after_s) from exc
         raise
-
-
-def replica_lost(exc: BaseException) -> bool:
-    """True when ``exc`` says the model replica (its actor, worker or node) died or cannot be reached."""
-    import ray.exceptions as rex
-    from ray.serve import exceptions as sex
-
-    lost = (rex.RayActorError, rex.WorkerCrashedError, rex.NodeDiedError, sex.ReplicaUnavailableError,
-            sex.DeploymentUnavailableError)
-    seen = 0
-    while exc is not None and seen < 5:
-        if isinstance(exc, lost):
-            return True
-        exc, seen = exc.__cause__ or getattr(exc, "cause", None), seen + 1
-    return False
 
 
 def is_upstream_failure(exc: BaseException) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import ray
 import redis
 
 from mass.access.keys import KeyStore
@@ -248,11 +249,9 @@ def test_a_postgresql_restart_loses_no_ledger_record_of_an_answered_request(prox
 
 
 def test_killing_a_replica_under_load_fails_no_request(proxy, capsys):
-    """16 clients (streamed greedy chat, completions, embeddings) while one replica of each model is killed: a
-    request lost before any output is retried, a stream under way resumes on the other replica — every chat's
-    text is exactly the uninterrupted one."""
-    import ray
-
+    """16 HTTP clients (streamed greedy chat, completions, embeddings) and an SDK client streaming through Serve
+    handles while one replica of each model is killed: a request lost before any output is retried, a stream
+    under way resumes on the other replica — every streamed text is exactly the uninterrupted one."""
     outcomes: dict[str, list[str]] = {"chat": [], "completions": [], "embeddings": []}
     stop = threading.Event()
     chat = {"model": "tiny-gpt", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 24,
@@ -287,6 +286,8 @@ def test_killing_a_replica_under_load_fails_no_request(proxy, capsys):
     async def run():
         await asyncio.gather(*[client(k) for k in ("chat",) * 6 + ("completions",) * 5 + ("embeddings",) * 5])
 
+    flag = Flag.remote()  # the SDK inside the cluster (Serve handles) streams until the load stops
+    sdk = sdk_streams.remote(APP, flag)
     loader = threading.Thread(target=lambda: asyncio.run(run()))
     loader.start()
     try:
@@ -299,7 +300,10 @@ def test_killing_a_replica_under_load_fails_no_request(proxy, capsys):
         wait_for(lambda: sum(map(len, outcomes.values())) >= killed + 300, 180, "load after the kill")
     finally:
         stop.set()
+        ray.get(flag.set.remote())
         loader.join(timeout=180)
+    via, outcomes["sdk stream"] = ray.get(sdk, timeout=180)
+    assert via == "handle"
     total = sum(map(len, outcomes.values()))
     failed = [o for v in outcomes.values() for o in v if o != "ok"]
     resumed, retried = (gateway_log_count(needle) for needle in ("mid-stream; resuming", "mid-request; retrying"))
@@ -312,6 +316,39 @@ def test_killing_a_replica_under_load_fails_no_request(proxy, capsys):
     assert not [f for f in failed if "wrong text" in f], failed  # a resumed stream continues exactly
     assert all("upstream_unavailable" in f for f in failed), failed  # a lost replica is an upstream failure
     assert (total - len(failed)) / total >= 0.999, failed
+
+
+@ray.remote(num_cpus=0)
+class Flag:
+    """A flag the test sets and a task polls."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def set(self) -> None:
+        """Raise the flag."""
+        self.value = True
+
+    def get(self) -> bool:
+        """Whether it is raised."""
+        return self.value
+
+
+@ray.remote(num_cpus=0)
+def sdk_streams(app: str, flag) -> tuple[str, list[str]]:
+    """Greedy SDK streams through Serve handles until ``flag`` is set: ("handle", outcomes), each "ok" when the
+    text equals the first stream's."""
+    from mass import Client
+
+    client, outcomes, reference = Client(app_name=app), [], None
+    while not ray.get(flag.get.remote()):
+        try:
+            text = "".join(client.stream("tiny-gpt", "The", max_tokens=24, temperature=0))
+            reference = text if reference is None else reference
+            outcomes.append("ok" if text == reference and text else f"200:wrong text {text!r}, expected {reference!r}")
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            outcomes.append(f"{getattr(exc, 'code', type(exc).__name__)}: {exc}")
+    return client.via, outcomes
 
 
 def gateway_log_count(needle: str) -> int:
