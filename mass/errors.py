@@ -183,6 +183,20 @@ class KeyNotFound(NotFound):
     code = "key_not_found"
 
 
+class InvalidEvent(InvalidRequest):
+    """An event does not match its type's schema (refused when published; dead-lettered when read)."""
+
+    code = "invalid_event"
+
+
+class EventBusError(MassError):
+    """The event bus (its SQLite log or Redis) failed or could not be reached; nothing was published."""
+
+    code = "event_bus_unavailable"
+    http_status = 503
+    exit_code = 5
+
+
 class UpstreamUnavailable(MassError):
     """A model's replica died or could not be reached (after one transparent retry); retry after
     ``retry_after`` seconds. An upstream failure, never the gateway's own 500."""

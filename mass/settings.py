@@ -37,6 +37,8 @@ DECLARED: tuple[Variable, ...] = (
              "`$MASS_HOME/ray_results`. Multi-node: shared storage (s3://, NFS)."),
     Variable("MASS_DATABASE_URL", "database_url", "", "SQLAlchemy URL of the platform database (API keys, "
              "usage ledger). Empty: `sqlite:///$MASS_HOME/mass.db`. Production: `postgresql+psycopg2://...`."),
+    Variable("MASS_EVENTS_URL", "events_url", "", "The event bus: `redis://host:6379/0` (Redis Streams) or "
+             "`sqlite:///path`. Empty: `sqlite:///$MASS_HOME/events.db`. See [Events](#events-the-message-queue)."),
     Variable("MASS_LOG_LEVEL", "log_level", "INFO", "Log level for MASS loggers (DEBUG, INFO, WARNING, ERROR)."),
     Variable("MASS_GATEWAY_URL", "gateway_url", "http://127.0.0.1:8000",
              "Gateway the SDK calls over HTTP when it runs outside the Ray cluster.", forwarded=False),
@@ -82,6 +84,7 @@ class Settings:
     experiment: str
     storage_path: str
     database_url: str
+    events_url: str
     log_level: str
     api_key: str
     ray_address: str
@@ -108,6 +111,7 @@ def get_settings() -> Settings:
     resolved = {  # variables whose value is more than the raw string
         "home": home, "tracking_uri": tracking, "artifact_root": artifact_root,
         "database_url": _env("MASS_DATABASE_URL") or f"sqlite:///{home / 'mass.db'}",
+        "events_url": _env("MASS_EVENTS_URL") or f"sqlite:///{home / 'events.db'}",
         "storage_path": _env("MASS_STORAGE_PATH") or str(home / "ray_results"),
         "log_level": _env("MASS_LOG_LEVEL").upper(), "gateway_url": _env("MASS_GATEWAY_URL").rstrip("/"),
         "serve_ingress": _serve_ingress()}

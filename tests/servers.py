@@ -50,10 +50,12 @@ def postgres_available() -> bool:
 
 
 class PrivateRedis:
-    """``start()``/``stop()`` a redis-server without persistence; ``url`` points at it."""
+    """``start()``/``stop()`` a redis-server; ``url`` points at it. Without persistence, or ``durable``: an
+    append-only file synced on every write (what survives a restart is exactly what was acknowledged)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, durable: bool = False) -> None:
         self.port, self.url, self.proc = port, f"redis://127.0.0.1:{port}/0", None
+        self.durable = durable
         self.dir = tempfile.mkdtemp(prefix="mass-redis-")
 
     def up(self) -> bool:
@@ -69,8 +71,9 @@ class PrivateRedis:
         """Start and wait until it answers."""
         import time
 
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", self.dir],
+                                      *persistence, "--dir", self.dir],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while not self.up():

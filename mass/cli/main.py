@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Callable
 
@@ -89,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--since", default="1d", help="30m, 12h, 1d, 2w or an ISO date (default 1d)")
     usage.add_argument("--by", choices=["key", "model", "day"], default=None,
                        help="group rows (default: by key, or one total row with --key)")
+
+    events = sub.add_parser("events", help="the event bus (MASS_EVENTS_URL)").add_subparsers(dest="cmd", required=True)
+    listed = events.add_parser("list", help="events in the log, oldest first")
+    listed.add_argument("--after", default=None, help="only events after this offset (replay from it)")
+    listed.add_argument("--type", default=None, help="only this event type, e.g. model.alias.changed")
+    listed.add_argument("--count", type=int, default=50, help="events read from the log at most (default 50)")
+    events.add_parser("dead-letters", help="events set aside: unreadable, or never acknowledged by a group")
+    publish = events.add_parser("publish", help="publish one event (validated against its type's schema)")
+    publish.add_argument("type", help="event type, e.g. dataset.updated")
+    publish.add_argument("data", help="the payload as JSON")
 
     sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")
     return parser
@@ -378,6 +389,59 @@ def _usage(args) -> int:
     by = args.by or (None if args.key else "key")
     rows = usage_summary(key=args.key, since=args.since, by=by)
     emit(args.output, rows, usage_table(rows, by))
+    return 0
+
+
+@command("events list")
+def _events_list(args) -> int:
+    from mass.cli.output import emit, table
+    from mass.events import open_bus
+
+    bus = open_bus()
+    try:
+        events = [e for e in bus.replay(after=args.after, count=args.count) if args.type in (None, e.type)]
+    finally:
+        bus.close()
+    rows = [e.model_dump(mode="json") for e in events]
+    emit(args.output, rows, table(["offset", "time", "type", "source", "data"],
+                                  [[r["offset"], r["time"][:19], r["type"], r["source"],
+                                    json.dumps(r["data"], separators=(",", ":"))] for r in rows]))
+    return 0
+
+
+@command("events dead-letters")
+def _events_dead(args) -> int:
+    from dataclasses import asdict
+
+    from mass.cli.output import emit, table
+    from mass.events import open_bus
+
+    bus = open_bus()
+    try:
+        dead = [asdict(d) for d in bus.dead_letters()]
+    finally:
+        bus.close()
+    emit(args.output, dead, table(["offset", "group", "time", "reason"],
+                                  [[d["offset"], d["group"], d["time"].isoformat()[:19], d["reason"]] for d in dead]))
+    return 0
+
+
+@command("events publish")
+def _events_publish(args) -> int:
+    from mass.cli.output import emit
+    from mass.errors import InvalidEvent
+    from mass.events import open_bus
+
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        raise InvalidEvent(f"the payload is not JSON: {exc}", field="data") from None
+    bus = open_bus()
+    try:
+        event = bus.publish(args.type, data, source="cli")
+    finally:
+        bus.close()
+    emit(args.output, event.model_dump(mode="json"), f"published {event.type} at offset {event.offset}")
     return 0
 
 

@@ -46,6 +46,21 @@ class ModelRegistry:
         self.settings = settings or get_settings()
         self.tracking_uri = tracking_uri or self.settings.tracking_uri
         self._client = None
+        self._bus = None
+
+    def announce(self, event_type: str, data: dict[str, Any], source: str = "registry") -> None:
+        """Publish an event about a change that already happened in the registry. A bus failure is logged, not
+        raised: the registry stays the source of truth, and the lifecycle controller's periodic reconcile
+        reads it whatever the bus delivered."""
+        from mass.events import open_bus
+
+        try:
+            if self._bus is None:
+                self._bus = open_bus(self.settings.events_url)
+            self._bus.publish(event_type, data, source=source)
+        except MassError as exc:
+            log.warning("%s not announced on the event bus (%s); the controller's reconcile still sees the change",
+                        event_type, exc.message)
 
     # ---------------------------------------------------------------- plumbing
     @property
@@ -195,6 +210,7 @@ class ModelRegistry:
                 raise ConfigError(f"{model_dir} is not an HF model directory (no config.json)", field="model_dir")
             model, tokenizer = load_hf_dir(model_dir, task)
         tags = encode_tags(task, metrics, config, lineage, weights_bytes(model))
+        previous = self._aliases(name) if aliases else {}
         if run_id is not None:
             created = self._log_and_register(name, task, model, tokenizer, tags, run_id, aliases, description,
                                              metrics=None, config=None)  # the caller's run logged its own
@@ -203,7 +219,13 @@ class ModelRegistry:
                 created = self._log_and_register(name, task, model, tokenizer, tags, own, aliases, description,
                                                  metrics=metrics, config=config)
         log.info("registered %s/%s (%s)", name, created, task)
-        return self.resolve(ModelRef(name, version=created))
+        info = self.resolve(ModelRef(name, version=created))
+        self.announce("model.version.registered", {"model": name, "version": str(created), "task": task,
+                                                   "run_id": info.run_id})
+        for alias in aliases:
+            self.announce("model.alias.changed", {"model": name, "alias": alias, "version": str(created),
+                                                  "previous": previous.get(alias)})
+        return info
 
     def _log_and_register(self, name: str, task: str, model, tokenizer, tags: dict[str, str], run_id: str,
                           aliases, description: str, metrics: dict[str, float] | None,
@@ -301,6 +323,17 @@ class ModelRegistry:
                     f"no registered model {name!r}; registered models: {', '.join(known) or 'none'}",
                     name=name, available=known) from exc
 
+    def _aliases(self, name: str) -> dict[str, str]:
+        """``name``'s aliases -> version (as text); {} for a model not registered yet."""
+        with self._translate(f"look up model {name!r}"):
+            try:
+                model = self.client.get_registered_model(name)
+            except Exception as exc:
+                if not _not_found(exc):
+                    raise
+                return {}
+        return {a: str(v) for a, v in (model.aliases or {}).items()}
+
     def _version_numbers(self, name: str) -> list[int]:
         return [int(mv.version) for mv in self.client.search_model_versions(f"name='{name}'", max_results=10000)]
 
@@ -363,15 +396,20 @@ class ModelRegistry:
         """Point ``name@alias`` at ``version`` (which must exist)."""
         validate_alias(alias)
         self.resolve(ModelRef(name, version=int(version)))
+        previous = self._aliases(name).get(alias)
         with self._translate(f"set alias {name}@{alias}"):
             self.client.set_registered_model_alias(name, alias, str(int(version)))
+        self.announce("model.alias.changed", {"model": name, "alias": alias, "version": str(int(version)),
+                                              "previous": previous})
         return self.resolve(ModelRef(name, version=int(version)))
 
     def remove_alias(self, name: str, alias: str) -> None:
         """Remove ``name@alias``; ModelNotFound when it does not exist."""
-        self.resolve(ModelRef(name, alias=alias))
+        info = self.resolve(ModelRef(name, alias=alias))
         with self._translate(f"remove alias {name}@{alias}"):
             self.client.delete_registered_model_alias(name, alias)
+        self.announce("model.alias.changed", {"model": name, "alias": alias, "version": None,
+                                              "previous": str(info.version)})
 
     def delete_version(self, name: str, version: int) -> None:
         """Delete one version (its aliases go with it); the model is removed when none remain."""

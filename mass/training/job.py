@@ -160,6 +160,8 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
     except Exception as exc:
         raise JobFailed(f"training run {run_id} failed: {str(exc).splitlines()[0] if str(exc) else exc!r}",
                         run_id=run_id) from exc
+    registry.announce("training.completed", {"run_id": run_id, "model": cfg.name, "metrics": metrics,
+                                             "version": str(info.version) if model_ref else None}, source="training")
     resumed = int(result.metrics.get("start_epoch", 0))
     return TrainResult(run_id=run_id, model_ref=model_ref, metrics=metrics, resumed_from_epoch=resumed,
                        checkpoint=result.checkpoint.path, data_tokens=data.counts())

@@ -73,6 +73,18 @@ def exercise_registry(reg: ModelRegistry, tiny_dir, name: str) -> None:
     with pytest.raises(ModelNotFound):
         reg.set_alias(name, "canary", 7)
 
+    from mass.events import open_bus
+
+    bus = open_bus(reg.settings.events_url)  # every change was announced, in order
+    announced = [(e.type, e.data.version, getattr(e.data, "alias", None), getattr(e.data, "previous", None))
+                 for e in bus.replay(count=100_000) if e.data.model == name]
+    bus.close()
+    assert announced[-5:] == [("model.version.registered", "1", None, None),
+                              ("model.alias.changed", "1", "production", None),
+                              ("model.version.registered", "2", None, None),
+                              ("model.alias.changed", "2", "canary", None),
+                              ("model.alias.changed", None, "canary", "2")]
+
     reg.delete_version(name, 2)
     assert [v.version for v in reg.get_model(name).versions] == [1]
     reg.delete_version(name, 1)  # the last version takes the model with it

@@ -34,6 +34,15 @@ def test_smoke_recipe_learns_and_registers(trained):
     saved = json.loads(open(reg.client.download_artifacts(trained.run_id, "resolved_config.json")).read())
     assert saved == TrainConfig.load(SMOKE).model_dump(mode="json")
 
+    from mass.events import open_bus
+
+    bus = open_bus()  # the job announced its version, then its completion, on the platform's event bus
+    mine = [e for e in bus.replay(count=100_000) if getattr(e.data, "run_id", None) == trained.run_id]
+    bus.close()
+    assert [e.type for e in mine] == ["model.version.registered", "training.completed"]
+    assert mine[1].data.version == "1" and mine[1].data.metrics["val_loss"] == m["val_loss"]
+    assert mine[1].source == "training"
+
 
 def test_registered_model_loads_and_generates(trained):
     model, tokenizer, info = ModelRegistry().load(trained.model_ref)

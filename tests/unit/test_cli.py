@@ -47,3 +47,17 @@ def test_serve_up_detach_without_a_cluster_is_refused_before_ray_starts(mass_hom
     assert main(["serve", "up", "--config", "serve_apps/configs/demo.yaml", "--detach"]) == 2
     err = capsys.readouterr().err
     assert "--detach needs a running Ray cluster" in err and "ray start --head" in err
+
+
+def test_events_publish_list_and_refuse_a_bad_payload(mass_home, capsys):
+    assert main(["-o", "json", "events", "publish", "dataset.updated",
+                 '{"name": "docs", "version": "1", "path": "/d", "rows": 3, "content_hash": "ab"}']) == 0
+    offset = json.loads(capsys.readouterr().out)["offset"]
+    assert main(["events", "publish", "dataset.updated", '{"name": "docs"}']) == 2
+    assert "dataset.updated event: version: Field required" in capsys.readouterr().err
+    assert main(["events", "publish", "dataset.updated", "{nope"]) == 2
+    assert main(["-o", "json", "events", "list", "--type", "dataset.updated"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(e["offset"], e["source"], e["data"]["rows"]) for e in listed] == [(offset, "cli", 3)]
+    assert main(["events", "list"]) == 0 and "dataset.updated" in capsys.readouterr().out
+    assert main(["-o", "json", "events", "dead-letters"]) == 0 and json.loads(capsys.readouterr().out) == []
