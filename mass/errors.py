@@ -183,6 +183,14 @@ class KeyNotFound(NotFound):
     code = "key_not_found"
 
 
+class Conflict(MassError):
+    """Another operation changed the same thing first (two operators at once): look at its state and retry."""
+
+    code = "conflict"
+    http_status = 409
+    exit_code = 12
+
+
 class InvalidEvent(InvalidRequest):
     """An event does not match its type's schema (refused when published; dead-lettered when read)."""
 

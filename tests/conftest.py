@@ -28,6 +28,7 @@ def mass_home(tmp_path, monkeypatch):
     """A private MASS_HOME (embedded sqlite registry + artifacts) for one test."""
     home = tmp_path / "mass-home"
     monkeypatch.setenv("MASS_HOME", str(home))
-    for var in ("MASS_TRACKING_URI", "MASS_ARTIFACT_ROOT", "MASS_STORAGE_PATH", "MASS_DATABASE_URL", "MASS_API_KEY"):
+    for var in ("MASS_TRACKING_URI", "MASS_ARTIFACT_ROOT", "MASS_STORAGE_PATH", "MASS_DATABASE_URL", "MASS_API_KEY",
+                "MASS_EVENTS_URL"):
         monkeypatch.delenv(var, raising=False)
     return home

@@ -51,3 +51,25 @@ usage_records = Table(
     Index("ix_usage_records_key_at", "key_id", "at"),
     Index("ix_usage_records_at", "at"),
 )
+
+#: per model: bumped by every lifecycle operation in the transaction that records it; an operation that read
+#: an older generation is refused (Conflict), so two operators at once cannot both win
+lifecycle_models = Table(
+    "lifecycle_models", metadata,
+    Column("model", String(128), primary_key=True),
+    Column("generation", BigInteger, nullable=False),
+)
+
+#: the lifecycle operation log: who did what to which model and version, when and why
+lifecycle_operations = Table(
+    "lifecycle_operations", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("model", String(128), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("version", String(32)),
+    Column("detail", Text, nullable=False),  # JSON
+    Column("actor", String(128), nullable=False),
+    Column("reason", Text, nullable=False),
+    Index("ix_lifecycle_operations_model_at", "model", "at"),
+)

@@ -43,6 +43,27 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--name", required=True)
     register.add_argument("--task", required=True, choices=["text-generation", "embedding"])
     register.add_argument("--alias", action="append", default=[])
+    why = {"default": "", "help": "why (kept in the operation log)"}
+    publish = models.add_parser("publish", help="make VERSION production (the previous one is kept for rollback)")
+    publish.add_argument("name")
+    publish.add_argument("version", type=int)
+    publish.add_argument("--why", **why)
+    canary = models.add_parser("canary", help="send a share of NAME's traffic to VERSION: --weight or --plan")
+    canary.add_argument("name")
+    canary.add_argument("version", type=int)
+    share = canary.add_mutually_exclusive_group(required=True)
+    share.add_argument("--weight", type=int, help="percent of traffic, 1-99")
+    share.add_argument("--plan", help="rollout steps 'percent:bake,...' ending at 100, e.g. 10:5m,50:5m,100")
+    canary.add_argument("--why", **why)
+    for verb, text in (("promote", "make the canary version production"),
+                       ("rollback", "end the canary; without one, make the previous production version production"),
+                       ("offline", "take NAME offline: 404 naming it as offline, gone from /v1/models"),
+                       ("online", "serve an offline model again")):
+        op = models.add_parser(verb, help=text)
+        op.add_argument("name")
+        op.add_argument("--why", **why)
+    status = models.add_parser("status", help="NAME's versions, aliases, traffic split, state and operation log")
+    status.add_argument("name")
     minilm = models.add_parser("import-minilm", help="register the pretrained all-MiniLM-L6-v2 as minilm-l6")
     minilm.add_argument("--name", default="minilm-l6")
     minilm.add_argument("--alias", action="append", default=None, help="default: production")
@@ -389,6 +410,60 @@ def _usage(args) -> int:
     by = args.by or (None if args.key else "key")
     rows = usage_summary(key=args.key, since=args.since, by=by)
     emit(args.output, rows, usage_table(rows, by))
+    return 0
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name in this environment
+        return "cli"
+
+
+def _lifecycle_op(verb: str):
+    def run(args) -> int:
+        from mass.cli.output import emit
+        from mass.lifecycle import Lifecycle
+
+        life = Lifecycle()
+        if verb == "publish":
+            plan = life.publish(args.name, args.version, _actor(), args.why)
+        elif verb == "canary":
+            plan = life.canary(args.name, args.version, _actor(), weight=args.weight, plan=args.plan, reason=args.why)
+        else:
+            plan = getattr(life, verb)(args.name, _actor(), args.why)
+        split = ", ".join(f"v{v} {w}%" for v, w in plan.weights().items()) or "nothing served"
+        emit(args.output, plan.to_dict(), f"{args.name}: {verb} done; traffic: {split}"
+                                          + (" (offline)" if plan.offline else ""))
+        return 0
+    return run
+
+
+for _verb in ("publish", "canary", "promote", "rollback", "offline", "online"):
+    command(f"models {_verb}")(_lifecycle_op(_verb))
+
+
+@command("models status")
+def _models_status(args) -> int:
+    from mass.cli.output import emit, table
+    from mass.lifecycle import Lifecycle
+
+    shown = Lifecycle().show(args.name)
+    split = ", ".join(f"v{v} {w}%" for v, w in shown["weights"].items()) or "nothing served"
+    lines = [f"{args.name}: production v{shown['production']}, traffic {split}"
+             + (f", OFFLINE since {shown['offline']['at'][:19]} ({shown['offline']['reason']})"
+                if shown["offline"] else "")]
+    if shown["plan"]:
+        lines.append("rollout plan: " + ", ".join(f"{s['weight']}% for {s['bake_s']:g}s" for s in shown["plan"])
+                     + f" (step {shown['step'] + 1})")
+    lines += ["", table(["version", "status", "aliases", "method"],
+                        [[v["version"], v["status"], ",".join(v["aliases"]), v["method"]] for v in shown["versions"]]),
+              "", table(["at", "action", "version", "actor", "why"],
+                        [[o["at"][:19], o["action"], o["version"], o["actor"], o["reason"]]
+                         for o in shown["operations"]])]
+    emit(args.output, shown, "\n".join(lines))
     return 0
 
 

@@ -411,6 +411,20 @@ class ModelRegistry:
         self.announce("model.alias.changed", {"model": name, "alias": alias, "version": None,
                                               "previous": str(info.version)})
 
+    def model_tags(self, name: str) -> dict[str, str]:
+        """The registered model's own tags (not its versions'); ModelNotFound naming the models."""
+        return dict(self._get_registered(name).tags or {})
+
+    def set_model_tags(self, name: str, tags: dict[str, str | None]) -> None:
+        """Set the model's tags in order (None deletes one)."""
+        with self._translate(f"tag model {name!r}"):
+            for key, value in tags.items():
+                if value is None:
+                    with contextlib.suppress(Exception):  # deleting a tag that is not there
+                        self.client.delete_registered_model_tag(name, key)
+                else:
+                    self.client.set_registered_model_tag(name, key, value)
+
     def delete_version(self, name: str, version: int) -> None:
         """Delete one version (its aliases go with it); the model is removed when none remain."""
         self.resolve(ModelRef(name, version=int(version)))

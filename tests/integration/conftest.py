@@ -23,7 +23,7 @@ def session_home(tmp_path_factory):
     """MASS_HOME for the session, exported so Ray (started later) and subprocesses inherit it."""
     home = tmp_path_factory.mktemp("mass-session")
     saved = {k: os.environ.get(k) for k in ("MASS_HOME", "MASS_TRACKING_URI", "MASS_ARTIFACT_ROOT",
-                                             "MASS_STORAGE_PATH", "MASS_DATABASE_URL", "RAY_ADDRESS")}
+                                             "MASS_STORAGE_PATH", "MASS_DATABASE_URL", "MASS_EVENTS_URL", "RAY_ADDRESS")}
     os.environ["MASS_HOME"] = str(home)
     for key in saved:
         if key != "MASS_HOME":
@@ -121,3 +121,21 @@ def gateway(trained, ray_cluster, api_key):
     yield url
     serve.delete(APP_NAME)
     serve.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A real HF directory: a 1-layer GPT-2 and a BPE tokenizer trained on the json module's docs."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mass.data.corpus import collect_documents
+    from mass.data.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-hf")
+    tok = train_tokenizer([d["text"] for d in collect_documents(["json"], progress=False)], vocab_size=320)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

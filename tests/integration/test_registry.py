@@ -18,23 +18,6 @@ from mass.settings import get_settings
 from tests.integration.support import VENV_BIN, free_port, wait_for
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A real HF directory: a 1-layer GPT-2 and a BPE tokenizer trained on the json module's docs."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from mass.data.corpus import collect_documents
-    from mass.data.tokenizer import train_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-hf")
-    tok = train_tokenizer([d["text"] for d in collect_documents(["json"], progress=False)], vocab_size=320)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_positions=32, n_embd=16, n_layer=1, n_head=2))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def exercise_registry(reg: ModelRegistry, tiny_dir, name: str) -> None:
     """The whole repository contract, run against any backend."""
     v1 = reg.register(tiny_dir, name, "text-generation", metrics={"val_loss": 3.5},

@@ -26,7 +26,7 @@ def test_a_key_is_stored_as_its_hash_only_and_resolves_until_revoked(store, tmp_
     db = sqlite3.connect(tmp_path / "mass.db")
     dump = "\n".join(db.iterdump())
     assert secret not in dump and secret.split("-")[-1] not in dump  # only the SHA-256 is kept
-    assert db.execute("select version_num from alembic_version").fetchall() == [("0002",)]  # the head
+    assert db.execute("select version_num from alembic_version").fetchall() == [("0003",)]  # the head
     assert store.resolve(secret).name == "team-a"
     assert store.resolve(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None  # right prefix, wrong secret
     assert (key.allows("tiny-gpt"), key.allows("minilm-l6"), key.allows("tiny-gpt-2")) == (True, True, False)
@@ -269,7 +269,7 @@ def test_keys_on_the_machines_postgresql_in_a_database_of_their_own():
         store.revoke("team-pg")
         assert store.resolve(secret) is None and store.version() == 2
         with create_engine(url).connect() as conn:
-            assert conn.execute(text("select version_num from alembic_version")).scalar() == "0002"
+            assert conn.execute(text("select version_num from alembic_version")).scalar() == "0003"
             assert secret not in str(conn.execute(text("select * from api_keys")).all())
     finally:
         dispose(url)
