@@ -200,6 +200,43 @@ class Client:
         """A new secret for a key (in the result's ``secret``); the old one stops working."""
         return self._post_or_get("POST", f"/admin/keys/{_q(key)}/rotate")
 
+    # ------------------------------------------------------------------ model lifecycle (admin API, admin keys)
+    def model_status(self, model: str) -> dict[str, Any]:
+        """A model's versions, aliases, traffic split, offline state, rollout plan, generation and operation log."""
+        return self._post_or_get("GET", f"/admin/models/{_q(model)}")
+
+    def publish(self, model: str, version: int, reason: str = "", expect: int | None = None) -> dict[str, Any]:
+        """Make ``version`` production; ``expect``: fail with Conflict unless the model's generation is still
+        this one. Returns the new serving plan (``weights``...)."""
+        return self._lifecycle(model, "publish", {"version": version, "reason": reason, "expect": expect})
+
+    def canary(self, model: str, version: int, weight: int | None = None, plan: str | None = None,
+               reason: str = "", expect: int | None = None) -> dict[str, Any]:
+        """Send ``weight`` % (1-99) of the model's traffic to ``version``, or start a rollout ``plan``
+        (``"10:5m,50:5m,100"``)."""
+        return self._lifecycle(model, "canary", {"version": version, "weight": weight, "plan": plan,
+                                                 "reason": reason, "expect": expect})
+
+    def promote(self, model: str, reason: str = "", expect: int | None = None) -> dict[str, Any]:
+        """Make the canary version production."""
+        return self._lifecycle(model, "promote", {"reason": reason, "expect": expect})
+
+    def rollback(self, model: str, reason: str = "", expect: int | None = None) -> dict[str, Any]:
+        """End the canary; without one, make the previous production version production again."""
+        return self._lifecycle(model, "rollback", {"reason": reason, "expect": expect})
+
+    def offline(self, model: str, reason: str = "", expect: int | None = None) -> dict[str, Any]:
+        """Take the model offline (its requests get 404 naming it as offline)."""
+        return self._lifecycle(model, "offline", {"reason": reason, "expect": expect})
+
+    def online(self, model: str, reason: str = "", expect: int | None = None) -> dict[str, Any]:
+        """Serve an offline model again."""
+        return self._lifecycle(model, "online", {"reason": reason, "expect": expect})
+
+    def _lifecycle(self, model: str, verb: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self._post_or_get("POST", f"/admin/models/{_q(model)}/{verb}",
+                                 {k: v for k, v in body.items() if v is not None})
+
     # ------------------------------------------------------------------ transports
     def _headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}

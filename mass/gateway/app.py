@@ -17,6 +17,7 @@ def create_app(state: "GatewayState | None" = None) -> FastAPI:
     ``state``: the routing state to serve (an in-process app, as the gateway tests build it); without it,
     the app serves the state its ``Gateway`` replica installs."""
     from mass.gateway import errors
+    from mass.gateway.admin.lifecycle import router as lifecycle
     from mass.gateway.admin.router import router as admin
     from mass.gateway.chat.router import router as chat
     from mass.gateway.completions.router import router as completions
@@ -26,7 +27,7 @@ def create_app(state: "GatewayState | None" = None) -> FastAPI:
 
     app = FastAPI(title="MASS gateway", version="0.1.0",
                   description="OpenAI-compatible API over models served by MASS on Ray Serve.")
-    for router in (models, completions, chat, embeddings, admin):
+    for router in (models, completions, chat, embeddings, admin, lifecycle):
         app.include_router(router)
     errors.install(app)
     app.add_middleware(ProxyMiddleware)

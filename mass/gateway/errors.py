@@ -16,8 +16,8 @@ from mass.routing import replica_lost
 
 log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "invalid_request_error", 429: "rate_limit_error", 502: "upstream_error", 503: "overloaded_error",
-          504: "timeout_error"}
+          404: "invalid_request_error", 409: "conflict_error", 429: "rate_limit_error", 502: "upstream_error",
+          503: "overloaded_error", 504: "timeout_error"}
 
 
 #: OpenAI's own types where a code has one; an upstream failure is not the gateway being overloaded

@@ -149,6 +149,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
                401: "Missing, malformed, unknown or revoked API key (`invalid_api_key`)",
                403: "The key may not do this (/admin needs an admin key)",
                404: "Model not served here, or not one the key may call",
+               409: "Another operation changed the model first (`conflict`): look again, then retry",
                429: "Rate limit (`rate_limit_exceeded`) or token budget (`insufficient_quota`); retry after "
                     "Retry-After seconds",
                500: "Internal error (never a traceback)", 502: "Model repository failed",

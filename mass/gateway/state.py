@@ -54,6 +54,7 @@ class GatewayState:
                 route.coalescer = self._coalescer(route)
             route.breaker = CircuitBreaker(route.args.name, **args.gateway.breaker.model_dump())
         self.limits = self._limiter(args.gateway)
+        self.lifecycle = None  # mass.lifecycle.Lifecycle, made by the admin API on first use
         self.ledger = None
         if args.gateway.ledger:
             from mass.access.ledger import UsageLedger

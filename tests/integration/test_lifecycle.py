@@ -133,3 +133,33 @@ def test_cli_status_and_operations(life, capsys):
     assert shown["offline"]["reason"] == "maintenance" and shown["generation"] == 3
     assert [o["action"] for o in shown["operations"]] == ["offline", "canary", "publish"]
     assert shown["operations"][0]["actor"].startswith("cli")
+
+
+def test_admin_api_and_sdk_on_the_served_gateway(gateway, tiny_dir):
+    """The same operations over HTTP (the gateway's /admin/models, admin keys only), through the SDK."""
+    from mass import Client
+    from mass.access.keys import KeyStore
+    from tests.integration.support import api_key
+
+    registry = ModelRegistry()  # the session's registry, which the gateway replicas read too
+    for _ in range(2):
+        registry.register(tiny_dir, "lc-http", "text-generation")
+    admin = Client(base_url=gateway, via="http", api_key=api_key())
+    assert admin.publish("lc-http", 1, reason="launch")["weights"] == {"1": 100}
+    shown = admin.model_status("lc-http")
+    assert shown["production"] == 1 and shown["operations"][0]["actor"] == "key:integration"
+    assert admin.canary("lc-http", 2, weight=30)["weights"] == {"1": 70, "2": 30}
+    with pytest.raises(Conflict, match="since generation 1"):
+        admin.promote("lc-http", expect=shown["generation"])  # acting on the view from before the canary
+    with pytest.raises(InvalidRequest, match="1 to 99"):
+        admin.canary("lc-http", 2, weight=150)
+    with pytest.raises(ModelNotFound, match="no registered model 'ghost'"):
+        admin.model_status("ghost")
+    assert admin.promote("lc-http", expect=shown["generation"] + 1)["production"] == 2
+    assert admin.offline("lc-http", reason="incident")["weights"] == {}
+    _, secret = KeyStore().create({"name": "lc-user"})
+    with pytest.raises(Exception, match="not an admin key"):
+        Client(base_url=gateway, via="http", api_key=secret).online("lc-http")
+    assert admin.online("lc-http")["weights"] == {"2": 100}
+    assert [o["action"] for o in admin.model_status("lc-http")["operations"]] == [
+        "online", "offline", "promote", "canary", "publish"]

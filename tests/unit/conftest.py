@@ -5,6 +5,19 @@ from __future__ import annotations
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def unit_home(tmp_path_factory):
+    """The unit tier never touches the user's ~/.mass (the fuzzer reaches the admin API's registry calls):
+    MASS_HOME is a directory of the session's own; a test that needs a fresh one uses ``mass_home``."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MASS_HOME", str(tmp_path_factory.mktemp("unit-home")))
+    for var in ("MASS_TRACKING_URI", "MASS_ARTIFACT_ROOT", "MASS_STORAGE_PATH", "MASS_DATABASE_URL",
+                "MASS_EVENTS_URL"):
+        patch.delenv(var, raising=False)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def disallow_ray_init(monkeypatch):
     """Any ``ray.init`` (a Serve handle call would make one) fails the test that made it."""
