@@ -154,6 +154,12 @@ class InvalidApiKey(MassError):
     exit_code = 9
 
 
+class InvalidSignature(InvalidApiKey):
+    """A webhook delivery is unsigned, wrongly signed, or too old to be anything but a replay."""
+
+    code = "invalid_signature"
+
+
 class PermissionDenied(MassError):
     """The API key is valid but may not do this (an admin endpoint with a user key)."""
 

@@ -39,6 +39,9 @@ DECLARED: tuple[Variable, ...] = (
              "usage ledger). Empty: `sqlite:///$MASS_HOME/mass.db`. Production: `postgresql+psycopg2://...`."),
     Variable("MASS_EVENTS_URL", "events_url", "", "The event bus: `redis://host:6379/0` (Redis Streams) or "
              "`sqlite:///path`. Empty: `sqlite:///$MASS_HOME/events.db`. See [Events](#events-the-message-queue)."),
+    Variable("MASS_WEBHOOK_SECRET", "webhook_secret", "", "Secret of the MLflow registry webhook "
+             "(`mass events mlflow-webhook`): the gateway's `/hooks/mlflow` accepts deliveries signed with it. "
+             "Empty: webhooks off."),
     Variable("MASS_LOG_LEVEL", "log_level", "INFO", "Log level for MASS loggers (DEBUG, INFO, WARNING, ERROR)."),
     Variable("MASS_GATEWAY_URL", "gateway_url", "http://127.0.0.1:8000",
              "Gateway the SDK calls over HTTP when it runs outside the Ray cluster.", forwarded=False),
@@ -85,6 +88,7 @@ class Settings:
     storage_path: str
     database_url: str
     events_url: str
+    webhook_secret: str
     log_level: str
     api_key: str
     ray_address: str

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     listed.add_argument("--type", default=None, help="only this event type, e.g. model.alias.changed")
     listed.add_argument("--count", type=int, default=50, help="events read from the log at most (default 50)")
     events.add_parser("dead-letters", help="events set aside: unreadable, or never acknowledged by a group")
+    hook = events.add_parser("mlflow-webhook", help="register MLflow's registry webhook (an mlflow server with a SQL "
+                                                    "backend) so changes made outside MASS become events")
+    hook.add_argument("--url", required=True, help="the gateway's hook, e.g. http://HOST:8000/hooks/mlflow")
     publish = events.add_parser("publish", help="publish one event (validated against its type's schema)")
     publish.add_argument("type", help="event type, e.g. dataset.updated")
     publish.add_argument("data", help="the payload as JSON")
@@ -498,6 +501,27 @@ def _events_dead(args) -> int:
         bus.close()
     emit(args.output, dead, table(["offset", "group", "time", "reason"],
                                   [[d["offset"], d["group"], d["time"].isoformat()[:19], d["reason"]] for d in dead]))
+    return 0
+
+
+@command("events mlflow-webhook")
+def _events_hook(args) -> int:
+    from mass.cli.output import emit
+    from mass.errors import ConfigError
+    from mass.events.webhooks import MLFLOW_EVENTS
+    from mass.registry import ModelRegistry
+    from mass.settings import get_settings
+
+    settings = get_settings()
+    if not settings.webhook_secret:
+        raise ConfigError("set MASS_WEBHOOK_SECRET (here and on the gateway) first: deliveries are signed with it",
+                          field="MASS_WEBHOOK_SECRET")
+    if not settings.tracking_uri.startswith(("http://", "https://")):
+        raise ConfigError(f"MLflow webhooks need an mlflow server with a SQL backend; MASS_TRACKING_URI is "
+                          f"{settings.tracking_uri!r}", field="MASS_TRACKING_URI")
+    hook = ModelRegistry(settings).create_webhook(args.url, MLFLOW_EVENTS, settings.webhook_secret)
+    emit(args.output, {"id": hook, "url": args.url, "events": list(MLFLOW_EVENTS)},
+         f"webhook {hook}: {', '.join(MLFLOW_EVENTS)} -> {args.url}")
     return 0
 
 

@@ -22,12 +22,13 @@ def create_app(state: "GatewayState | None" = None) -> FastAPI:
     from mass.gateway.chat.router import router as chat
     from mass.gateway.completions.router import router as completions
     from mass.gateway.embeddings.router import router as embeddings
+    from mass.gateway.hooks import router as hooks
     from mass.gateway.models.router import router as models
     from mass.gateway.proxy import ProxyMiddleware
 
     app = FastAPI(title="MASS gateway", version="0.1.0",
                   description="OpenAI-compatible API over models served by MASS on Ray Serve.")
-    for router in (models, completions, chat, embeddings, admin, lifecycle):
+    for router in (models, completions, chat, embeddings, admin, lifecycle, hooks):
         app.include_router(router)
     errors.install(app)
     app.add_middleware(ProxyMiddleware)

@@ -425,6 +425,14 @@ class ModelRegistry:
                 else:
                     self.client.set_registered_model_tag(name, key, value)
 
+    def create_webhook(self, url: str, events: tuple[str, ...], secret: str) -> str:
+        """Register an MLflow webhook (an ``mlflow server`` with a SQL backend) posting ``events`` to ``url``,
+        signed with ``secret``; its id."""
+        with self._translate("create the webhook"):
+            hook = self.client.create_webhook(name="mass-events", url=url, events=list(events), secret=secret,
+                                              description="MASS: registry changes -> the MASS event bus")
+        return hook.webhook_id
+
     def delete_version(self, name: str, version: int) -> None:
         """Delete one version (its aliases go with it); the model is removed when none remain."""
         self.resolve(ModelRef(name, version=int(version)))

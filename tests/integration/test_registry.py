@@ -168,7 +168,9 @@ def postgres_mlflow(tmp_path):
          f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}", "--artifacts-destination", artifacts.as_uri(),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        env={**os.environ, "MLFLOW_LOGGING_LEVEL": "WARNING"})
+        env={**os.environ, "MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+             "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+             "MLFLOW_WEBHOOK_CACHE_TTL": "1"})  # webhooks to this machine's gateway; new hooks seen at once
 
     def healthy():
         import urllib.request
@@ -229,3 +231,46 @@ def test_the_registry_leaves_the_process_mlflow_uris_alone(mass_home, tiny_dir, 
         assert mlflow.get_tracking_uri() == mine
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_changes_made_outside_mass_reach_the_bus_through_mlflow_webhooks(mass_home, tiny_dir, postgres_mlflow,
+                                                                         monkeypatch, capsys):
+    """A real mlflow server (SQL backend) signs and posts its registry webhooks to the gateway's /hooks/mlflow
+    (served over a socket): a version and an alias set with the raw MLflow client become MASS events."""
+    import threading
+
+    import uvicorn
+
+    from mass.cli.main import main
+    from mass.events import open_bus
+    from mass.gateway.app import create_app
+
+    uri, _, _ = postgres_mlflow
+    monkeypatch.setenv("MASS_TRACKING_URI", uri)
+    monkeypatch.setenv("MASS_WEBHOOK_SECRET", "hook-secret")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, 30, "the hook's HTTP server")
+        assert main(["events", "mlflow-webhook", "--url", f"http://127.0.0.1:{port}/hooks/mlflow"]) == 0
+        assert "model_version.created" in capsys.readouterr().out
+        reg = ModelRegistry()
+        reg.register(tiny_dir, "hooked", "text-generation")
+        reg.client.set_registered_model_alias("hooked", "production", "1")  # MLflow's own client: outside MASS
+
+        def from_hooks():
+            bus = open_bus()
+            try:
+                return [(e.type, getattr(e.data, "alias", None), e.data.version) for e in bus.replay(count=1000)
+                        if e.source == "mlflow-webhook" and e.data.model == "hooked"]
+            finally:
+                bus.close()
+
+        wait_for(lambda: len(from_hooks()) >= 2, 60, "the webhook deliveries as events")
+        assert sorted(from_hooks(), key=str) == sorted([("model.version.registered", None, "1"),
+                                                        ("model.alias.changed", "production", "1")], key=str)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
