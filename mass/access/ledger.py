@@ -117,6 +117,20 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     return at if at.tzinfo else at.replace(tzinfo=timezone.utc)
 
 
+def spent_since(url: str | None, key_id: str, since: datetime) -> int:
+    """Tokens (prompt + completion) the ledger charged ``key_id`` since ``since`` (what a restarted gateway
+    replica starts the key's budget period from)."""
+    from sqlalchemy import func, select
+
+    from mass.access.db import transaction
+    from mass.access.schema import usage_records as u
+
+    query = select(func.coalesce(func.sum(u.c.prompt_tokens + u.c.completion_tokens), 0)).where(
+        u.c.key_id == key_id, u.c.at >= since)
+    with transaction(url, "read a key's spent budget") as conn:
+        return int(conn.execute(query).scalar())
+
+
 GROUPS = ("key", "model", "day")
 
 

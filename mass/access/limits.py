@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from mass.access.keys import ApiKey
 from mass.errors import MassError, QuotaExceeded, RateLimited
@@ -127,12 +127,21 @@ def _too_big(key: ApiKey, tokens: int) -> str:
     return ""
 
 
+def period_start(period: str) -> datetime:
+    """The UTC start of a budget period (``2026-11-26``: that day; ``2026-11``: that month)."""
+    year, month, *day = (int(p) for p in period.split("-"))
+    return datetime(year, month, day[0] if day else 1, tzinfo=timezone.utc)
+
+
 class LocalLimiter:
     """Exact limits for one process (one gateway replica). ``scale`` divides every limit (the per-replica cap
-    used while Redis is unreachable)."""
+    used while Redis is unreachable). ``seed(key_id, since)``: the tokens a key already spent since a time
+    (the usage ledger's sum), asked once per key and budget period, so a restarted replica does not start
+    budgets at zero; while it fails, budgets fail closed (LimitsUnavailable, 503)."""
 
-    def __init__(self, scale: int = 1) -> None:
-        self.scale = max(1, scale)
+    def __init__(self, scale: int = 1, seed: Callable[[str, datetime], int] | None = None) -> None:
+        self.scale, self.seed = max(1, scale), seed
+        self._seeded: set[tuple[str, str]] = set()
         self._requests: dict[str, collections.deque] = collections.defaultdict(collections.deque)
         self._tokens: dict[str, collections.deque] = collections.defaultdict(collections.deque)  # [at, n, id]
         self._token_sum: dict[str, int] = collections.defaultdict(int)
@@ -171,8 +180,10 @@ class LocalLimiter:
                            _too_big(key, tokens * self.scale))
         if par is not None and self._inflight[key.id] >= par:
             return Refusal(PARALLEL, 1.0, quota)
-        if period is not None and self._budget[(key.id, period)] + tokens > key.budget_tokens:
-            return Refusal(BUDGET, period_left, quota)
+        if period is not None:
+            self._seed(key, period)
+            if self._budget[(key.id, period)] + tokens > key.budget_tokens:
+                return Refusal(BUDGET, period_left, quota)
         rid = uuid.uuid4().hex
         requests.append(now)
         entry = [now, tokens, rid]
@@ -201,6 +212,19 @@ class LocalLimiter:
             entry[1] = used
         if reservation.period is not None:
             self._budget[(key_id, reservation.period)] += used - reservation.tokens
+
+    def _seed(self, key: ApiKey, period: str) -> None:
+        """Start ``key``'s budget for ``period`` from what the ledger says it spent (once)."""
+        if self.seed is None or (key.id, period) in self._seeded:
+            return
+        try:
+            spent = self.seed(key.id, period_start(period))
+        except MassError as exc:
+            raise LimitsUnavailable(f"key {key.name!r} has a token budget, and what it already spent cannot be read "
+                                    f"from the usage ledger ({exc.message}); retry shortly",
+                                    retry_after=1) from exc
+        self._budget[(key.id, period)] += spent
+        self._seeded.add((key.id, period))
 
     def spent(self, key: ApiKey, now: float | None = None) -> int:
         """Tokens charged to ``key``'s current budget period."""

@@ -53,13 +53,13 @@ class GatewayState:
             if route.args.engine == "embedding":
                 route.coalescer = self._coalescer(route)
             route.breaker = CircuitBreaker(route.args.name, **args.gateway.breaker.model_dump())
-        self.limits = self._limiter(args.gateway)
         self.lifecycle = None  # mass.lifecycle.Lifecycle, made by the admin API on first use
         self.ledger = None
         if args.gateway.ledger:
             from mass.access.ledger import UsageLedger
 
             self.ledger = UsageLedger(keys.url if keys is not None else None)
+        self.limits = self._limiter(args.gateway, keys.url if keys is not None else None)
         self.resolver = None
         if args.gateway.auth:
             from mass.access.keys import KeyStore
@@ -70,20 +70,23 @@ class GatewayState:
             log.warning("gateway.auth is false: anyone who reaches this gateway calls every model without a key "
                         "or limits. Turn it on (the default) for anything but a private test setup")
 
-    @staticmethod
-    def _limiter(gw):
-        """Per-key limits: shared through Redis when the config names one, else in-process (one replica)."""
+    def _limiter(self, gw, db_url: str | None):
+        """Per-key limits: shared through Redis when the config names one, else in-process (one replica), whose
+        budgets start from what the usage ledger says each key spent in the period (none without a ledger)."""
         if gw.redis_url:
             from mass.access.redis_limits import RedisLimiter
 
             return RedisLimiter(gw.redis_url, replicas=gw.replicas)
+        from functools import partial
+
+        from mass.access.ledger import spent_since
         from mass.access.limits import LocalLimiter
 
         if gw.replicas > 1:
             log.warning("gateway.replicas is %d without gateway.redis_url: each replica enforces every key's "
                         "limits on its own (up to %dx the limit in all); set redis_url for exact shared limits",
                         gw.replicas, gw.replicas)
-        return LocalLimiter()
+        return LocalLimiter(seed=partial(spent_since, db_url) if self.ledger is not None else None)
 
     async def admit(self, call, tokens: int) -> None:
         """Admit ``call`` (a proxied request) against its key's limits, reserving one request and ``tokens``;

@@ -70,6 +70,35 @@ def test_a_budget_is_never_exceeded_and_renews_with_its_period():
     assert isinstance(lim.admit(k, 100, now=noon + 12 * 3600), Reservation)  # the next UTC day
 
 
+def test_a_restarted_replica_starts_budgets_from_the_ledger(tmp_path):
+    """The in-process limiter asks the usage ledger what a key spent in the period (once), so a restarted
+    gateway does not hand out the budget again; while the ledger cannot be read, budgets fail closed."""
+    from functools import partial
+
+    from sqlalchemy import insert
+
+    from mass.access.db import transaction
+    from mass.access.ledger import spent_since
+    from mass.access.schema import usage_records
+
+    url, k = f"sqlite:///{tmp_path / 'mass.db'}", key(budget_tokens=1000, budget_period="day")
+    noon = datetime(2026, 11, 26, 12, tzinfo=timezone.utc)
+    rows = [(noon.replace(hour=9), 600, 300), (noon.replace(day=25, hour=23), 5000, 5000)]  # today, yesterday
+    with transaction(url) as conn:
+        conn.execute(insert(usage_records), [
+            {"at": at, "request_id": uuid.uuid4().hex, "key_id": k.id, "model": "m", "path": "/v1/completions",
+             "status": 200, "error_code": None, "prompt_tokens": p, "completion_tokens": c, "latency_ms": 1.0,
+             "overhead_ms": 0.1} for at, p, c in rows])
+    lim = LocalLimiter(seed=partial(spent_since, url))
+    assert isinstance(lim.admit(k, 100, now=noon.timestamp()), Reservation)  # 900 spent before the restart
+    assert lim.admit(k, 1, now=noon.timestamp()).reason == BUDGET and lim.spent(k, now=noon.timestamp()) == 1000
+    assert isinstance(lim.admit(k, 1000, now=noon.timestamp() + 12 * 3600), Reservation)  # a new day: from 0
+    unreadable = LocalLimiter(seed=partial(spent_since, "postgresql+psycopg2://postgres@127.0.0.1:1/none"))
+    with pytest.raises(LimitsUnavailable, match="cannot be read from the usage ledger"):
+        unreadable.admit(k, 1, now=noon.timestamp())
+    assert isinstance(unreadable.admit(key(rpm=5), 1), Reservation)  # a key without a budget is unaffected
+
+
 def test_the_per_replica_cap_divides_every_limit():
     lim, k = LocalLimiter(scale=2), key(rpm=5, tpm=100)
     assert [isinstance(lim.admit(k, 0, now=0.0), Reservation) for _ in range(3)] == [True, True, False]
