@@ -242,13 +242,6 @@ def render_table(result: dict) -> str:
 README_START, README_END = "<!-- benchmark:proxy -->", "<!-- /benchmark:proxy -->"
 
 
-def write_readme(path: str, result: dict) -> None:
-    """Replace the table between the README's proxy benchmark markers with ``render_table(result)``."""
-    from serving import replace_block  # this directory's serving benchmark (a script dir on sys.path)
-
-    replace_block(path, README_START, README_END, render_table(result))
-
-
 def main(argv=None) -> int:
     """Run the benchmark, print the table and the JSON line (and save / render them when asked)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -266,14 +259,10 @@ def main(argv=None) -> int:
     os.environ.setdefault("MASS_HOME", home)  # a private registry and platform database
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}",
               "rounds": args.rounds, "date": time.strftime("%Y-%m-%d"), **run(args)}
+    from serving import save  # this directory's serving benchmark (a script dir on sys.path)
+
     print(render_table(result))
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-    if args.readme:
-        write_readme(args.readme, result)
+    save(result, args.json, args.readme, (README_START, README_END), render_table(result))
     return 0
 
 

@@ -496,9 +496,15 @@ def _met(result: dict):
 README_START, README_END = "<!-- benchmark:serving -->", "<!-- /benchmark:serving -->"
 
 
-def write_readme(path: str, result: dict) -> None:
-    """Replace the table between the README's benchmark markers with ``render_table(result)``."""
-    replace_block(path, README_START, README_END, render_table(result))
+def save(result: dict, json_path: str | None, readme: str | None, markers: tuple[str, str], table: str) -> None:
+    """Print the JSON line; write it to ``json_path`` and ``table`` between the README's ``markers`` when asked."""
+    print(json.dumps(result))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+            f.write("\n")
+    if readme:
+        replace_block(readme, *markers, table)
 
 
 def replace_block(path: str, start: str, end: str, text: str) -> None:
@@ -537,13 +543,7 @@ def main(argv=None) -> int:
     for key, goal, label in GOALS:
         if key in result:
             print(f"{label} = {result[key]}x (goal >= {goal}x){'' if result[key] >= goal else '  NOT MET'}")
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-            f.write("\n")
-    if args.readme:
-        write_readme(args.readme, result)
+    save(result, args.json, args.readme, (README_START, README_END), render_table(result))
     return 0
 
 
