@@ -69,9 +69,24 @@ class SqliteBus(EventBus):
                              [fields[f] for f in _FIELDS])
             return str(cur.lastrowid)
 
+    def _waiting(self, group: str) -> bool:
+        """Whether ``group`` may have events to take (a read: no write lock while a consumer blocks)."""
+        with self._lock:
+            try:
+                row = self._db.execute("SELECT last FROM groups WHERE name = ?", (group,)).fetchone()
+                newest = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()[0]
+            except sqlite3.Error as exc:
+                raise EventBusError(f"event log {self.path}: {exc}", path=str(self.path)) from exc
+        return row is None or newest > row[0]
+
     def _read_new(self, group, consumer, count, block_s, start):
         deadline = time.monotonic() + block_s
         while True:
+            if not self._waiting(group):
+                if time.monotonic() >= deadline:
+                    return []
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+                continue
             with self._tx() as db:
                 row = db.execute("SELECT last FROM groups WHERE name = ?", (group,)).fetchone()
                 if row is None:

@@ -272,8 +272,10 @@ class Lifecycle:
 
         if not actor:
             raise InvalidRequest("a lifecycle operation needs an actor (who does it)", field="actor")
-        before = self.state(model)  # ModelNotFound naming the models first
+        # the generation first: an operation that commits after this read makes ours a Conflict, and one that
+        # committed before it is already in the state read next
         generation = self.generation(model)
+        before = self.state(model)  # ModelNotFound naming the models
         if expect is not None and expect != generation:
             raise self._conflict(model, f"generation {expect} (it is at {generation} now)")
         generation = generation or None
