@@ -200,6 +200,11 @@ class Client:
         """A new secret for a key (in the result's ``secret``); the old one stops working."""
         return self._post_or_get("POST", f"/admin/keys/{_q(key)}/rotate")
 
+    def services(self) -> dict[str, Any]:
+        """Every served model's engine, deployment, fallbacks and circuit breaker (state, window counts, recent
+        transitions), as the gateway replica that answers sees them (admin keys)."""
+        return self._post_or_get("GET", "/admin/services")["data"]
+
     # ------------------------------------------------------------------ model lifecycle (admin API, admin keys)
     def model_status(self, model: str) -> dict[str, Any]:
         """A model's versions, aliases, traffic split, offline state, rollout plan, generation and operation log."""

@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("type", help="event type, e.g. dataset.updated")
     publish.add_argument("data", help="the payload as JSON")
 
+    status = sub.add_parser("status", help="the served models as the gateway sees them: breakers, fallbacks")
+    status.add_argument("--url", default=None, help="the gateway (default MASS_GATEWAY_URL); sends MASS_API_KEY")
+
     sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")
     return parser
 
@@ -541,6 +544,27 @@ def _events_publish(args) -> int:
     finally:
         bus.close()
     emit(args.output, event.model_dump(mode="json"), f"published {event.type} at offset {event.offset}")
+    return 0
+
+
+@command("status")
+def _status(args) -> int:
+    import time
+
+    from mass.cli.output import emit, table
+    from mass.sdk import Client
+
+    services = Client(base_url=args.url, via="http").services()
+    rows = []
+    for name, svc in services.items():
+        breaker = svc["breaker"]
+        last = breaker["transitions"][-1] if breaker["transitions"] else None
+        rows.append([name, svc["engine"], svc["deployment"], breaker["state"],
+                     f"{breaker['window_failures']}/{breaker['window_requests']}", ",".join(svc["fallbacks"]) or "-",
+                     f"{time.strftime('%H:%M:%S', time.localtime(last['at']))} {last['to']}: {last['why']}"
+                     if last else ""])
+    emit(args.output, services, table(["model", "engine", "deployment", "breaker", "failed/window", "fallbacks",
+                                       "last transition"], rows))
     return 0
 
 

@@ -163,3 +163,12 @@ def test_admin_api_and_sdk_on_the_served_gateway(gateway, tiny_dir):
     assert admin.online("lc-http")["weights"] == {"2": 100}
     assert [o["action"] for o in admin.model_status("lc-http")["operations"]] == [
         "online", "offline", "promote", "canary", "publish"]
+
+
+def test_mass_status_shows_the_gateways_models_and_breakers(gateway, capsys):
+    assert main(["status", "--url", gateway]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-gpt" in out and "minilm" in out and "closed" in out and "failed/window" in out
+    assert main(["-o", "json", "status", "--url", gateway]) == 0
+    services = json.loads(capsys.readouterr().out)
+    assert services["tiny-gpt"]["engine"] == "llm" and services["tiny-gpt"]["breaker"]["state"] == "closed"

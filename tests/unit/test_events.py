@@ -232,3 +232,37 @@ def test_open_bus_follows_the_setting(tmp_path, monkeypatch):
     monkeypatch.setenv("MASS_EVENTS_URL", "kafka://x")
     with pytest.raises(Exception, match="MASS_EVENTS_URL"):
         open_bus()
+
+
+def test_a_running_consumer_rides_out_a_redis_outage():
+    """``Consumer.run`` in a thread: it handles events as they come, keeps going while its Redis is down (logged,
+    retried every second) and picks up what was published after Redis came back; ``stop`` ends it."""
+    from mass.cluster import free_port
+
+    assert redis_available(), "redis-server is needed (every MASS machine and CI has it)"
+    server = PrivateRedis(free_port(), durable=True)
+    server.start()
+    try:
+        bus, seen, stop = RedisBus(server.url, timeout_s=1), [], threading.Event()
+        worker = threading.Thread(target=Consumer(bus, "g", "c", lambda e: seen.append(e.data.model)).run,
+                                  args=(stop, 0.2))
+        worker.start()
+        publisher = RedisBus(server.url, timeout_s=1)
+        publisher.publish("model.online", {"model": "before"})
+        deadline = time.monotonic() + 10
+        while seen != ["before"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server.stop()
+        time.sleep(1.5)  # the consumer meets the outage
+        assert worker.is_alive()
+        server.start()
+        publisher.publish("model.online", {"model": "after"})
+        deadline = time.monotonic() + 15
+        while seen != ["before", "after"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert seen == ["before", "after"]
+        stop.set()
+        worker.join(timeout=10)
+        assert not worker.is_alive()
+    finally:
+        server.remove()
