@@ -102,8 +102,7 @@ class Lifecycle:
     # ---------------------------------------------------------------- read
     def state(self, model: str) -> ServingPlan:
         """The model's desired serving state, read from the registry."""
-        tags = self.registry.model_tags(model)
-        aliases = self.registry.get_model(model).aliases
+        aliases, tags = self.registry.model_meta(model)
         canary = json.loads(tags[TAG_CANARY]) if TAG_CANARY in tags and CANARY in aliases else None
         return ServingPlan(
             model=model, production=aliases.get(PRODUCTION),
@@ -140,7 +139,8 @@ class Lifecycle:
         info = self.registry.get_model(model)
         return {**self.state(model).to_dict(), "aliases": info.aliases, "generation": self.generation(model),
                 "versions": [{"version": v.version, "status": v.status, "aliases": list(v.aliases),
-                              "method": v.lineage.get("method"), "metrics": v.metrics} for v in info.versions],
+                              "method": v.lineage.get("method"), "lineage": v.lineage, "metrics": v.metrics,
+                              "size_bytes": v.size_bytes} for v in info.versions],
                 "operations": self.history(model)}
 
     # ---------------------------------------------------------------- operations

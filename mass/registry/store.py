@@ -411,9 +411,11 @@ class ModelRegistry:
         self.announce("model.alias.changed", {"model": name, "alias": alias, "version": None,
                                               "previous": str(info.version)})
 
-    def model_tags(self, name: str) -> dict[str, str]:
-        """The registered model's own tags (not its versions'); ModelNotFound naming the models."""
-        return dict(self._get_registered(name).tags or {})
+    def model_meta(self, name: str) -> tuple[dict[str, int], dict[str, str]]:
+        """The registered model's aliases (alias -> version) and its own tags (not its versions'), in one
+        lookup; ModelNotFound naming the models."""
+        model = self._get_registered(name)
+        return {a: int(v) for a, v in (model.aliases or {}).items()}, dict(model.tags or {})
 
     def set_model_tags(self, name: str, tags: dict[str, str | None]) -> None:
         """Set the model's tags in order (None deletes one)."""
