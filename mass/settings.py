@@ -63,6 +63,7 @@ def settings_table() -> str:
     rows = [f"| `{v.name}` | {f'`{v.default}`' if v.default else '(empty)'} | {v.doc} |" for v in DECLARED]
     return "\n".join(["| variable | default | meaning |", "|---|---|---|", *rows])
 
+
 #: Ray's own switches for each ``MASS_SERVE_INGRESS`` mode. Ray reads them when its processes start, so they
 #: must be in the environment of ``ray start`` (or of the driver that starts a local Ray). Sync handle calls
 #: (the SDK inside a Ray task) need the router on its own loop, so that flag keeps Ray's usual default.

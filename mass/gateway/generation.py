@@ -20,6 +20,7 @@ from mass.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
 
+
 class Shape(Protocol):
     """The wire shape of one endpoint family's choices."""
 
@@ -166,8 +167,8 @@ class _Progress:
 
     def resume(self) -> list[dict[str, Any]]:
         """The deployment's ``resume`` field: every choice's progress."""
-        return [{"index": i, "token_ids": list(ids), "sent": sent, "finished": done}
-                for i, (ids, sent, done) in enumerate(zip(self.ids, self.sent, self.finished))]
+        return [{"index": i, "token_ids": list(ids), "sent": sent, "finished": done, "echoed": echoed}
+                for i, (ids, sent, done, echoed) in enumerate(zip(self.ids, self.sent, self.finished, self.echoed))]
 
 
 def reserve_tokens(request: dict[str, Any], context: int) -> int:

@@ -55,6 +55,7 @@ def _refuse(value: Any, accepted: str) -> Any:
         raise ValueError(f"not supported by this gateway (accepted: {accepted})")
     return value
 
+
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
 
 

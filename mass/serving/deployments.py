@@ -109,8 +109,9 @@ class Served:
         choice (the gateway then charges the prompt and the tokens it saw).
 
         ``request["resume"]`` continues a stream whose replica was lost: one entry per choice, ``{"index",
-        "token_ids", "sent", "finished"}`` (the output the client got so far, and how many characters of its
-        text); finished choices are not run again, the others continue after their tokens (no echo again).
+        "token_ids", "sent", "finished", "echoed"}`` (the output the client got so far, how many characters of
+        its text, and whether its echoed prompt arrived); finished choices are not run again, the others continue
+        after their tokens.
         Greedy choices continue exactly as they would have; sampled ones continue from a fresh generator."""
         try:
             sequences = self.prepare(request)
@@ -120,10 +121,11 @@ class Served:
             return
         yield {"prompt_tokens": _usage(sequences, [])["prompt_tokens"]}
         counts = [len(r["token_ids"]) for r in resumed] if resumed else [0] * len(sequences)
-        if request.get("echo") and not resumed:
+        if request.get("echo"):  # (a resumed choice whose prompt already reached the client is not echoed again)
             for index, (ids, _) in enumerate(sequences):
-                yield {"index": index, "text": self._echo(request, index, ids), "token_ids": [], "finish_reason": None,
-                       "logprobs": None}
+                if not resumed or not resumed[index].get("echoed", True):
+                    yield {"index": index, "text": self._echo(request, index, ids), "token_ids": [],
+                           "finish_reason": None, "logprobs": None}
         runs = [(index, ids, params, resumed[index] if resumed else None)
                 for index, (ids, params) in enumerate(sequences) if not (resumed and resumed[index]["finished"])]
         streams = [self.engine.stream(ids, params, r["token_ids"], r["sent"]) if r else self.engine.stream(ids, params)
@@ -149,9 +151,9 @@ class Served:
         for entry, (_, params) in zip(out, sequences):
             ids, sent = entry.get("token_ids"), entry.get("sent")
             if not isinstance(ids, list) or isinstance(sent, bool) or not isinstance(sent, int) or sent < 0 \
-                    or not isinstance(entry.get("finished"), bool):
-                raise InvalidRequest("each resume entry needs token_ids (a list), sent (characters >= 0) and "
-                                     "finished (a boolean)", param="resume")
+                    or not isinstance(entry.get("finished"), bool) or not isinstance(entry.get("echoed", True), bool):
+                raise InvalidRequest("each resume entry needs token_ids (a list), sent (characters >= 0), finished "
+                                     "and optionally echoed (booleans)", param="resume")
             if not entry["finished"]:
                 self.engine.check_resume(ids, params)
         return out
@@ -173,7 +175,6 @@ class Served:
         """The prompt of choice ``index``: as sent when it was text, decoded when it was token ids."""
         prompt = request["prompts"][index // request.get("n", 1)]
         return prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids, skip_special_tokens=True)
-
 
 
 def _choice(index: int, event) -> dict[str, Any]:

@@ -225,7 +225,8 @@ def streamed_text(resp) -> tuple[list[str], dict]:
     return [texts[i] for i in sorted(texts)], usage
 
 
-@pytest.mark.parametrize("fields", [{}, {"n": 2, "frequency_penalty": 1.5}, {"echo": True}])
+@pytest.mark.parametrize("fields", [{}, {"n": 2, "frequency_penalty": 1.5}, {"echo": True},
+                                    {"echo": True, "prompt": ["Return the", "A"]}])  # cut between two echoes
 def test_a_stream_whose_replica_dies_mid_way_resumes_where_it_stopped(resumable, fields):
     """Greedy output resumed on another replica (the same model) is exactly the uninterrupted output, with the
     same usage, whichever event the replica died after; the stop string's held-back text is decided once."""

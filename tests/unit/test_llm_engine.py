@@ -58,6 +58,7 @@ def test_streaming_deltas_join_to_the_full_text(engine):
 
 def test_seeded_sampling_is_reproducible(engine):
     params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
+
     async def run():
         return await asyncio.gather(engine.generate("A", params), engine.generate("A", params),
                                     engine.generate("A", SamplingParams(max_tokens=20, seed=8)))

@@ -30,6 +30,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request, state: Gat
     if call is not None and call.key is not None and call.key.limited:  # at most max_length tokens per input
         await state.admit(call, sum(min(len(t) if not isinstance(t, str) else len(t.encode()) + 2,
                                         facts["max_length"]) for t in inputs))
+
     async def attempt(candidate):
         return raise_if_error(await state.embed(candidate, inputs))
 
