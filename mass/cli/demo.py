@@ -121,8 +121,15 @@ def run_demo(recipe: str | None = None) -> int:
     info, created = import_minilm(registry)
     print(f"{'imported' if created else 'already imported'} {info.ref} ({', '.join(info.aliases)})", flush=True)
 
-    _step("4/6 the model repository")
+    _step("4/6 the model repository, and what it announced on the event bus")
     print(models_table(registry.list_models()), flush=True)
+    from mass.events import open_bus
+
+    bus = open_bus(settings.events_url)
+    for event in bus.replay(count=1000):  # what a lifecycle controller or any subscriber would receive
+        data = event.data.model_dump(exclude_none=True, exclude={"metrics", "task", "run_id"})
+        print(f"  event {event.offset}: {event.type} {data} (from {event.source})", flush=True)
+    bus.close()
 
     _step("5/6 serve tiny-gpt and MiniLM behind the OpenAI-compatible gateway (Ray Serve)")
     url = _serve(corpus.path, card)

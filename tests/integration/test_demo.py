@@ -11,6 +11,9 @@ def test_demo_runs_to_the_end(ray_cluster, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     for step in ("1/6 build the docstring corpus", "2/6 train tiny-gpt", "3/6 import", "4/6 the model repository",
+                 "  event 1: model.version.registered {'model': 'tiny-gpt', 'version': '1'} (from registry)",
+                 "training.completed {'model': 'tiny-gpt', 'version': '1'} (from training)",
+                 "model.alias.changed {'model': 'minilm-l6', 'alias': 'production', 'version': '1'}",
                  "5/6 serve tiny-gpt and MiniLM", "6/6 semantic search"):
         assert step in out
     assert "  without a key: invalid_api_key: missing API key" in out  # the app at /mass-demo is protected
