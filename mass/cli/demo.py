@@ -96,9 +96,13 @@ def run_demo(recipe: str | None = None) -> int:
     from mass.training.config import TrainConfig
     from mass.training.job import run_training
 
+    from mass.events import open_bus
+
     settings = get_settings()
     started = time.perf_counter()
     print(f"MASS demo  (MASS_HOME={settings.home}, registry {settings.tracking_uri})", flush=True)
+    bus = open_bus(settings.events_url)
+    before = bus.last_offset()  # the demo shows the events of this run only
 
     _step("1/6 build the docstring corpus")
     corpus = build_corpus()
@@ -123,10 +127,7 @@ def run_demo(recipe: str | None = None) -> int:
 
     _step("4/6 the model repository, and what it announced on the event bus")
     print(models_table(registry.list_models()), flush=True)
-    from mass.events import open_bus
-
-    bus = open_bus(settings.events_url)
-    for event in bus.replay(count=1000):  # what a lifecycle controller or any subscriber would receive
+    for event in bus.replay(after=before, count=100):  # what a lifecycle controller or any subscriber receives
         data = event.data.model_dump(exclude_none=True, exclude={"metrics", "task", "run_id"})
         print(f"  event {event.offset}: {event.type} {data} (from {event.source})", flush=True)
     bus.close()

@@ -106,6 +106,11 @@ class EventBus(ABC):
         return events
 
     @abstractmethod
+    def last_offset(self) -> str | None:
+        """The offset of the newest event (None: the log is empty); ``replay(after=...)`` from it reads only what
+        is published later."""
+
+    @abstractmethod
     def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         """The most recent dead letters, oldest first."""
 

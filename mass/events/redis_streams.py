@@ -121,6 +121,11 @@ class RedisBus(EventBus):
         pipe.xack(self.log_key, group, offset)
         self._call("dead-letter", pipe.execute)
 
+    def last_offset(self) -> str | None:
+        """The newest event's offset (None when the stream is empty)."""
+        rows = self._call("read", self._redis.xrevrange, self.log_key, count=1)
+        return rows[0][0] if rows else None
+
     def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         """The most recent dead letters, oldest first."""
         rows = self._call("read dead letters", self._redis.xrevrange, self.dead_key, count=count)

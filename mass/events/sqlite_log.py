@@ -152,6 +152,12 @@ class SqliteBus(EventBus):
                         datetime.now(timezone.utc).isoformat()))
             db.execute("DELETE FROM pending WHERE grp = ? AND id = ?", (group, int(offset)))
 
+    def last_offset(self) -> str | None:
+        """The newest event's offset (None when the log is empty)."""
+        with self._lock:
+            newest = self._db.execute("SELECT MAX(id) FROM events").fetchone()[0]
+        return None if newest is None else str(newest)
+
     def dead_letters(self, count: int = 100) -> list[DeadLetter]:
         """The most recent dead letters, oldest first."""
         with self._lock:

@@ -48,6 +48,7 @@ def bus(kind, tmp_path):
 
 def test_published_events_come_back_typed_in_order_and_replay_from_an_offset(bus):
     b = bus()
+    assert b.last_offset() is None  # an empty log
     first = b.publish("model.alias.changed", ALIAS, source="test")
     second = b.publish("model.offline", {"model": "tiny-gpt", "reason": "maintenance"})
     third = b.publish("dataset.updated", {"name": "docs", "version": "3", "path": "/d", "rows": 10,
@@ -58,6 +59,7 @@ def test_published_events_come_back_typed_in_order_and_replay_from_an_offset(bus
     assert events[1].data.reason == "maintenance" and events[2].data.rows == 10
     assert [e.offset for e in b.replay(after=first.offset)] == [second.offset, third.offset]
     assert [e.offset for e in b.replay(after=first.offset, count=1)] == [second.offset]
+    assert b.last_offset() == third.offset and b.replay(after=b.last_offset()) == []
 
 
 @pytest.mark.parametrize("event_type, data, needle", [
