@@ -112,6 +112,12 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class ModelOffline(NotFound):
+    """A served model was taken offline (`mass models offline`); the message says by whom, when and why."""
+
+    code = "model_offline"
+
+
 class InsufficientResources(MassError):
     """The cluster cannot provide what a job asks for (workers, CPUs, GPUs)."""
 

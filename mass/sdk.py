@@ -18,6 +18,7 @@ from mass.routing import replica_lost
 from mass.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+TABLE_TTL_S = 1.0  # how long the SDK trusts a routing table that holds managed models (their weights move)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Client:
         self.app_name = app_name
         self.timeout_s = timeout_s
         self._table: dict[str, dict[str, Any]] | None = None
+        self._table_at = 0.0
         self._pending: list[Any] = []
         self.via = self._pick(via)
 
@@ -247,22 +249,40 @@ class Client:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
     def _routes(self) -> dict[str, dict[str, Any]]:
-        """The app's routing table, asked once of its gateway (its ingress deployment)."""
-        if self._table is None:
+        """The app's routing table, asked of its gateway (its ingress deployment): once, or every
+        ``TABLE_TTL_S`` when the app has managed models (their versions and weights move)."""
+        stale = self._table is not None and any("versions" in r for r in self._table.values()) and \
+            time.monotonic() - self._table_at > TABLE_TTL_S
+        if self._table is None or stale:
             from ray import serve
 
             self._table = serve.get_app_handle(self.app_name).routes.remote().result(timeout_s=self.timeout_s)
+            self._table_at = time.monotonic()
         return self._table
 
     def _handle(self, model: str, engine: str):
-        """The deployment handle for ``model``; the gateway's 404/400 when it is missing or the wrong kind."""
+        """The deployment handle for ``model`` (a managed model's version picked by weight); the gateway's
+        404/400/503 when it is missing, offline, the wrong kind or has no version ready."""
+        import random
+
         from ray import serve
 
+        from mass.errors import ModelOffline, Overloaded
         from mass.routing import check_served
 
         route = self._routes().get(model)
-        check_served(model, route["engine"] if route else None, engine, self._routes())
-        handle = serve.get_deployment_handle(route["deployment"], self.app_name)
+        if route is not None and route.get("offline"):
+            raise ModelOffline(f"model {model!r} was taken offline; `mass models online {model}` serves it again",
+                               param="model")
+        check_served(model, route["engine"] if route else None, engine,
+                     [n for n, r in self._routes().items() if not r.get("offline")])
+        deployment, app = route["deployment"], self.app_name
+        if "versions" in route:
+            if not route["versions"]:
+                raise Overloaded(f"model {model!r} has no version ready yet; retry in 1s", retry_after=1)
+            picked = random.choices(route["versions"], weights=[v["weight"] for v in route["versions"]])[0]
+            deployment, app = picked["deployment"], picked["app"]
+        handle = serve.get_deployment_handle(deployment, app)
         return handle.options(multiplexed_model_id=model) if route["multiplexed"] else handle
 
     def _call(self, model: str, engine: str, method: str, payload: Any) -> dict[str, Any]:

@@ -68,7 +68,12 @@ class Gateway:
         from mass.serving.args import AppArgs
 
         setup_replica_logging()
-        set_state(GatewayState(handles, AppArgs.model_validate(args)))
+        app_args, controller = AppArgs.model_validate(args), None
+        if app_args.managed:  # the app's lifecycle controller: started by the first gateway replica, shared after
+            from mass.lifecycle.controller import start_controller
+
+            controller = start_controller(serve.get_replica_context().app_name, app_args)
+        set_state(GatewayState(handles, app_args, controller=controller))
 
     def routes(self) -> dict[str, dict[str, Any]]:
         """The routing table, for SDK handle calls (not an HTTP route)."""

@@ -65,7 +65,7 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
 
         result, answered = await state.call(route, whole)
         _count(call, result["usage"])
-        return JSONResponse({**base, "model": answered.args.name, "object": shape.object,
+        return JSONResponse({**base, **_fingerprint(call, answered), "model": answered.args.name, "object": shape.object,
                              "choices": [shape.whole(c) for c in result["choices"]], "usage": result["usage"]})
 
     def opener(request: dict[str, Any]):
@@ -90,8 +90,7 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
         return opened
 
     (stream, first), answered = await state.call(route, opener(request), record=False)
-    base["model"] = answered.args.name
-    base["object"] = shape.chunk_object
+    base.update(_fingerprint(call, answered), model=answered.args.name, object=shape.chunk_object)
 
     async def events() -> AsyncIterator[str]:
         nonlocal stream
@@ -194,3 +193,10 @@ def _count(call, usage: dict[str, int]) -> None:
 
 def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _fingerprint(call, answered) -> dict[str, str]:
+    """``system_fingerprint`` naming the registered version that answered (managed models), else nothing."""
+    if call is None or call.version is None:
+        return {}
+    return {"system_fingerprint": f"{answered.args.name}/v{call.version}"}

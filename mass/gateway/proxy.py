@@ -19,6 +19,7 @@ from mass.errors import MassError
 T = TypeVar("T")
 OVERHEAD_HEADER = "x-mass-overhead-ms"
 MODEL_HEADER = "x-mass-model"  # the model that answered
+VERSION_HEADER = "x-mass-model-version"  # the registered version that answered (managed models)
 _PROTECTED = ("/v1/", "/admin/")
 
 
@@ -32,6 +33,7 @@ class Call:
     key: Any = None  # mass.access.keys.ApiKey, or None with auth off
     model: str | None = None
     served_by: str | None = None  # the model that answered (a fallback, when the requested one could not)
+    version: str | None = None  # the registered version that answered (a managed model's, picked by weight)
     upstream_s: float = 0.0  # time spent awaiting model deployments
     first_byte_s: float | None = None
     status: int = 0
@@ -108,6 +110,8 @@ class ProxyMiddleware:
                     headers.append("x-request-id", call.request_id)
                 if call.served_by is not None:
                     headers.append(MODEL_HEADER, call.served_by)
+                if call.version is not None:
+                    headers.append(VERSION_HEADER, call.version)
                 if call.quota is not None:
                     for name, value in call.quota.headers():
                         headers.append(name, value)

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
+import random
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 
-from mass.errors import Overloaded, PermissionDenied
+from mass.errors import ModelOffline, Overloaded, PermissionDenied
 from mass.routing import check_served
 from mass.serving.args import AppArgs, EmbeddingArgs, LLMArgs
+
+
+@dataclass
+class Version:
+    """One served version of a model: its deployment handle and share of the traffic. A model served as
+    configured (not ``managed``) has one, with no version label."""
+
+    label: str | None
+    handle: Any
+    weight: int = 100
+    facts: dict[str, Any] = field(default_factory=dict)
+    coalescer: Any = None  # embedding models: a mass.gateway.coalesce.Coalescer
 
 
 @dataclass
@@ -19,15 +33,40 @@ class Route:
     """One served model as the gateway sees it."""
 
     args: LLMArgs | EmbeddingArgs
-    handle: Any
-    facts: dict[str, Any] = field(default_factory=dict)
-    coalescer: Any = None  # embedding models: a mass.gateway.coalesce.Coalescer
+    versions: list[Version] = field(default_factory=list)
+    offline: dict[str, Any] | None = None  # why, who, when: the model answers 404 model_offline
     breaker: Any = None  # mass.gateway.breaker.CircuitBreaker
+
+    def pick(self) -> Version:
+        """A version by weight (the one that answers this call); Overloaded (503) while none is ready."""
+        if len(self.versions) == 1:
+            version = self.versions[0]
+        elif self.versions:
+            version = random.choices(self.versions, weights=[v.weight for v in self.versions])[0]
+        else:
+            raise Overloaded(f"model {self.args.name!r} has no version ready yet (the controller is deploying it); "
+                             "retry in 1s", retry_after=1)
+        from mass.gateway.proxy import current_call
+
+        call = current_call()
+        if call is not None:
+            call.version = version.label
+        return version
+
+    def handle_of(self, version: Version):
+        """The handle to call: pooled models carry their name as the multiplexed model id."""
+        return version.handle.options(multiplexed_model_id=self.args.name) if self.args.pool else version.handle
+
+    @property
+    def handle(self):
+        """The deployment handle of a model served as configured (its one version); None for a managed model
+        with no version routed yet."""
+        return self.versions[0].handle if self.versions else None
 
     @property
     def target(self):
-        """The handle to call: pooled models carry their name as the multiplexed model id."""
-        return self.handle.options(multiplexed_model_id=self.args.name) if self.args.pool else self.handle
+        """The handle of a version picked by weight (``pick``)."""
+        return self.handle_of(self.pick())
 
 
 log = logging.getLogger(__name__)
@@ -44,15 +83,19 @@ class GatewayState:
             app config turns ``gateway.auth`` off.
     """
 
-    def __init__(self, handles: dict[str, Any], args: AppArgs, keys: Any = None) -> None:
+    def __init__(self, handles: dict[str, Any], args: AppArgs, keys: Any = None, controller: Any = None) -> None:
         self.args = args
-        self.routes = {m.name: Route(m, handles[m.name]) for m in args.models}
+        self.routes = {m.name: Route(m, [] if m.managed else [Version(None, handles[m.name])]) for m in args.models}
         from mass.gateway.breaker import CircuitBreaker
 
         for route in self.routes.values():
-            if route.args.engine == "embedding":
-                route.coalescer = self._coalescer(route)
+            for version in route.versions:
+                self._prepare(route, version)
             route.breaker = CircuitBreaker(route.args.name, **args.gateway.breaker.model_dump())
+        self.controller = controller  # the lifecycle controller's actor handle (an app with managed models)
+        self.table_revision = ""
+        self._poller: asyncio.Task | None = None
+        self._handles: dict[tuple[str, str], Any] = {}
         self.lifecycle = None  # mass.lifecycle.Lifecycle, made by the admin API on first use
         self.ledger = None
         if args.gateway.ledger:
@@ -128,21 +171,70 @@ class GatewayState:
         return key
 
     def visible(self, caller) -> list[str]:
-        """The served model names ``caller`` (a key, or None with auth off) may see, sorted."""
-        return sorted(n for n in self.routes if caller is None or caller.allows(n))
+        """The served model names ``caller`` (a key, or None with auth off) may see, sorted (not offline ones)."""
+        return sorted(n for n, r in self.routes.items() if r.offline is None and (caller is None or caller.allows(n)))
 
-    def _coalescer(self, route: Route):
-        """Merges concurrent embedding requests for ``route`` into one upstream call (its ``batch`` bounds)."""
+    def _prepare(self, route: Route, version: Version) -> None:
+        """An embedding version's coalescer: it merges concurrent requests into one upstream call (the model's
+        ``batch`` bounds)."""
+        if route.args.engine != "embedding":
+            return
         from mass.gateway.coalesce import Coalescer
         from mass.gateway.errors import call_upstream
 
         gw, batch = self.args.gateway, route.args.batch
 
         async def send(merged: list[Any]) -> dict[str, Any]:
-            return await call_upstream(route.target.embed.remote(merged), gw.request_timeout_s, route.args.name,
-                                       gw.retry_after_s)
+            return await call_upstream(route.handle_of(version).embed.remote(merged), gw.request_timeout_s,
+                                       route.args.name, gw.retry_after_s)
 
-        return Coalescer(send, batch.max_batch_size, batch.batch_wait_timeout_s)
+        version.coalescer = Coalescer(send, batch.max_batch_size, batch.batch_wait_timeout_s)
+
+    def follow(self) -> None:
+        """Start polling the controller's routing table (once; a no-op without managed models)."""
+        if self.controller is not None and (self._poller is None or self._poller.done()):
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        failing = False
+        while True:
+            try:
+                table = await self.controller.table.remote(self.table_revision)
+                if failing:
+                    log.warning("the lifecycle controller answers again")
+                failing = False
+                if table is not None:
+                    self.apply_table(table)
+            except Exception as exc:  # noqa: BLE001 - a dead controller is restarted by Ray; keep the last table
+                if not failing:
+                    log.warning("cannot read the lifecycle controller's routing table (%s: %s); the last one stays",
+                                type(exc).__name__, exc)
+                failing = True
+            await asyncio.sleep(self.args.controller.table_poll_s)
+
+    def apply_table(self, table: dict[str, Any]) -> None:
+        """Route the managed models as the controller's ``table`` says (versions reuse their handles, facts and
+        coalescers across revisions)."""
+        from ray import serve
+
+        for name, entry in table["models"].items():
+            route = self.routes.get(name)
+            if route is None:
+                continue
+            known = {v.label: v for v in route.versions}
+            versions = []
+            for item in entry["versions"]:
+                label = str(item["version"])
+                version = known.get(label)
+                if version is None:
+                    key = (item["app"], item["deployment"])
+                    if key not in self._handles:
+                        self._handles[key] = serve.get_deployment_handle(item["deployment"], item["app"])
+                    version = Version(label, self._handles[key])
+                    self._prepare(route, version)
+                versions.append(Version(label, version.handle, item["weight"], version.facts, version.coalescer))
+            route.versions, route.offline = versions, entry["offline"]
+        self.table_revision = table["revision"]
 
     def route(self, model: str, engine: str, caller=None) -> Route:
         """The route for ``model``; 404 naming the models ``caller`` may see (a model the key may not call is
@@ -155,6 +247,11 @@ class GatewayState:
         route = self.routes.get(model)
         if route is not None and caller is not None and not caller.allows(model):
             route = None
+        if route is not None and route.offline is not None:
+            off = route.offline
+            raise ModelOffline(f"model {model!r} was taken offline by {off.get('actor', 'an operator')} at "
+                               f"{str(off.get('at', '?'))[:19]}{': ' + off['reason'] if off.get('reason') else ''}; "
+                               f"`mass models online {model}` serves it again", param="model")
         check_served(model, route.args.engine if route else None, engine, self.visible(caller))
         return route
 
@@ -204,35 +301,46 @@ class GatewayState:
                           f"in {max(1, round(wait))}s", retry_after=max(1, round(wait)))
 
     def services(self) -> dict[str, Any]:
-        """Every served model's circuit breaker and fallbacks (``/admin/services``)."""
+        """Every served model's circuit breaker, fallbacks and served versions with their weights
+        (``/admin/services``)."""
         return {name: {"engine": r.args.engine, "deployment": self.args.deployment_of(r.args),
+                       "managed": r.args.managed, "offline": r.offline,
+                       "versions": [{"version": v.label, "weight": v.weight} for v in r.versions],
                        "fallbacks": list(r.args.fallbacks), "breaker": r.breaker.status()}
                 for name, r in sorted(self.routes.items())}
 
     def table(self) -> dict[str, dict[str, Any]]:
-        """The routing table the SDK uses for handle calls: name -> deployment, engine, pooled, and the
-        ``Retry-After`` the gateway would send on backpressure."""
-        return {name: {"deployment": self.args.deployment_of(r.args), "engine": r.args.engine,
-                       "multiplexed": r.args.pool is not None, "retry_after_s": self.args.gateway.retry_after_s}
-                for name, r in self.routes.items()}
+        """The routing table the SDK uses for handle calls: name -> deployment, engine, pooled, the
+        ``Retry-After`` the gateway would send on backpressure, and for a managed model its ``versions``
+        ({version, app, deployment, weight}, from the controller) and ``offline``."""
+        out = {name: {"deployment": self.args.deployment_of(r.args), "engine": r.args.engine,
+                      "multiplexed": r.args.pool is not None, "retry_after_s": self.args.gateway.retry_after_s}
+               for name, r in self.routes.items()}
+        for name, r in self.routes.items():
+            if r.args.managed:
+                out[name].update(offline=r.offline, versions=[
+                    {"version": v.label, "weight": v.weight, "deployment": v.handle.deployment_name,
+                     "app": v.handle.app_name} for v in r.versions])
+        return out
 
     async def embed(self, route: Route, texts: list[Any]) -> dict[str, Any]:
-        """Embeddings of ``texts`` (texts or token-id lists) from ``route``'s model, merged with concurrent
-        requests for the same model into one upstream call (bounded by the model's ``batch`` settings);
-        ``{"error"}`` from the model."""
+        """Embeddings of ``texts`` (texts or token-id lists) from a version of ``route``'s model picked by
+        weight, merged with concurrent requests for that version into one upstream call (bounded by the model's
+        ``batch`` settings); ``{"error"}`` from the model."""
         from mass.gateway.proxy import upstream
 
-        return await upstream(route.coalescer.submit(texts))
+        return await upstream(route.pick().coalescer.submit(texts))
 
     async def facts(self, route: Route) -> dict[str, Any]:
-        """The deployment's ``describe()`` (cached after the first call)."""
-        if not route.facts:  # through call_upstream: a model at capacity is a 503 with Retry-After here too
+        """A version's ``describe()`` (cached per version after the first call)."""
+        version = route.pick()
+        if not version.facts:  # through call_upstream: a model at capacity is a 503 with Retry-After here too
             from mass.gateway.errors import call_upstream
 
             gw = self.args.gateway
-            route.facts = await call_upstream(route.target.describe.remote(), gw.request_timeout_s, route.args.name,
-                                              gw.retry_after_s)
-        return route.facts
+            version.facts = await call_upstream(route.handle_of(version).describe.remote(), gw.request_timeout_s,
+                                                route.args.name, gw.retry_after_s)
+        return version.facts
 
 
 _current: GatewayState | None = None
@@ -261,4 +369,6 @@ async def get_state(request: Request) -> GatewayState:
     """FastAPI dependency: the app's own state (an in-process app) or the replica's. ``async`` on purpose:
     FastAPI runs a sync dependency in its thread pool: a thread hop on every request, which stood out in
     profiles of the gateway under load."""
-    return request.app.state.mass or current_state()
+    state = request.app.state.mass or current_state()
+    state.follow()
+    return state

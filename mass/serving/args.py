@@ -56,12 +56,32 @@ class _ServedModel(MassConfig):
         "none", description="Load weights quantized with bitsandbytes (int8, or 4-bit nf4).")
     fallbacks: list[str] = Field(default_factory=list, description="Served models (same engine) that answer, in "
                                  "order, while this model's circuit breaker is open or its replica was lost twice.")
+    managed: bool = Field(False, description="Serve the versions the registry's lifecycle names (production, and a "
+                                             "canary at its weight) and follow `mass models publish|canary|promote|"
+                                             "rollback|offline` live: the controller deploys each version as its own "
+                                             "Serve app. The ref must be <model>@production; no pool.")
 
     @field_validator("ref")
     @classmethod
     def _ref(cls, value: str) -> str:
         ModelRef.parse(value)
         return value
+
+    @model_validator(mode="after")
+    def _managed(self):
+        if self.managed:
+            ref = ModelRef.parse(self.ref)
+            if ref.alias != "production":
+                raise ValueError(f"model {self.name!r}: a managed model follows its lifecycle aliases, so its ref must "
+                                 f"be {ref.name}@production (got {self.ref!r})")
+            if self.pool is not None:
+                raise ValueError(f"model {self.name!r}: a managed model gets a deployment per version; it cannot "
+                                 f"join pool {self.pool!r}")
+        return self
+
+    def pinned(self, version: int) -> "_ServedModel":
+        """These args serving one fixed version of the registered model (a managed model's version app)."""
+        return self.model_copy(update={"ref": f"{ModelRef.parse(self.ref).name}/{version}", "managed": False})
 
 
 class LLMArgs(_ServedModel):
@@ -117,6 +137,16 @@ class BreakerArgs(MassConfig):
     half_open_probes: int = Field(2, ge=1, description="Probe requests that must all succeed to close again.")
 
 
+class ControllerArgs(MassConfig):
+    """The lifecycle controller of an app with managed models (one named Ray actor per app)."""
+
+    reconcile_s: float = Field(5.0, gt=0, description="Read every managed model's desired state from the registry "
+                                                      "this often, whatever the event bus said.")
+    table_poll_s: float = Field(0.25, gt=0, description="How often each gateway replica reads the routing table.")
+    drain_s: float = Field(30.0, ge=0, description="A version that leaves the traffic split keeps its replicas this "
+                                                   "long (requests in flight finish) before its app is deleted.")
+
+
 class GatewayArgs(MassConfig):
     """The OpenAI-compatible gateway."""
 
@@ -141,6 +171,7 @@ class AppArgs(MassConfig):
     models: list[ModelArgs] = Field(..., min_length=1)
     pools: list[PoolArgs] = Field(default_factory=list, description="Shared multiplexed deployments.")
     gateway: GatewayArgs = Field(default_factory=GatewayArgs)
+    controller: ControllerArgs = Field(default_factory=ControllerArgs)
 
     @model_validator(mode="after")
     def _unique(self) -> "AppArgs":
@@ -174,5 +205,16 @@ class AppArgs(MassConfig):
         return self
 
     def deployment_of(self, model: ModelArgs) -> str:
-        """The Serve deployment that serves ``model``."""
+        """The Serve deployment that serves ``model`` (a managed model's versions each have one of this name, in
+        their own app: ``version_app``)."""
         return f"pool-{model.pool}" if model.pool else f"{model.engine}-{model.name}"
+
+    @property
+    def managed(self) -> list[ModelArgs]:
+        """The models whose versions the controller serves."""
+        return [m for m in self.models if m.managed]
+
+
+def version_app(app: str, model: str, version: int | str) -> str:
+    """The Serve app that serves one version of a managed model of app ``app``."""
+    return f"{app}--{model}--v{version}"

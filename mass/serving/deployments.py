@@ -400,11 +400,16 @@ def bind_app_models(args: AppArgs) -> dict[str, Any]:
             ray_actor_options=actor_options(pool.num_cpus, pool.num_gpus)).bind(members)
         bound.update({name: app for name in members})
     for model in args.models:
-        if model.pool is None:
-            cls = LLMServer if model.engine == "llm" else EmbeddingServer
-            bound[model.name] = cls.options(
-                name=args.deployment_of(model), autoscaling_config=model.autoscaling.model_dump(exclude_none=True),
-                max_ongoing_requests=model.max_ongoing_requests, max_queued_requests=model.max_queued_requests,
-                ray_actor_options=actor_options(model.num_cpus, model.num_gpus),
-            ).bind(model.model_dump())
+        if model.pool is None and not model.managed:  # a managed model's versions are deployed by the controller
+            bound[model.name] = bind_model(model, args.deployment_of(model))
     return bound
+
+
+def bind_model(model: LLMArgs | EmbeddingArgs, name: str):
+    """The bound dedicated deployment ``name`` serving ``model`` (its ``ref`` is loaded at replica start)."""
+    cls = LLMServer if model.engine == "llm" else EmbeddingServer
+    return cls.options(
+        name=name, autoscaling_config=model.autoscaling.model_dump(exclude_none=True),
+        max_ongoing_requests=model.max_ongoing_requests, max_queued_requests=model.max_queued_requests,
+        ray_actor_options=actor_options(model.num_cpus, model.num_gpus),
+    ).bind(model.model_dump())

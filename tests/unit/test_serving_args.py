@@ -28,6 +28,9 @@ def test_shipped_serve_configs_are_valid(path):
     ({"engine": "embedding", "batch": {"max_batch_size": 0}}, "models.0.batch.max_batch_size"),
     ({"batch": {"max_batch_size": 8}}, "models.0.batch: unknown key"),  # an LLM has no embedding batching
     ({"engine": "embedding", "max_running": 4}, "models.0.max_running: unknown key"),
+    ({"managed": True, "ref": "tiny-gpt/3"}, "a managed model follows its lifecycle aliases, so its ref must be "
+                                             "tiny-gpt@production"),
+    ({"managed": True, "pool": "p"}, "cannot join pool 'p'"),
 ])
 def test_bad_model_args_name_the_field(change, needle):
     data = {"models": [{**GOOD["models"][0], **change}]}
@@ -82,3 +85,16 @@ def test_required_cpus_counts_starting_replicas():
                        {**GOOD["models"][0], "name": "x", "pool": "p"}]}
     assert required_cpus(load_config(AppArgs, data=data)) == 0.5 + 0.5 * 1 + 1 * 2
     assert required_cpus(load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml")) <= 2  # fits a 2-core box
+
+
+def test_a_managed_model_is_deployed_per_version_by_the_controller_not_by_the_app():
+    from mass.serving.args import version_app
+    from mass.serving.deployments import bind_app_models
+
+    args = load_config(AppArgs, data={"models": [
+        {"name": "m", "ref": "tiny-gpt@production", "engine": "llm", "managed": True},
+        {"name": "e", "ref": "minilm@production", "engine": "embedding"}]})
+    assert [m.name for m in args.managed] == ["m"] and sorted(bind_app_models(args)) == ["e"]
+    pinned = args.models[0].pinned(7)
+    assert (pinned.ref, pinned.managed, pinned.engine) == ("tiny-gpt/7", False, "llm")
+    assert version_app("mass", "m", 7) == "mass--m--v7"

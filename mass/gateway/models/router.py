@@ -45,11 +45,16 @@ async def healthz():
 
 @router.get("/readyz")
 async def readyz(state: GatewayState = Depends(get_state)):
-    """Readiness: every served model's deployment answers within 5 s (scaled-to-zero ones wake up;
-    pools are probed without loading a model, so probing never churns their LRU)."""
+    """Readiness: every served model's deployment (each routed version of a managed model) answers within 5 s
+    (scaled-to-zero ones wake up; pools are probed without loading a model, so probing never churns their LRU);
+    an offline model does not hold readiness back."""
     async def probe(route):
+        if route.offline is not None:
+            return "offline"
+        if not route.versions:
+            return "not ready: no version routed yet (the lifecycle controller is deploying it)"
         try:
-            await asyncio.wait_for(route.handle.ready.remote(), 5)
+            await asyncio.wait_for(asyncio.gather(*(v.handle.ready.remote() for v in route.versions)), 5)
             return "ready"
         except Exception as exc:  # reported, not raised: readiness is a status
             return f"not ready: {type(exc).__name__}"
@@ -57,5 +62,5 @@ async def readyz(state: GatewayState = Depends(get_state)):
     names = sorted(state.routes)
     results = await asyncio.gather(*(probe(state.routes[n]) for n in names))
     status = dict(zip(names, results))
-    ok = all(v == "ready" for v in results)
+    ok = all(v in ("ready", "offline") for v in results)
     return JSONResponse({"status": "ready" if ok else "not ready", "models": status}, status_code=200 if ok else 503)

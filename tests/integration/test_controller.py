@@ -1,0 +1,184 @@
+"""The lifecycle controller on a real Serve app: a managed model follows publish, canary, promote, offline,
+online and rollback live while a client keeps calling (no request fails); each response names the version that
+answered; a version that cannot load is rolled back automatically; the controller survives being killed."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+
+from mass.lifecycle import Lifecycle
+from mass.lifecycle.controller import NAMESPACE, controller_name
+from mass.registry import ModelRegistry
+from mass.serving.args import version_app
+from tests.integration.support import wait_for
+
+APP, MODEL = "mass-ctl", "ctl-gpt"
+
+
+@dataclass
+class Ctl:
+    url: str
+    life: Lifecycle
+    headers: dict[str, str]
+
+    def ask(self, client: httpx.Client) -> httpx.Response:
+        return client.post(f"{self.url}/v1/chat/completions", headers=self.headers, timeout=30, json={
+            "model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3})
+
+    def versions(self, n: int) -> Counter:
+        with httpx.Client() as client:
+            out = Counter()
+            for _ in range(n):
+                resp = self.ask(client)
+                assert resp.status_code == 200, resp.text
+                version = resp.headers["x-mass-model-version"]
+                assert resp.json()["system_fingerprint"] == f"{MODEL}/v{version}"
+                out[version] += 1
+            return out
+
+
+@dataclass
+class Caller:
+    """A client calling the model in a loop; every answer is recorded."""
+
+    ctl: Ctl
+    results: list[tuple[int, str]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    paused: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        with httpx.Client() as client:
+            while not self.stop.is_set():
+                if self.paused.is_set():
+                    time.sleep(0.05)
+                    continue
+                try:
+                    resp = self.ctl.ask(client)
+                    self.results.append((resp.status_code, resp.headers.get("x-mass-model-version", resp.text)))
+                except httpx.HTTPError as exc:
+                    self.results.append((0, repr(exc)))
+
+
+def version_apps() -> set[str]:
+    from ray import serve
+
+    return {name for name in serve.status().applications if name.startswith(version_app(APP, MODEL, ""))}
+
+
+@pytest.fixture(scope="module")
+def ctl(gateway, tiny_dir, api_key):
+    """Model ``ctl-gpt`` (three versions, v1 production) served as a managed model of its own app."""
+    from ray import serve
+
+    from mass.app import build_app, wait_ready
+
+    registry = ModelRegistry()
+    for _ in range(3):
+        registry.register(tiny_dir, MODEL, "text-generation")
+    life = Lifecycle(registry)
+    life.publish(MODEL, 1, "test", "first release")
+    args = {"models": [{"name": MODEL, "ref": f"{MODEL}@production", "engine": "llm", "managed": True,
+                        "num_cpus": 0.25, "max_tokens_limit": 8}],
+            "gateway": {"num_cpus": 0.25, "ledger": False}, "controller": {"reconcile_s": 2, "drain_s": 2}}
+    serve.run(build_app(args), name=APP, route_prefix="/ctl")
+    url = f"{gateway}/ctl"
+    wait_ready(url, timeout=240)
+    yield Ctl(url, life, {"Authorization": f"Bearer {api_key}"})
+    serve.delete(APP)
+    wait_for(lambda: not version_apps(), 60, "the controller to delete its version apps after the app went")
+
+
+def test_operations_move_traffic_live_without_a_failed_request(ctl):
+    assert ctl.versions(4) == Counter({"1": 4})
+    caller = Caller(ctl)
+    thread = threading.Thread(target=caller.run, daemon=True)
+    thread.start()
+    try:
+        ctl.life.canary(MODEL, 2, "test", weight=50, reason="try v2")
+        wait_for(lambda: "2" in ctl.versions(4), 120, "the canary v2 to answer")
+        split = ctl.versions(120)
+        assert set(split) == {"1", "2"} and 30 <= split["2"] <= 90, split  # 50 % of 120: 60 +- 4 sd
+        with httpx.Client() as client:
+            services = client.get(f"{ctl.url}/admin/services", headers=ctl.headers).json()
+        assert services["data"][MODEL]["versions"] == [{"version": "1", "weight": 50},
+                                                          {"version": "2", "weight": 50}], services
+
+        ctl.life.promote(MODEL, "test", "v2 is good")
+        wait_for(lambda: ctl.versions(10) == Counter({"2": 10}), 30, "v2 alone to answer after the promotion")
+        wait_for(lambda: version_apps() == {version_app(APP, MODEL, 2)}, 60, "v1 to be drained and deleted")
+
+        caller.paused.set()  # offline answers 404 on purpose
+        ctl.life.offline(MODEL, "test", "incident 7")
+        with httpx.Client() as client:
+            def offline():
+                resp = ctl.ask(client)
+                return resp if resp.status_code == 404 else None
+
+            resp = wait_for(offline, 30, "the model to answer 404 once offline")
+            error = resp.json()["error"]
+            assert error["code"] == "model_offline" and "taken offline by test" in error["message"] \
+                and "incident 7" in error["message"] and "mass models online" in error["message"]
+            assert MODEL not in [m["id"] for m in client.get(f"{ctl.url}/v1/models", headers=ctl.headers).json()["data"]]
+            assert client.get(f"{ctl.url}/readyz").status_code == 200  # offline is a state, not unreadiness
+        ctl.life.online(MODEL, "test")
+        wait_for(lambda: ctl.ask(httpx.Client()).status_code == 200, 60, "the model to answer once online")
+        caller.paused.clear()
+
+        ctl.life.rollback(MODEL, "test", "v2 regressed")  # production back to v1, whose app was deleted
+        wait_for(lambda: ctl.versions(10) == Counter({"1": 10}), 120, "v1 alone to answer after the rollback")
+    finally:
+        caller.stop.set()
+        thread.join(60)
+    failed = [r for r in caller.results if r[0] != 200]
+    assert not failed and len(caller.results) > 50, (failed[:5], len(caller.results))
+    assert {v for _, v in caller.results} == {"1", "2"}
+
+
+def test_a_version_that_cannot_load_is_rolled_back_and_production_keeps_serving(ctl, session_home):
+    broken = ModelRegistry().resolve(f"{MODEL}/3").source.split("/")[-1]  # models:/m-<id>
+    weights = next(session_home.glob(f"artifacts/**/{broken}/artifacts/model/model.safetensors"))
+    weights.write_bytes(b"not a safetensors file")
+    production = ctl.life.state(MODEL).production
+    caller = Caller(ctl)
+    thread = threading.Thread(target=caller.run, daemon=True)
+    thread.start()
+    try:
+        ctl.life.canary(MODEL, 3, "test", weight=50)
+        wait_for(lambda: ctl.life.state(MODEL).canary is None, 180, "the controller to roll the broken canary back")
+    finally:
+        caller.stop.set()
+        thread.join(60)
+    last = ctl.life.history(MODEL, limit=1)[0]
+    assert (last["action"], last["actor"], last["version"]) == ("rollback", "controller", "3")
+    assert "version 3 failed to load" in last["reason"]
+    assert ctl.life.state(MODEL).production == production
+    assert caller.results and all(r == (200, str(production)) for r in caller.results), caller.results[:5]
+
+
+def test_the_controller_killed_mid_canary_is_restarted_and_finishes_from_the_registry(ctl):
+    import ray
+
+    production = ctl.life.state(MODEL).production
+    other = 2 if production == 1 else 1
+    caller = Caller(ctl)
+    thread = threading.Thread(target=caller.run, daemon=True)
+    thread.start()
+    try:
+        actor = ray.get_actor(controller_name(APP), namespace=NAMESPACE)
+        ctl.life.canary(MODEL, other, "test", weight=30)
+        ray.kill(actor, no_restart=False)  # Ray restarts it; it rebuilds its state from Serve and the registry
+        wait_for(lambda: str(other) in ctl.versions(6), 120, f"the canary v{other} to answer after the restart")
+        status = ray.get(ray.get_actor(controller_name(APP), namespace=NAMESPACE).status.remote())
+        assert status["models"][MODEL]["traffic"] == {str(production): 70, str(other): 30}
+        ctl.life.rollback(MODEL, "test")
+        wait_for(lambda: ctl.versions(10) == Counter({str(production): 10}), 60, "production alone again")
+    finally:
+        caller.stop.set()
+        thread.join(60)
+    assert caller.results and not [r for r in caller.results if r[0] != 200], caller.results[:5]
