@@ -68,6 +68,9 @@ async def generate(state: GatewayState, body: SamplingFields, payload: dict[str,
         return JSONResponse({**base, **_fingerprint(call, answered), "model": answered.args.name, "object": shape.object,
                              "choices": [shape.whole(c) for c in result["choices"]], "usage": result["usage"]})
 
+    if call is not None:
+        call.streamed = True
+
     def opener(request: dict[str, Any]):
         async def opened(candidate):
             """The stream and its first choice event: a failure until then (a lost replica included) can still

@@ -34,6 +34,7 @@ class Call:
     model: str | None = None
     served_by: str | None = None  # the model that answered (a fallback, when the requested one could not)
     version: str | None = None  # the registered version that answered (a managed model's, picked by weight)
+    streamed: bool = False  # an SSE response (its first byte is the first token's)
     upstream_s: float = 0.0  # time spent awaiting model deployments
     first_byte_s: float | None = None
     status: int = 0
@@ -134,6 +135,8 @@ class ProxyMiddleware:
                     await state.settle(call)
                 if state.ledger is not None and call.path.startswith("/v1/"):
                     state.ledger.record(call.record())
+                if call.version is not None:
+                    state.observe(call)
 
 
 def route_path(scope) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -94,6 +95,7 @@ class GatewayState:
             route.breaker = CircuitBreaker(route.args.name, **args.gateway.breaker.model_dump())
         self.controller = controller  # the lifecycle controller's actor handle (an app with managed models)
         self.table_revision = ""
+        self._report: dict[str, dict[str, dict[str, Any]]] = {}  # model -> version -> outcomes since the last poll
         self._poller: asyncio.Task | None = None
         self._handles: dict[tuple[str, str], Any] = {}
         self.lifecycle = None  # mass.lifecycle.Lifecycle, made by the admin API on first use
@@ -199,7 +201,8 @@ class GatewayState:
         failing = False
         while True:
             try:
-                table = await self.controller.table.remote(self.table_revision)
+                report, self._report = self._report, {}
+                table = await self.controller.table.remote(self.table_revision, report)
                 if failing:
                     log.warning("the lifecycle controller answers again")
                 failing = False
@@ -211,6 +214,26 @@ class GatewayState:
                                 type(exc).__name__, exc)
                 failing = True
             await asyncio.sleep(self.args.controller.table_poll_s)
+
+    def observe(self, call) -> None:
+        """Account a finished call against the managed model's version that answered, for the controller's SLO
+        windows: 5xx responses and streams that ended in an error event count as errors, client errors not at
+        all; latency is the whole response's, time to first token a stream's first byte."""
+        from mass.lifecycle.slo import empty_report
+
+        status = call.status or 499
+        failed = status >= 500 or (status < 400 and call.error_code is not None)
+        if status >= 400 and not failed or self.controller is None:
+            return
+        model = call.served_by or call.model
+        entry = self._report.setdefault(model, {}).setdefault(call.version, empty_report())
+        entry["n"] += 1
+        entry["errors"] += failed
+        if not failed and len(entry["latency_ms"]) < 5000:
+            now = time.perf_counter()
+            entry["latency_ms"].append(round((now - call.started) * 1000, 2))
+            if call.streamed and call.first_byte_s is not None:
+                entry["ttft_ms"].append(round((call.first_byte_s - call.started) * 1000, 2))
 
     def apply_table(self, table: dict[str, Any]) -> None:
         """Route the managed models as the controller's ``table`` says (versions reuse their handles, facts and

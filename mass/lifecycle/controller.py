@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mass.lifecycle.slo import Window, judge
 from mass.serving.args import AppArgs, version_app
 
 log = logging.getLogger(__name__)
@@ -72,12 +73,19 @@ class Controller:
         self._seen_app, self._app_missing = False, 0
         self._lifecycle = None
         self._apps: dict[str, Any] = {}  # Serve's application statuses, as of this step
+        self.windows: dict[tuple[str, int], Window] = {}  # (model, version) -> the gateways' request outcomes
+        self._bake: dict[str, tuple[tuple[int, int], float]] = {}  # model -> ((canary, step), when its split began)
 
     # ------------------------------------------------------------------ what the gateways read
-    def table(self, since: str = "") -> dict[str, Any] | None:
-        """The routing table (None when its revision is still ``since``, or before the first full pass): per model, ``offline`` (why, who,
+    def table(self, since: str = "", report: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Merge a gateway's ``report`` (model -> version -> outcomes since its last poll) into the SLO windows;
+        then the routing table (None when its revision is still ``since``, or before the first full pass): per model, ``offline`` (why, who,
         when, or None) and ``versions`` [{version, app, deployment, weight}] of the versions that get traffic."""
         with self.lock:
+            for model, versions in (report or {}).items():
+                if model in self.models:
+                    for version, outcomes in versions.items():
+                        self._window(model, int(version)).add(outcomes)
             if not self.started or self.revision == since:
                 return None  # (before its first full pass, a restarted controller knows nothing worth routing)
             models = {}
@@ -95,7 +103,8 @@ class Controller:
             return {"app": self.app, "revision": self.revision, "models": {
                 name: {"desired": self.plans[name].to_dict() if name in self.plans else None,
                        "traffic": {str(v): w for v, w in self.traffic[name].items()},
-                       "versions": [asdict(s) for _, s in sorted(self.versions[name].items())]}
+                       "versions": [{**asdict(s), "slo": self._window(name, v).figures().to_dict()}
+                                    for v, s in sorted(self.versions[name].items())]}
                 for name in self.models}, "records": list(self.records)}
 
     def wake(self, model: str | None = None) -> None:
@@ -132,6 +141,7 @@ class Controller:
                 self.wake(model)
         for model in self.models:
             self._route(model)
+            self._guard(model)
             self._drain(model)
         if not self.started and set(self.plans) == set(self.models):
             with self.lock:
@@ -220,13 +230,7 @@ class Controller:
             return
         if plan.production == sv.version and not plan.history:
             return  # nothing to roll back to: the model stays unavailable until an operator publishes a version
-        try:
-            reason = f"version {sv.version} failed to load: {message[:300]}"
-            self.lifecycle.rollback(model, actor="controller", reason=reason)
-            self._record(model, sv.version, "rolled back", reason)
-        except Exception as exc:  # noqa: BLE001 - e.g. a Conflict with an operator: the next pass sees the result
-            log.warning("cannot roll back %r after version %s failed: %s", model, sv.version, exc)
-        self.wake(model)
+        self._operate(model, "rollback", f"version {sv.version} failed to load: {message[:300]}")
 
     def _route(self, model: str) -> None:
         """The traffic split the gateways get: the desired one once every version in it is ready; until then the
@@ -256,6 +260,52 @@ class Controller:
                 self.revision = f"{epoch}:{int(count) + 1}"
             self._record(model, None, "traffic", "offline" if plan.offline is not None else
                          ", ".join(f"v{v}: {w}%" for v, w in sorted(traffic.items())) or "no version ready")
+
+    def _guard(self, model: str) -> None:
+        """While a canary gets its share: roll it back when it breaks an SLO bound against production over the
+        current step; advance its rollout plan once the step has baked clean. The bake clock of a step starts
+        when the gateways get its split (a restarted controller starts it again)."""
+        plan, traffic = self.plans.get(model), self.traffic[model]
+        if plan is None or plan.canary is None or plan.offline is not None or plan.canary not in traffic \
+                or plan.production not in traffic:
+            self._bake.pop(model, None)
+            return
+        step = (plan.canary, plan.step)
+        if self._bake.get(model, (None,))[0] != step:
+            self._bake[model] = (step, time.monotonic())
+        since = self._bake[model][1]
+        slo = self.args.controller.slo
+        with self.lock:
+            canary = self._window(model, plan.canary).figures(since)
+            production = self._window(model, plan.production).figures(since)
+        breach = judge(canary, production, slo) if slo.enabled else None
+        if breach is not None:
+            reason = f"canary v{plan.canary} broke its SLO: {breach}"
+            self._operate(model, "rollback", reason)
+            return
+        want = {int(v): w for v, w in plan.weights().items()}
+        if plan.plan and traffic == want and time.monotonic() - since >= plan.plan[plan.step].bake_s:
+            step_info = plan.plan[plan.step]
+            self._operate(model, "advance", f"step {plan.step + 1} of the plan ({step_info.weight} %) baked "
+                                            f"{step_info.bake_s:g}s clean: canary {canary.to_dict()}, "
+                                            f"production {production.to_dict()}")
+
+    def _operate(self, model: str, action: str, reason: str) -> None:
+        """A lifecycle operation by the controller (recorded with actor ``controller``); a failure (an operator
+        changed the model meanwhile: Conflict) is logged and the next pass sees the new state."""
+        try:
+            getattr(self.lifecycle, action)(model, actor="controller", reason=reason)
+            self._record(model, None, action, reason)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("controller %s of %r failed: %s: %s", action, model, type(exc).__name__, exc)
+        self._bake.pop(model, None)
+        self.wake(model)
+
+    def _window(self, model: str, version: int):
+        key = (model, version)
+        if key not in self.windows:
+            self.windows[key] = Window(self.args.controller.slo.window_s)
+        return self.windows[key]
 
     def _drain(self, model: str) -> None:
         """Versions neither routed nor wanted are drained for ``drain_s``, then their apps are deleted."""
@@ -321,9 +371,9 @@ class ControllerActor:
         threading.Thread(target=self._loop, name="mass-controller", daemon=True).start()
         threading.Thread(target=self._consume, name="mass-controller-events", daemon=True).start()
 
-    def table(self, since: str = "") -> dict[str, Any] | None:
-        """The routing table, or None when it is still at revision ``since``."""
-        return self.controller.table(since)
+    def table(self, since: str = "", report: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """Merge a gateway's SLO ``report``; the routing table, or None when it is still at revision ``since``."""
+        return self.controller.table(since, report)
 
     def status(self) -> dict[str, Any]:
         """The controller's view (``Controller.status``)."""

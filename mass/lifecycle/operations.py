@@ -199,6 +199,26 @@ class Lifecycle:
 
         return self._operate(model, "promote", None, actor, reason, apply, version_of=lambda b: b.canary, expect=expect)
 
+    def advance(self, model: str, actor: str, reason: str = "", expect: int | None = None) -> ServingPlan:
+        """Move the canary's rollout plan to its next step; the last step (100 %) promotes the canary."""
+        state = self.state(model)
+        if state.canary is None or not state.plan:
+            raise InvalidRequest(f"{model} has no rollout plan to advance", field="model")
+        nxt = state.step + 1
+        if nxt >= len(state.plan) - 1:
+            return self.promote(model, actor, reason or "the rollout plan's last step", expect=expect)
+
+        def apply(before: ServingPlan) -> dict[str, Any]:
+            if before.canary != state.canary or before.step != state.step:
+                raise self._conflict(model, "this advance read it")
+            weight = before.plan[nxt].weight
+            self.registry.set_model_tags(model, {TAG_CANARY: json.dumps(
+                {"weight": weight, "plan": [asdict(s) for s in before.plan], "step": nxt,
+                 "since": datetime.now(timezone.utc).isoformat()})})
+            return {"step": nxt, "weight": weight, "bake_s": before.plan[nxt].bake_s}
+
+        return self._operate(model, "advance", state.canary, actor, reason, apply, expect=expect)
+
     def rollback(self, model: str, actor: str, reason: str = "", expect: int | None = None) -> ServingPlan:
         """End the canary when one runs (production stays); otherwise make the previous production version
         production again."""

@@ -137,6 +137,22 @@ class BreakerArgs(MassConfig):
     half_open_probes: int = Field(2, ge=1, description="Probe requests that must all succeed to close again.")
 
 
+class SloArgs(MassConfig):
+    """The bounds a canary must hold against production, over a sliding window of the gateways' requests;
+    the controller rolls back a canary that breaks one."""
+
+    enabled: bool = Field(True, description="Roll a canary back automatically when it breaks a bound.")
+    window_s: float = Field(60.0, gt=0, description="Sliding window of request outcomes per version.")
+    min_requests: int = Field(20, ge=1, description="Requests a version needs in the window before it is judged.")
+    error_ratio_factor: float = Field(2.0, ge=1, description="Canary error rate may be at most this x "
+                                                             "production's...")
+    error_ratio_margin: float = Field(0.01, ge=0, le=1, description="...plus this (0.01: one point).")
+    latency_factor: float = Field(1.5, ge=1, description="Canary p95 latency and p95 time to first token may be at "
+                                                         "most this x production's...")
+    latency_margin_ms: float = Field(50.0, ge=0, description="...or production's plus this, whichever is larger "
+                                                             "(small models' p95 is mostly noise).")
+
+
 class ControllerArgs(MassConfig):
     """The lifecycle controller of an app with managed models (one named Ray actor per app)."""
 
@@ -145,6 +161,7 @@ class ControllerArgs(MassConfig):
     table_poll_s: float = Field(0.25, gt=0, description="How often each gateway replica reads the routing table.")
     drain_s: float = Field(30.0, ge=0, description="A version that leaves the traffic split keeps its replicas this "
                                                    "long (requests in flight finish) before its app is deleted.")
+    slo: SloArgs = Field(default_factory=SloArgs)
 
 
 class GatewayArgs(MassConfig):

@@ -182,3 +182,60 @@ def test_the_controller_killed_mid_canary_is_restarted_and_finishes_from_the_reg
         caller.stop.set()
         thread.join(60)
     assert caller.results and not [r for r in caller.results if r[0] != 200], caller.results[:5]
+
+
+def test_a_rollout_plan_advances_after_each_clean_bake_and_promotes(ctl):
+    production = ctl.life.state(MODEL).production
+    other = 2 if production == 1 else 1
+    caller = Caller(ctl)
+    thread = threading.Thread(target=caller.run, daemon=True)
+    thread.start()
+    try:
+        ctl.life.canary(MODEL, other, "test", plan="20:2s,60:2s,100", reason="staged release")
+        wait_for(lambda: ctl.life.state(MODEL).production == other, 120, "the plan to reach its last step")
+        wait_for(lambda: ctl.versions(10) == Counter({str(other): 10}), 60, f"v{other} alone after the rollout")
+    finally:
+        caller.stop.set()
+        thread.join(60)
+    log = [(o["action"], o["actor"], o["detail"].get("weight")) for o in reversed(ctl.life.history(MODEL, 3))]
+    assert log == [("canary", "test", 20), ("advance", "controller", 60), ("promote", "controller", None)], log
+    assert "baked 2s clean" in ctl.life.history(MODEL, 2)[1]["reason"]
+    assert caller.results and not [r for r in caller.results if r[0] != 200], caller.results[:5]
+    assert {v for _, v in caller.results} == {str(production), str(other)}
+
+
+def test_a_canary_that_breaks_its_latency_bound_is_rolled_back_automatically(ctl, tiny_dir, tmp_path):
+    """The bad canary is really slower: a 512-wide, 8-layer model registered under the same name, with the same
+    tokenizer (about 20x the production model's time per request on this CPU)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from mass.events import open_bus
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=512, n_layer=8, n_head=8)
+                    ).save_pretrained(tmp_path / "slow")
+    tokenizer.save_pretrained(tmp_path / "slow")
+    slow = ModelRegistry().register(tmp_path / "slow", MODEL, "text-generation").version
+    production = ctl.life.state(MODEL).production
+    bus = open_bus()
+    start = bus.last_offset()
+    caller = Caller(ctl)
+    thread = threading.Thread(target=caller.run, daemon=True)
+    thread.start()
+    try:
+        ctl.life.canary(MODEL, slow, "test", weight=50)
+        wait_for(lambda: ctl.life.state(MODEL).canary is None, 180, "the controller to roll the slow canary back")
+    finally:
+        caller.stop.set()
+        thread.join(60)
+    last = ctl.life.history(MODEL, limit=1)[0]
+    assert (last["action"], last["actor"], last["version"]) == ("rollback", "controller", str(slow))
+    assert last["reason"].startswith(f"canary v{slow} broke its SLO: p95 latency"), last["reason"]
+    assert ctl.life.state(MODEL).production == production
+    events = [e for e in bus.replay(start, count=1000) if e.type == "rollout.rolled_back" and e.data.model == MODEL]
+    bus.close()
+    assert events and events[-1].data.reason == last["reason"]
+    assert caller.results and not [r for r in caller.results if r[0] != 200], caller.results[:5]
+    assert str(slow) in {v for _, v in caller.results}  # it did get traffic before it was judged
