@@ -563,8 +563,15 @@ def _status(args) -> int:
                      f"{breaker['window_failures']}/{breaker['window_requests']}", ",".join(svc["fallbacks"]) or "-",
                      f"{time.strftime('%H:%M:%S', time.localtime(last['at']))} {last['to']}: {last['why']}"
                      if last else ""])
-    emit(args.output, services, table(["model", "engine", "deployment", "breaker", "failed/window", "fallbacks",
-                                       "last transition"], rows))
+    text = table(["model", "engine", "deployment", "breaker", "failed/window", "fallbacks", "last transition"], rows)
+    versions = [[name, v["version"], v["state"], f"{v['weight']}%",
+                 ",".join(f"{n} {k.lower()}" for k, n in v["replicas"].items()) or "-", v["app"],
+                 f"{v['slo']['errors']}/{v['slo']['requests']}", v["slo"]["p95_ms"] or "-"]
+                for name, svc in services.items() for v in (svc.get("serving") or {}).get("versions", [])]
+    if versions:
+        text += "\n\nmanaged versions (the lifecycle controller's view)\n" + table(
+            ["model", "version", "state", "weight", "replicas", "serve app", "errors/requests", "p95 ms"], versions)
+    emit(args.output, services, text)
     return 0
 
 

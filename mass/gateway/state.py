@@ -332,6 +332,24 @@ class GatewayState:
                        "fallbacks": list(r.args.fallbacks), "breaker": r.breaker.status()}
                 for name, r in sorted(self.routes.items())}
 
+    async def serving(self) -> dict[str, Any]:
+        """``services()`` plus, for managed models, the controller's ``serving`` view (``{"error"}`` while the
+        controller does not answer)."""
+        out = self.services()
+        if self.controller is None:
+            return out
+        try:
+            status = await asyncio.wait_for(self.controller.status.remote(), 5)
+        except Exception as exc:  # noqa: BLE001 - a status page must answer while the controller restarts
+            status = {"models": {}, "error": f"the lifecycle controller does not answer: {type(exc).__name__}"}
+        for name, entry in out.items():
+            if entry["managed"]:
+                model = status["models"].get(name, {})
+                entry["serving"] = {"error": status["error"]} if "error" in status else {
+                    "versions": model.get("versions", []), "desired": model.get("desired"),
+                    "records": [r for r in status.get("records", []) if r["model"] == name][-10:]}
+        return out
+
     def table(self) -> dict[str, dict[str, Any]]:
         """The routing table the SDK uses for handle calls: name -> deployment, engine, pooled, the
         ``Retry-After`` the gateway would send on backpressure, and for a managed model its ``versions``

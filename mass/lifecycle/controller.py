@@ -103,9 +103,17 @@ class Controller:
             return {"app": self.app, "revision": self.revision, "models": {
                 name: {"desired": self.plans[name].to_dict() if name in self.plans else None,
                        "traffic": {str(v): w for v, w in self.traffic[name].items()},
-                       "versions": [{**asdict(s), "slo": self._window(name, v).figures().to_dict()}
+                       "versions": [{**asdict(s), "weight": self.traffic[name].get(v, 0),
+                                     "replicas": self._replicas(s), "slo": self._window(name, v).figures().to_dict()}
                                     for v, s in sorted(self.versions[name].items())]}
                 for name in self.models}, "records": list(self.records)}
+
+    def _replicas(self, sv: ServedVersion) -> dict[str, int]:
+        """Replica state -> count of a version's deployment, as Serve reported it this step."""
+        overview = self._apps.get(sv.app)
+        deployment = getattr(overview, "deployments", {}).get(sv.deployment) if overview is not None else None
+        states = getattr(deployment, "replica_states", None) or {}
+        return {str(getattr(k, "value", k)): int(v) for k, v in states.items()}
 
     def wake(self, model: str | None = None) -> None:
         """Reconcile ``model`` (every managed model when None) on the next step."""
@@ -378,6 +386,13 @@ class ControllerActor:
     def status(self) -> dict[str, Any]:
         """The controller's view (``Controller.status``)."""
         return self.controller.status()
+
+    def _replicas(self, sv: ServedVersion) -> dict[str, int]:
+        """Replica state -> count of a version's deployment, as Serve reported it this step."""
+        overview = self._apps.get(sv.app)
+        deployment = getattr(overview, "deployments", {}).get(sv.deployment) if overview is not None else None
+        states = getattr(deployment, "replica_states", None) or {}
+        return {str(getattr(k, "value", k)): int(v) for k, v in states.items()}
 
     def wake(self, model: str | None = None) -> None:
         """Reconcile ``model`` (or every managed model) now."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from mass.cli.main import main
 from mass.lifecycle import Lifecycle
 from mass.lifecycle.controller import NAMESPACE, controller_name
 from mass.registry import ModelRegistry
@@ -94,7 +95,7 @@ def ctl(gateway, tiny_dir, api_key):
     wait_for(lambda: not version_apps(), 60, "the controller to delete its version apps after the app went")
 
 
-def test_operations_move_traffic_live_without_a_failed_request(ctl):
+def test_operations_move_traffic_live_without_a_failed_request(ctl, capsys):
     assert ctl.versions(4) == Counter({"1": 4})
     caller = Caller(ctl)
     thread = threading.Thread(target=caller.run, daemon=True)
@@ -108,6 +109,13 @@ def test_operations_move_traffic_live_without_a_failed_request(ctl):
             services = client.get(f"{ctl.url}/admin/services", headers=ctl.headers).json()
         assert services["data"][MODEL]["versions"] == [{"version": "1", "weight": 50},
                                                           {"version": "2", "weight": 50}], services
+        serving = services["data"][MODEL]["serving"]
+        assert [(v["version"], v["state"], v["weight"], v["replicas"]) for v in serving["versions"]] == [
+            (1, "ready", 50, {"RUNNING": 1}), (2, "ready", 50, {"RUNNING": 1})], serving
+        assert serving["desired"]["weights"] == {"1": 50, "2": 50} and serving["versions"][0]["slo"]["requests"] > 0
+        assert main(["status", "--url", ctl.url]) == 0
+        out = capsys.readouterr().out
+        assert "managed versions" in out and f"{APP}--{MODEL}--v2" in out and "1 running" in out, out
 
         ctl.life.promote(MODEL, "test", "v2 is good")
         wait_for(lambda: ctl.versions(10) == Counter({"2": 10}), 30, "v2 alone to answer after the promotion")

@@ -63,9 +63,10 @@ def rotate_key(ref: str, state: GatewayState = Depends(get_state)) -> dict[str, 
 
 @router.get("/services", responses=_ERRORS)
 async def services(state: GatewayState = Depends(get_state)) -> dict[str, Any]:
-    """Every served model's circuit breaker (state, window counts, recent transitions) and fallbacks, as this
-    gateway replica sees them."""
-    return {"object": "list", "data": state.services()}
+    """Every served model's circuit breaker (state, window counts, recent transitions), fallbacks and routed
+    versions, as this gateway replica sees them; for a managed model also ``serving``: the controller's view of
+    each deployed version (state, weight, replicas, SLO figures over its window) and its recent actions."""
+    return {"object": "list", "data": await state.serving()}
 
 
 class UsageQuery(BaseModel):
