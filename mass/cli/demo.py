@@ -1,5 +1,6 @@
-"""The ``make demo`` story, end to end on embedded defaults: corpus -> train -> import -> registry table ->
-serve both models behind the gateway -> chat, streaming, SDK embeddings and a semantic search."""
+"""The ``make demo`` story, end to end on embedded defaults: corpus -> train (a model and a candidate) -> import
+-> registry table -> serve both models behind the gateway -> chat, streaming, SDK embeddings and a semantic
+search -> canary the candidate at 20 %, promote it, roll back, while the controller moves traffic live."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def _serve(corpus_dir: str, card: str) -> str:
-    """Deploy the demo app, query it over HTTP and through the SDK, then take it down."""
+def _serve(corpus_dir: str, card: str, candidate: int) -> str:
+    """Deploy the demo app, query it over HTTP and through the SDK, run the lifecycle story with ``candidate``
+    (a second tiny-gpt version), then take the app down."""
     import secrets
 
     import httpx
@@ -28,7 +30,14 @@ def _serve(corpus_dir: str, card: str) -> str:
     from mass.data.loaders import load_corpus_split
     from mass.sdk import Client
 
-    args = load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml")
+    from mass.serving.args import AppArgs
+
+    data = load_app_args(ROOT / "serve_apps" / "configs" / "demo.yaml").model_dump()
+    for model in data["models"]:  # tiny-gpt follows its lifecycle (production, canary) through the controller
+        if model["name"] == "tiny-gpt":
+            model.update(ref="tiny-gpt@production", managed=True)
+    data["controller"].update(drain_s=5)
+    args = AppArgs.model_validate(data)
     # Its own app name and route: a `mass` app already on the cluster's Serve is left as it is; a Serve
     # already running keeps its port (and keeps running afterwards), else one starts on a free port.
     connect_ray()
@@ -61,7 +70,7 @@ def _serve(corpus_dir: str, card: str) -> str:
                         print(choice["text"], end="", flush=True)
         print(flush=True)
 
-        _step("6/6 semantic search over the corpus: MiniLM embeddings through the SDK (Serve handles)")
+        _step("7/8 semantic search over the corpus: MiniLM embeddings through the SDK (Serve handles)")
         client = Client(app_name=DEMO_APP)  # this process is inside the Ray cluster: it calls the deployments
         docs = load_corpus_split(corpus_dir, "train")[:500]
         vectors = client.embed("minilm", docs)
@@ -72,12 +81,64 @@ def _serve(corpus_dir: str, card: str) -> str:
             print(f"\n  query: {query}", flush=True)
             for score, doc in scores[:3]:
                 print(f"    {score:.3f}  {doc.splitlines()[0][:90]}", flush=True)
+
+        _step("8/8 lifecycle: canary the candidate at 20 %, promote it, roll back (clients never see a gap)")
+        _lifecycle_story(url, auth, candidate)
     finally:
         keys.revoke(key.id)  # the demo's key ends with the demo
         serve.delete(DEMO_APP)
+        deadline = time.monotonic() + 60  # its controller deletes the version apps it deployed, then stops
+        while any(n.startswith(f"{DEMO_APP}--") for n in serve.status().applications) and time.monotonic() < deadline:
+            time.sleep(0.5)
         if not had_serve:
             serve.shutdown()
     return url
+
+
+def _lifecycle_story(url: str, auth: dict[str, str], candidate: int) -> None:
+    """Canary ``candidate`` at 20 %, show the split the responses report, promote, roll back."""
+    from collections import Counter
+
+    import httpx
+
+    from mass.lifecycle import Lifecycle
+
+    life = Lifecycle()
+    production = life.state("tiny-gpt").production
+
+    def answer(client: httpx.Client) -> str:
+        resp = client.post(f"{url}/v1/chat/completions", timeout=60, headers=auth, json={
+            "model": "tiny-gpt", "max_tokens": 4, "messages": [{"role": "user", "content": "hello"}]})
+        resp.raise_for_status()
+        return resp.headers["x-mass-model-version"]
+
+    def wait_until(done, what: str, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        with httpx.Client() as client:
+            while not done(client):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+                time.sleep(0.2)
+
+    life.canary("tiny-gpt", candidate, actor="demo", weight=20, reason="try the candidate on a fifth of traffic")
+    print(f"canary: tiny-gpt v{candidate} at 20 % (production v{production} keeps 80 %); the controller deploys "
+          f"it as its own Serve app and moves traffic once it is ready...", flush=True)
+    wait_until(lambda c: answer(c) == str(candidate), f"v{candidate} to answer")
+    with httpx.Client() as client:
+        split = Counter(answer(client) for _ in range(200))
+    print("  200 chats answered by (x-mass-model-version): "
+          + ", ".join(f"v{v} {n} ({n / 2:.0f} %)" for v, n in sorted(split.items())), flush=True)
+    life.promote("tiny-gpt", actor="demo", reason="the candidate held its SLO")
+    wait_until(lambda c: all(answer(c) == str(candidate) for _ in range(10)), f"v{candidate} alone")
+    print(f"promote: v{candidate} is production and answers every request; v{production} drains, then its app "
+          "is deleted", flush=True)
+    life.rollback("tiny-gpt", actor="demo", reason="demo: back to the previous version")
+    wait_until(lambda c: all(answer(c) == str(production) for _ in range(10)), f"v{production} alone again")
+    print(f"rollback: v{production} is production again and answers every request (a version still draining "
+          "takes the traffic back at once; one already deleted is deployed again while the other keeps serving)",
+          flush=True)
+    for op in reversed(life.history("tiny-gpt", limit=4)):
+        print(f"  {op['at'][11:19]} {op['action']:<8} v{op['version']}  by {op['actor']}: {op['reason']}", flush=True)
 
 
 def gpt2_parameters(config) -> int:
@@ -104,11 +165,11 @@ def run_demo(recipe: str | None = None) -> int:
     bus = open_bus(settings.events_url)
     before = bus.last_offset()  # the demo shows the events of this run only
 
-    _step("1/6 build the docstring corpus")
+    _step("1/8 build the docstring corpus")
     corpus = build_corpus()
     print(f"corpus {corpus.path}: {corpus.counts}", flush=True)
 
-    _step("2/6 train tiny-gpt on a local Ray cluster (Ray Train, 2 DDP workers)")
+    _step("2/8 train tiny-gpt on a local Ray cluster (Ray Train, 2 DDP workers)")
     recipe = recipe or str(ROOT / "jobs" / "configs" / "tiny-gpt-smoke.yaml")
     config = TrainConfig.load(recipe)
     trained_at = time.perf_counter()
@@ -120,20 +181,35 @@ def run_demo(recipe: str | None = None) -> int:
     card = (f"a {gpt2_parameters(config) / 1e6:.1f}M-parameter GPT-2 trained for {train_s:.0f}s on "
             f"{result.data_tokens.get('train', 0):,} tokens (test perplexity {m['test_perplexity']:.0f})")
 
-    _step("3/6 import the pretrained all-MiniLM-L6-v2 from its package")
+    _step("3/8 train a candidate: the same recipe with another seed (a second tiny-gpt version)")
+    candidate = run_training(TrainConfig.load(recipe, overrides=["optim.seed=1"]))
+    print(f"registered {candidate.model_ref}: val_loss {candidate.metrics['val_loss']:.3f}", flush=True)
+    from mass.lifecycle import Lifecycle
+
+    Lifecycle().publish("tiny-gpt", int(result.model_ref.split("/")[-1]), actor="demo",
+                        reason="the demo's first model")
+    print(f"published {result.model_ref} as production (mass models publish)", flush=True)
+
+    _step("4/8 import the pretrained all-MiniLM-L6-v2 from its package")
     registry = ModelRegistry(settings)
     info, created = import_minilm(registry)
     print(f"{'imported' if created else 'already imported'} {info.ref} ({', '.join(info.aliases)})", flush=True)
 
-    _step("4/6 the model repository, and what it announced on the event bus")
+    _step("5/8 the model repository, and what it announced on the event bus")
     print(models_table(registry.list_models()), flush=True)
     for event in bus.replay(after=before, count=100):  # what a lifecycle controller or any subscriber receives
         data = event.data.model_dump(exclude_none=True, exclude={"metrics", "task", "run_id"})
         print(f"  event {event.offset}: {event.type} {data} (from {event.source})", flush=True)
     bus.close()
 
-    _step("5/6 serve tiny-gpt and MiniLM behind the OpenAI-compatible gateway (Ray Serve)")
-    url = _serve(corpus.path, card)
+    _step("6/8 serve tiny-gpt and MiniLM behind the OpenAI-compatible gateway (Ray Serve)")
+    url = _serve(corpus.path, card, int(candidate.model_ref.split("/")[-1]))
+    print("what the lifecycle announced on the event bus (the controller acted on these):", flush=True)
+    bus = open_bus(settings.events_url)
+    for event in bus.replay(after=before, count=1000):
+        if event.type.startswith(("rollout.", "model.traffic")):
+            print(f"  event {event.offset}: {event.type} {event.data.model_dump(exclude_none=True)}", flush=True)
+    bus.close()
     print(f"\ndemo done; the API was served at {url}/v1", flush=True)
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
     return 0

@@ -126,11 +126,16 @@ class Controller:
         missing, route, drain. False once the controlled app is gone (the controller then removes its versions)."""
         from ray import serve
 
+        from ray.serve.exceptions import RayServeException
+
         now = time.monotonic()
         if now >= self._next_full:
             self.wake()
             self._next_full = now + self.args.controller.reconcile_s
-        apps = serve.status().applications
+        try:
+            apps = serve.status().applications
+        except RayServeException:  # Serve was shut down: the app is gone with it
+            apps = {}
         if self.app in apps:
             self._seen_app, self._app_missing = True, 0
         elif self._seen_app:
@@ -338,7 +343,10 @@ class Controller:
         for model in self.models:
             prefix = version_app(self.app, model, "")
             for name in [n for n in apps if n.startswith(prefix)]:
-                serve.delete(name, _blocking=False)
+                try:
+                    serve.delete(name, _blocking=False)
+                except Exception as exc:  # noqa: BLE001 - Serve itself going away takes them along
+                    log.warning("cannot delete version app %r: %s", name, exc)
         log.info("app %r is gone: its version apps are deleted and the controller stops", self.app)
 
     # ------------------------------------------------------------------ helpers

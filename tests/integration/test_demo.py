@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from tests.integration.support import run_cli
 
 
@@ -10,12 +12,22 @@ def test_demo_runs_to_the_end(ray_cluster, tmp_path):
     proc = run_cli(["demo"], env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for step in ("1/6 build the docstring corpus", "2/6 train tiny-gpt", "3/6 import", "4/6 the model repository",
+    for step in ("1/8 build the docstring corpus", "2/8 train tiny-gpt", "3/8 train a candidate", "4/8 import",
+                 "5/8 the model repository",
                  "  event 1: model.version.registered {'model': 'tiny-gpt', 'version': '1'} (from registry)",
                  "training.completed {'model': 'tiny-gpt', 'version': '1'} (from training)",
+                 "training.completed {'model': 'tiny-gpt', 'version': '2'} (from training)",
                  "model.alias.changed {'model': 'minilm-l6', 'alias': 'production', 'version': '1'}",
-                 "5/6 serve tiny-gpt and MiniLM", "6/6 semantic search"):
-        assert step in out
+                 "published tiny-gpt/1 as production", "6/8 serve tiny-gpt and MiniLM", "7/8 semantic search",
+                 "8/8 lifecycle", "canary: tiny-gpt v2 at 20 %", "promote: v2 is production",
+                 "rollback: v1 is production again", "rollout.promoted {'model': 'tiny-gpt', 'version': '2'}",
+                 "model.traffic.changed {'model': 'tiny-gpt', 'weights': {'1': 80, '2': 20}}"):
+        assert step in out, step
+    split = next(line for line in out.splitlines() if "200 chats answered by" in line)
+    shares = {v: int(n) for v, n in re.findall(r"v(\d+) (\d+) \(", split)}
+    assert sum(shares.values()) == 200 and 20 <= shares.get("2", 0) <= 65, split  # 20 % of 200: 40 +- 3.5 sd
+    assert [line.split()[1:3] for line in out.splitlines() if " by demo: " in line] == [
+        ["publish", "v1"], ["canary", "v2"], ["promote", "v2"], ["rollback", "v1"]]
     assert "  without a key: invalid_api_key: missing API key" in out  # the app at /mass-demo is protected
     assert "chat (HTTP):" in out and "stream (HTTP SSE, " in out and "embedded 500 docstrings via handles" in out
     assert "tiny-gpt is a 0.7M-parameter GPT-2 trained for" in out and "frequency_penalty=1.0" in out
