@@ -35,5 +35,6 @@ def test_demo_runs_to_the_end(ray_cluster, tmp_path):
     assert len(hits) == 9  # three hits for each of three queries
     rows = [line.split()[:5] for line in out.splitlines() if line.startswith(("minilm-l6 ", "tiny-gpt "))]
     assert ["minilm-l6", "1", "production", "READY", "embedding"] in rows
-    assert ["tiny-gpt", "1", "latest-train", "READY", "text-generation"] in rows
+    assert ["tiny-gpt", "1", "production", "READY", "text-generation"] in rows
+    assert ["tiny-gpt", "2", "latest-train", "READY", "text-generation"] in rows
     assert (tmp_path / "demo-home" / "mlflow.db").is_file()
