@@ -16,6 +16,7 @@ from mass.cli.main import main
 from mass.lifecycle import Lifecycle
 from mass.lifecycle.controller import NAMESPACE, controller_name
 from mass.registry import ModelRegistry
+from mass.sdk import Client
 from mass.serving.args import version_app
 from tests.integration.support import wait_for
 
@@ -116,6 +117,11 @@ def test_operations_move_traffic_live_without_a_failed_request(ctl, capsys):
         assert main(["status", "--url", ctl.url]) == 0
         out = capsys.readouterr().out
         assert "managed versions" in out and f"{APP}--{MODEL}--v2" in out and "1 running" in out, out
+        with httpx.Client() as client:
+            shown = client.get(f"{ctl.url}/admin/models/{MODEL}", headers=ctl.headers).json()
+        assert shown["weights"] == {"1": 50, "2": 50} and len(shown["serving"]["versions"]) == 2
+        sdk = Client(app_name=APP)  # in the cluster: Serve handles, the versions picked from the same table
+        assert sdk.via == "handle" and isinstance(sdk.chat(MODEL, "hello", max_tokens=2).text, str)
 
         ctl.life.promote(MODEL, "test", "v2 is good")
         wait_for(lambda: ctl.versions(10) == Counter({"2": 10}), 30, "v2 alone to answer after the promotion")

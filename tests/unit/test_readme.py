@@ -32,7 +32,7 @@ def test_every_recipe_section_is_documented():
         assert f"`{section}" in README, section
 
 
-@pytest.mark.parametrize("name", ["serving", "proxy"])
+@pytest.mark.parametrize("name", ["serving", "proxy", "rollout"])
 def test_benchmark_tables_are_the_saved_runs(name):
     """The README's benchmark tables are exactly what benchmarks/<name>.py renders from its saved JSON."""
     import importlib
@@ -51,5 +51,7 @@ def test_benchmark_tables_are_the_saved_runs(name):
     if name == "serving":
         assert {"engine", "engine_hf_runner", "one_by_one", "static_batch"} <= set(result["tokens_per_s"])
         assert {"in_process_1x2", "in_process_2x1", "gateway"} <= set(result["texts_per_s"])
-    else:
+    elif name == "proxy":
         assert {"embed_on", "embed_off", "chat_on", "chat_off"} == set(result["rates"])
+    else:
+        assert len(result["per_round"]) == result["rounds"] and all("chat_failed" in r for r in result["per_round"])

@@ -54,9 +54,17 @@ def _actor(request: Request) -> str:
 
 
 @router.get("/{name}", responses=_ERRORS)
-def show_model(name: str, state: GatewayState = Depends(get_state)) -> dict[str, Any]:
-    """Versions, aliases, traffic split, offline state, rollout plan, generation and the operation log."""
-    return _life(state).show(name)
+async def show_model(name: str, state: GatewayState = Depends(get_state)) -> dict[str, Any]:
+    """Versions, aliases, traffic split, offline state, rollout plan, generation and the operation log; for a
+    model this app serves as a managed model also ``serving`` (each deployed version's state, weight,
+    replicas and SLO figures, as the controller sees them)."""
+    import asyncio
+
+    shown = await asyncio.to_thread(_life(state).show, name)
+    route = state.routes.get(name)
+    if route is not None and route.args.managed:
+        shown["serving"] = (await state.serving())[name].get("serving")
+    return shown
 
 
 @router.post("/{name}/publish", responses=_ERRORS)
