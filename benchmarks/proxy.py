@@ -24,10 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
-import tempfile
 import time
 import uuid
 
@@ -253,17 +250,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the JSON result to this file")
     parser.add_argument("--readme", help="rewrite this README's proxy table from the result")
     args = parser.parse_args(argv)
-    import torch
+    from serving import run_and_save  # this directory's serving benchmark (a script dir on sys.path)
 
-    home = tempfile.mkdtemp(prefix="mass-bench-")
-    os.environ.setdefault("MASS_HOME", home)  # a private registry and platform database
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}",
-              "rounds": args.rounds, "date": time.strftime("%Y-%m-%d"), **run(args)}
-    from serving import save  # this directory's serving benchmark (a script dir on sys.path)
-
-    print(render_table(result))
-    save(result, args.json, args.readme, (README_START, README_END), render_table(result))
-    return 0
+    return run_and_save(args, run, render_table, (README_START, README_END))
 
 
 if __name__ == "__main__":

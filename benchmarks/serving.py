@@ -507,6 +507,19 @@ def save(result: dict, json_path: str | None, readme: str | None, markers: tuple
         replace_block(readme, *markers, table)
 
 
+def run_and_save(args, run, render_table, markers: tuple[str, str]) -> int:
+    """The tail every benchmark's ``main`` shares: a private MASS_HOME (registry, platform database, event log),
+    ``run(args)`` under the machine line, the table printed, the JSON line printed and saved as asked."""
+    import torch
+
+    os.environ.setdefault("MASS_HOME", tempfile.mkdtemp(prefix="mass-bench-"))
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}",
+              "rounds": args.rounds, "date": time.strftime("%Y-%m-%d"), **run(args)}
+    print(render_table(result))
+    save(result, args.json, args.readme, markers, render_table(result))
+    return 0
+
+
 def replace_block(path: str, start: str, end: str, text: str) -> None:
     """Replace what lies between the markers ``start`` and ``end`` in the file at ``path`` with ``text``."""
     from pathlib import Path

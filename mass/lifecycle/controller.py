@@ -395,13 +395,6 @@ class ControllerActor:
         """The controller's view (``Controller.status``)."""
         return self.controller.status()
 
-    def _replicas(self, sv: ServedVersion) -> dict[str, int]:
-        """Replica state -> count of a version's deployment, as Serve reported it this step."""
-        overview = self._apps.get(sv.app)
-        deployment = getattr(overview, "deployments", {}).get(sv.deployment) if overview is not None else None
-        states = getattr(deployment, "replica_states", None) or {}
-        return {str(getattr(k, "value", k)): int(v) for k, v in states.items()}
-
     def wake(self, model: str | None = None) -> None:
         """Reconcile ``model`` (or every managed model) now."""
         self.controller.wake(model)

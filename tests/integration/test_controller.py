@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -67,6 +68,19 @@ class Caller:
                     self.results.append((0, repr(exc)))
 
 
+@contextmanager
+def calling(ctl: Ctl):
+    """A ``Caller`` running on a thread of its own while the block runs."""
+    caller = Caller(ctl)
+    thread = threading.Thread(target=caller.run, daemon=True)
+    thread.start()
+    try:
+        yield caller
+    finally:
+        caller.stop.set()
+        thread.join(60)
+
+
 def version_apps() -> set[str]:
     from ray import serve
 
@@ -98,10 +112,7 @@ def ctl(gateway, tiny_dir, api_key):
 
 def test_operations_move_traffic_live_without_a_failed_request(ctl, capsys):
     assert ctl.versions(4) == Counter({"1": 4})
-    caller = Caller(ctl)
-    thread = threading.Thread(target=caller.run, daemon=True)
-    thread.start()
-    try:
+    with calling(ctl) as caller:
         ctl.life.canary(MODEL, 2, "test", weight=50, reason="try v2")
         wait_for(lambda: "2" in ctl.versions(4), 120, "the canary v2 to answer")
         split = ctl.versions(120)
@@ -146,9 +157,6 @@ def test_operations_move_traffic_live_without_a_failed_request(ctl, capsys):
 
         ctl.life.rollback(MODEL, "test", "v2 regressed")  # production back to v1, whose app was deleted
         wait_for(lambda: ctl.versions(10) == Counter({"1": 10}), 120, "v1 alone to answer after the rollback")
-    finally:
-        caller.stop.set()
-        thread.join(60)
     failed = [r for r in caller.results if r[0] != 200]
     assert not failed and len(caller.results) > 50, (failed[:5], len(caller.results))
     assert {v for _, v in caller.results} == {"1", "2"}
@@ -159,15 +167,9 @@ def test_a_version_that_cannot_load_is_rolled_back_and_production_keeps_serving(
     weights = next(session_home.glob(f"artifacts/**/{broken}/artifacts/model/model.safetensors"))
     weights.write_bytes(b"not a safetensors file")
     production = ctl.life.state(MODEL).production
-    caller = Caller(ctl)
-    thread = threading.Thread(target=caller.run, daemon=True)
-    thread.start()
-    try:
+    with calling(ctl) as caller:
         ctl.life.canary(MODEL, 3, "test", weight=50)
         wait_for(lambda: ctl.life.state(MODEL).canary is None, 180, "the controller to roll the broken canary back")
-    finally:
-        caller.stop.set()
-        thread.join(60)
     last = ctl.life.history(MODEL, limit=1)[0]
     assert (last["action"], last["actor"], last["version"]) == ("rollback", "controller", "3")
     assert "version 3 failed to load" in last["reason"]
@@ -180,10 +182,7 @@ def test_the_controller_killed_mid_canary_is_restarted_and_finishes_from_the_reg
 
     production = ctl.life.state(MODEL).production
     other = 2 if production == 1 else 1
-    caller = Caller(ctl)
-    thread = threading.Thread(target=caller.run, daemon=True)
-    thread.start()
-    try:
+    with calling(ctl) as caller:
         actor = ray.get_actor(controller_name(APP), namespace=NAMESPACE)
         ctl.life.canary(MODEL, other, "test", weight=30)
         ray.kill(actor, no_restart=False)  # Ray restarts it; it rebuilds its state from Serve and the registry
@@ -192,25 +191,16 @@ def test_the_controller_killed_mid_canary_is_restarted_and_finishes_from_the_reg
         assert status["models"][MODEL]["traffic"] == {str(production): 70, str(other): 30}
         ctl.life.rollback(MODEL, "test")
         wait_for(lambda: ctl.versions(10) == Counter({str(production): 10}), 60, "production alone again")
-    finally:
-        caller.stop.set()
-        thread.join(60)
     assert caller.results and not [r for r in caller.results if r[0] != 200], caller.results[:5]
 
 
 def test_a_rollout_plan_advances_after_each_clean_bake_and_promotes(ctl):
     production = ctl.life.state(MODEL).production
     other = 2 if production == 1 else 1
-    caller = Caller(ctl)
-    thread = threading.Thread(target=caller.run, daemon=True)
-    thread.start()
-    try:
+    with calling(ctl) as caller:
         ctl.life.canary(MODEL, other, "test", plan="20:2s,60:2s,100", reason="staged release")
         wait_for(lambda: ctl.life.state(MODEL).production == other, 120, "the plan to reach its last step")
         wait_for(lambda: ctl.versions(10) == Counter({str(other): 10}), 60, f"v{other} alone after the rollout")
-    finally:
-        caller.stop.set()
-        thread.join(60)
     log = [(o["action"], o["actor"], o["detail"].get("weight")) for o in reversed(ctl.life.history(MODEL, 3))]
     assert log == [("canary", "test", 20), ("advance", "controller", 60), ("promote", "controller", None)], log
     assert "baked 2s clean" in ctl.life.history(MODEL, 2)[1]["reason"]
@@ -235,15 +225,9 @@ def test_a_canary_that_breaks_its_latency_bound_is_rolled_back_automatically(ctl
     production = ctl.life.state(MODEL).production
     bus = open_bus()
     start = bus.last_offset()
-    caller = Caller(ctl)
-    thread = threading.Thread(target=caller.run, daemon=True)
-    thread.start()
-    try:
+    with calling(ctl) as caller:
         ctl.life.canary(MODEL, slow, "test", weight=50)
         wait_for(lambda: ctl.life.state(MODEL).canary is None, 180, "the controller to roll the slow canary back")
-    finally:
-        caller.stop.set()
-        thread.join(60)
     last = ctl.life.history(MODEL, limit=1)[0]
     assert (last["action"], last["actor"], last["version"]) == ("rollback", "controller", str(slow))
     assert last["reason"].startswith(f"canary v{slow} broke its SLO: p95 latency"), last["reason"]
