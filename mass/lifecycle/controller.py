@@ -79,8 +79,9 @@ class Controller:
     # ------------------------------------------------------------------ what the gateways read
     def table(self, since: str = "", report: dict[str, Any] | None = None) -> dict[str, Any] | None:
         """Merge a gateway's ``report`` (model -> version -> outcomes since its last poll) into the SLO windows;
-        then the routing table (None when its revision is still ``since``, or before the first full pass): per model, ``offline`` (why, who,
-        when, or None) and ``versions`` [{version, app, deployment, weight}] of the versions that get traffic."""
+        then the routing table (None when its revision is still ``since``, or before the first full pass): per
+        model, ``offline`` (why, who, when, or None) and ``versions`` [{version, app, deployment, weight}] of the
+        versions that get traffic."""
         with self.lock:
             for model, versions in (report or {}).items():
                 if model in self.models:
@@ -90,10 +91,10 @@ class Controller:
                 return None  # (before its first full pass, a restarted controller knows nothing worth routing)
             models = {}
             for name, traffic in self.traffic.items():
-                served = self.versions[name]
+                served = dict(self.versions[name])  # (the loop thread may forget a deleted version meanwhile)
                 models[name] = {"offline": self.offline.get(name), "versions": [
                     {"version": v, "app": served[v].app, "deployment": served[v].deployment, "weight": w}
-                    for v, w in sorted(traffic.items())]}
+                    for v, w in sorted(traffic.items()) if v in served]}
             return {"revision": self.revision, "models": models}
 
     def status(self) -> dict[str, Any]:
