@@ -68,6 +68,13 @@ class Caller:
                     self.results.append((0, repr(exc)))
 
 
+def rolled_back() -> bool:
+    """The controller's rollback is recorded (its registry writes land first, inside the recording transaction:
+    waiting on the registry alone could read the log before the row commits)."""
+    last = Lifecycle().history(MODEL, limit=1)
+    return bool(last) and (last[0]["action"], last[0]["actor"]) == ("rollback", "controller")
+
+
 @contextmanager
 def calling(ctl: Ctl):
     """A ``Caller`` running on a thread of its own while the block runs."""
@@ -169,7 +176,7 @@ def test_a_version_that_cannot_load_is_rolled_back_and_production_keeps_serving(
     production = ctl.life.state(MODEL).production
     with calling(ctl) as caller:
         ctl.life.canary(MODEL, 3, "test", weight=50)
-        wait_for(lambda: ctl.life.state(MODEL).canary is None, 180, "the controller to roll the broken canary back")
+        wait_for(rolled_back, 180, "the controller to roll the broken canary back")
     last = ctl.life.history(MODEL, limit=1)[0]
     assert (last["action"], last["actor"], last["version"]) == ("rollback", "controller", "3")
     assert "version 3 failed to load" in last["reason"]
@@ -227,13 +234,14 @@ def test_a_canary_that_breaks_its_latency_bound_is_rolled_back_automatically(ctl
     start = bus.last_offset()
     with calling(ctl) as caller:
         ctl.life.canary(MODEL, slow, "test", weight=50)
-        wait_for(lambda: ctl.life.state(MODEL).canary is None, 180, "the controller to roll the slow canary back")
+        wait_for(rolled_back, 180, "the controller to roll the slow canary back")
     last = ctl.life.history(MODEL, limit=1)[0]
     assert (last["action"], last["actor"], last["version"]) == ("rollback", "controller", str(slow))
     assert last["reason"].startswith(f"canary v{slow} broke its SLO: p95 latency"), last["reason"]
     assert ctl.life.state(MODEL).production == production
-    events = [e for e in bus.replay(start, count=1000) if e.type == "rollout.rolled_back" and e.data.model == MODEL]
+    events = wait_for(lambda: [e for e in bus.replay(start, count=1000)  # announced once the record commits
+                               if e.type == "rollout.rolled_back" and e.data.model == MODEL], 30, "the event")
     bus.close()
-    assert events and events[-1].data.reason == last["reason"]
+    assert events[-1].data.reason == last["reason"]
     assert caller.results and not [r for r in caller.results if r[0] != 200], caller.results[:5]
     assert str(slow) in {v for _, v in caller.results}  # it did get traffic before it was judged
