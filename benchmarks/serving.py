@@ -35,8 +35,9 @@ import tempfile
 import time
 
 
-def build_model(vocab: int = 2048):
-    """The benchmark GPT and a tokenizer trained on the docstring corpus."""
+def build_model(vocab: int = 2048, shape: str = "4x256", device: str = "cpu"):
+    """The benchmark GPT (``shape``: layers x width, 64-wide heads from width 512 up, 4 heads below) on
+    ``device``, and a tokenizer trained on the docstring corpus."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -44,10 +45,12 @@ def build_model(vocab: int = 2048):
     from mass.data.tokenizer import train_tokenizer
 
     tok = train_tokenizer([d["text"] for d in collect_documents(["json", "argparse"], progress=False)], vocab)
+    layers, width = (int(x) for x in shape.split("x"))
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=256, n_layer=4, n_head=4,
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=512, n_embd=width, n_layer=layers,
+                     n_head=width // 64 if width >= 512 else 4,
                      eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    return GPT2LMHeadModel(cfg).eval(), tok
+    return GPT2LMHeadModel(cfg).eval().to(device), tok
 
 
 def workload(n: int, seed: int = 0, stagger_s: float = 0.005):
@@ -124,7 +127,7 @@ def run_sequential(model, tok, reqs) -> tuple[float, int]:
     start, total = time.perf_counter(), 0
     with torch.inference_mode():
         for prompt, n, _ in reqs:
-            ids = tok(prompt, return_tensors="pt")["input_ids"]
+            ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                                  do_sample=False, pad_token_id=tok.eos_token_id)
             total += out.shape[1] - ids.shape[1]
@@ -139,7 +142,7 @@ def run_static(model, tok, reqs) -> tuple[float, int]:
     tok.padding_side = "left"
     start = time.perf_counter()
     with torch.inference_mode():
-        batch = tok([p for p, _, _ in reqs], return_tensors="pt", padding=True)
+        batch = tok([p for p, _, _ in reqs], return_tensors="pt", padding=True).to(model.device)
         longest = max(n for _, n, _ in reqs)
         out = model.generate(**batch, max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
                              pad_token_id=tok.eos_token_id)
@@ -398,7 +401,7 @@ GOALS = [("engine_vs_one_by_one", 5.0, "continuous batching: engine / one-by-one
 
 def run_continuous(args, result: dict) -> None:
     """The continuous-batching part: tokens/s per round of each system, TTFTs, ratios into ``result``."""
-    model, tok = build_model()
+    model, tok = build_model(shape=args.shape, device=args.device)
     reqs = workload(args.requests, stagger_s=args.stagger_ms / 1000)
     want = sum(n for _, n, _ in reqs)
     systems = {"engine": lambda r: run_engine(model, tok, r)[::2],
@@ -419,6 +422,7 @@ def run_continuous(args, result: dict) -> None:
             assert tokens == want, f"{name} produced {tokens} tokens, not {want}"
             runs[name].append(tokens / wall)
     result["stagger_ms"], result["tokens_per_request_total"] = args.stagger_ms, want
+    result["shape"], result["device"] = args.shape, args.device
     result["tokens_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items()}
     med = {k: statistics.median(v) for k, v in runs.items()}
     result["engine_vs_one_by_one"] = round(med["engine"] / med["one_by_one"], 2)
@@ -496,6 +500,14 @@ def _met(result: dict):
 README_START, README_END = "<!-- benchmark:serving -->", "<!-- /benchmark:serving -->"
 
 
+def readme_markers(device: str = "cpu", shape: str = "4x256") -> tuple[str, str]:
+    """The README block a run renders into: the main table, or one per (CUDA device, shape) for the GPU runs."""
+    if device == "cpu" and shape == "4x256":
+        return README_START, README_END
+    tag = f"serving-{device}-{shape}"
+    return f"<!-- benchmark:{tag} -->", f"<!-- /benchmark:{tag} -->"
+
+
 def save(result: dict, json_path: str | None, readme: str | None, markers: tuple[str, str], table: str) -> None:
     """Print the JSON line; write it to ``json_path`` and ``table`` between the README's ``markers`` when asked."""
     print(json.dumps(result))
@@ -513,11 +525,18 @@ def run_and_save(args, run, render_table, markers: tuple[str, str]) -> int:
     import torch
 
     os.environ.setdefault("MASS_HOME", tempfile.mkdtemp(prefix="mass-bench-"))
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}",
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {gpu_name()}, torch {torch.__version__}",
               "rounds": args.rounds, "date": time.strftime("%Y-%m-%d"), **run(args)}
     print(render_table(result))
     save(result, args.json, args.readme, markers, render_table(result))
     return 0
+
+
+def gpu_name() -> str:
+    """The CUDA device's name for the machine line, or "no GPU"."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
 
 
 def replace_block(path: str, start: str, end: str, text: str) -> None:
@@ -538,6 +557,9 @@ def main(argv=None) -> int:
     parser.add_argument("--requests", type=int, default=16, help="continuous batching: requests")
     parser.add_argument("--stagger-ms", type=float, default=5.0,
                         help="continuous batching: gap between arrivals (each joins a batch mid-decode)")
+    parser.add_argument("--shape", default="4x256", help="continuous batching: the GPT's layers x width")
+    parser.add_argument("--device", default="cpu", help="continuous batching: torch device of every system "
+                        "(cuda: the GPU tier's check; the gateway parts stay on the CPU)")
     parser.add_argument("--embed-requests", type=int, default=512, help="gateway parts: requests per run")
     parser.add_argument("--json", help="also write the JSON result to this file")
     parser.add_argument("--readme", help="rewrite this README's benchmark table from the result")
@@ -545,7 +567,7 @@ def main(argv=None) -> int:
     import torch
 
     os.environ.setdefault("MASS_HOME", tempfile.mkdtemp(prefix="mass-bench-"))  # a private registry
-    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU, torch {torch.__version__} "
+    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {gpu_name()}, torch {torch.__version__} "
                                f"({torch.get_num_threads()} threads)", "rounds": args.rounds,
                     "date": time.strftime("%Y-%m-%d")}
     if args.part in ("all", "continuous"):
@@ -556,7 +578,7 @@ def main(argv=None) -> int:
     for key, goal, label in GOALS:
         if key in result:
             print(f"{label} = {result[key]}x (goal >= {goal}x){'' if result[key] >= goal else '  NOT MET'}")
-    save(result, args.json, args.readme, (README_START, README_END), render_table(result))
+    save(result, args.json, args.readme, readme_markers(args.device, args.shape), render_table(result))
     return 0
 
 
