@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from mass.errors import InvalidRequest, ModelNotFound
+from mass.errors import InvalidRequest, ModelNotFound, ModelOffline
 
 
 def check_served(model: str, engine: str | None, wanted: str, served: Iterable[str]) -> None:
@@ -18,6 +18,17 @@ def check_served(model: str, engine: str | None, wanted: str, served: Iterable[s
     if engine != wanted:
         verb = "text generation" if wanted == "llm" else "embeddings"
         raise InvalidRequest(f"model {model!r} is a {engine} model and does not do {verb}", param="model")
+
+
+def check_online(model: str, offline: dict | None) -> None:
+    """ModelOffline (404) naming who took ``model`` offline, when and why (``offline``: the lifecycle's record,
+    None while it is served)."""
+    if offline is None:
+        return
+    reason = offline.get("reason")
+    raise ModelOffline(f"model {model!r} was taken offline by {offline.get('actor', 'an operator')} at "
+                       f"{str(offline.get('at', '?'))[:19]}{': ' + reason if reason else ''}; "
+                       f"`mass models online {model}` serves it again", param="model")
 
 
 def replica_lost(exc: BaseException) -> bool:

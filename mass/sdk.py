@@ -267,13 +267,12 @@ class Client:
 
         from ray import serve
 
-        from mass.errors import ModelOffline, Overloaded
-        from mass.routing import check_served
+        from mass.errors import Overloaded
+        from mass.routing import check_online, check_served
 
         route = self._routes().get(model)
-        if route is not None and route.get("offline"):
-            raise ModelOffline(f"model {model!r} was taken offline; `mass models online {model}` serves it again",
-                               param="model")
+        if route is not None:
+            check_online(model, route.get("offline"))
         check_served(model, route["engine"] if route else None, engine,
                      [n for n, r in self._routes().items() if not r.get("offline")])
         deployment, app = route["deployment"], self.app_name

@@ -12,8 +12,9 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 from fastapi import Request
 
-from mass.errors import ModelOffline, Overloaded, PermissionDenied
-from mass.routing import check_served
+from mass.errors import Overloaded, PermissionDenied
+from mass.gateway.proxy import current_call
+from mass.routing import check_online, check_served
 from mass.serving.args import AppArgs, EmbeddingArgs, LLMArgs
 
 
@@ -47,7 +48,6 @@ class Route:
         else:
             raise Overloaded(f"model {self.args.name!r} has no version ready yet (the controller is deploying it); "
                              "retry in 1s", retry_after=1)
-        from mass.gateway.proxy import current_call
 
         call = current_call()
         if call is not None:
@@ -262,19 +262,14 @@ class GatewayState:
     def route(self, model: str, engine: str, caller=None) -> Route:
         """The route for ``model``; 404 naming the models ``caller`` may see (a model the key may not call is
         answered exactly as one that is not served), 400 when it is the wrong kind."""
-        from mass.gateway.proxy import current_call
-
         call = current_call()
         if call is not None:
             call.model = model
         route = self.routes.get(model)
         if route is not None and caller is not None and not caller.allows(model):
             route = None
-        if route is not None and route.offline is not None:
-            off = route.offline
-            raise ModelOffline(f"model {model!r} was taken offline by {off.get('actor', 'an operator')} at "
-                               f"{str(off.get('at', '?'))[:19]}{': ' + off['reason'] if off.get('reason') else ''}; "
-                               f"`mass models online {model}` serves it again", param="model")
+        if route is not None:
+            check_online(model, route.offline)
         check_served(model, route.args.engine if route else None, engine, self.visible(caller))
         return route
 
@@ -289,7 +284,6 @@ class GatewayState:
         CircuitOpen (503 with Retry-After) when no candidate may be called; otherwise the last failure."""
         from mass.errors import CircuitOpen
         from mass.gateway.errors import is_upstream_failure, replica_lost
-        from mass.gateway.proxy import current_call
 
         candidates = [route, *(self.routes[name] for name in route.args.fallbacks if fallbacks)]
         failure: BaseException | None = None

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mass.lifecycle.slo import Window, judge
-from mass.serving.args import AppArgs, version_app
+from mass.serving.args import AppArgs, version_app, version_of_app
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Controller:
         self._apps: dict[str, Any] = {}  # Serve's application statuses, as of this step
         self.windows: dict[tuple[str, int], Window] = {}  # (model, version) -> the gateways' request outcomes
         self._bake: dict[str, tuple[tuple[int, int], float]] = {}  # model -> ((canary, step), when its split began)
+        self._errors: dict[str, str] = {}  # model -> the reconcile error last recorded (until a pass succeeds)
 
     # ------------------------------------------------------------------ what the gateways read
     def table(self, since: str = "", report: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -150,8 +151,12 @@ class Controller:
         for model in sorted(dirty):
             try:
                 self._reconcile(model)
+                self._errors.pop(model, None)
             except Exception as exc:  # noqa: BLE001 - the registry may be briefly unreachable: next pass retries
-                log.warning("cannot reconcile %r: %s: %s", model, type(exc).__name__, exc)
+                message = f"cannot reconcile: {type(exc).__name__}: {exc}"
+                if self._errors.get(model) != message:  # recorded once, not on every retry
+                    self._errors[model] = message
+                    self._record(model, None, "error", message)
                 self.wake(model)
         for model in self.models:
             self._route(model)
@@ -163,18 +168,16 @@ class Controller:
         return True
 
     def _observe(self, apps: dict[str, Any]) -> None:
-        """Update each version's state from Serve's; adopt version apps deployed before a restart; forget
-        versions whose apps were deleted (by a drain, or by an operator)."""
+        """Update each version's state from Serve's; adopt version apps deployed before a restart (not those
+        being deleted); forget versions whose apps were deleted (by a drain, or by an operator)."""
         self._apps = apps
         for model, args in self.models.items():
-            prefix = version_app(self.app, model, "")
             served = self.versions[model]
             for name, overview in apps.items():
-                tail = name[len(prefix):]
-                if name.startswith(prefix) and tail.isdigit() and int(tail) not in served \
-                        and _status(overview) != "DELETING":
-                    served[int(tail)] = ServedVersion(int(tail), name, self.args.deployment_of(args), "deploying",
-                                                      time.time())
+                version = version_of_app(self.app, model, name)
+                if version is not None and version not in served and _status(overview) != "DELETING":
+                    served[version] = ServedVersion(version, name, self.args.deployment_of(args), "deploying",
+                                                    time.time())
             for version, sv in list(served.items()):
                 if sv.state == "failed":
                     continue  # remembered until the model's lifecycle moves on
@@ -184,6 +187,7 @@ class Controller:
                     if sv.state == "deploying" and status == "GONE" and time.time() - sv.since < 10:
                         continue  # just submitted: Serve lists it shortly
                     del served[version]
+                    self.wake(model)  # wanted again meanwhile (a rollback): deployed again in this very step
                     if sv.state not in ("draining", "deleting"):
                         self._record(model, version, "gone", f"Serve app {sv.app!r} was deleted")
                 elif status == "RUNNING" and sv.state == "deploying":
@@ -206,10 +210,8 @@ class Controller:
                     continue  # failed under this very state: an operator must act (rollback is automatic below)
                 del served[version]
                 sv = None
-            if sv is None and _status(self._apps.get(version_app(self.app, model, version))) != "DELETING":
-                self._deploy(model, version)  # (an app still being deleted is deployed again once it is gone)
-            elif sv.state == "deleting":
-                continue  # deployed again once Serve has deleted it
+            if sv is None:
+                self._deploy(model, version)
             elif sv.state == "draining":  # wanted again before it was deleted (a quick rollback)
                 self._set(model, sv, "ready", "back in the desired state")
 
@@ -219,7 +221,10 @@ class Controller:
         from mass.serving.deployments import bind_model
 
         args = self.models[model]
-        app, deployment = version_app(self.app, model, version), self.args.deployment_of(args)
+        deploy = 1  # a fresh name while Serve still deletes the version's earlier app: no wait for that
+        while version_app(self.app, model, version, deploy) in self._apps:
+            deploy += 1
+        app, deployment = version_app(self.app, model, version, deploy), self.args.deployment_of(args)
         sv = ServedVersion(version, app, deployment, "deploying", time.time())
         self.versions[model][version] = sv
         self._record(model, version, "deploy", f"deploying {model}/{version} as Serve app {app!r}")
@@ -333,7 +338,8 @@ class Controller:
             if version in self.traffic[model] or version in wanted or sv.state in ("deploying", "failed", "deleting"):
                 continue
             if sv.state != "draining":
-                self._set(model, sv, "draining", f"out of the traffic split; deleted after {self.args.controller.drain_s:g}s")
+                self._set(model, sv, "draining",
+                          f"out of the traffic split; deleted after {self.args.controller.drain_s:g}s")
             elif time.time() - sv.since >= self.args.controller.drain_s:
                 serve.delete(sv.app, _blocking=False)  # _observe forgets it once Serve lists it as deleting
                 self._set(model, sv, "deleting", f"Serve app {sv.app!r} is being deleted")
@@ -342,8 +348,7 @@ class Controller:
         from ray import serve
 
         for model in self.models:
-            prefix = version_app(self.app, model, "")
-            for name in [n for n in apps if n.startswith(prefix)]:
+            for name in [n for n in apps if version_of_app(self.app, model, n) is not None]:
                 try:
                     serve.delete(name, _blocking=False)
                 except Exception as exc:  # noqa: BLE001 - Serve itself going away takes them along
@@ -365,7 +370,9 @@ class Controller:
         self._record(model, sv.version, state, message)
 
     def _record(self, model: str, version: int | None, action: str, detail: str) -> None:
-        log.info("%s%s: %s %s", model, f"/{version}" if version is not None else "", action, detail)
+        """Log an action and keep it in ``records`` (shown by ``status``); errors log as warnings."""
+        log.log(logging.WARNING if action == "error" else logging.INFO, "%s%s: %s %s", model,
+                f"/{version}" if version is not None else "", action, detail)
         self.records.append({"at": time.time(), "model": model, "version": version, "action": action,
                              "detail": detail})
 

@@ -232,6 +232,16 @@ class AppArgs(MassConfig):
         return [m for m in self.models if m.managed]
 
 
-def version_app(app: str, model: str, version: int | str) -> str:
-    """The Serve app that serves one version of a managed model of app ``app``."""
-    return f"{app}--{model}--v{version}"
+def version_app(app: str, model: str, version: int | str, deploy: int = 1) -> str:
+    """The Serve app that serves one version of a managed model of app ``app``: ``<app>--<model>--v<N>``, and
+    ``...--v<N>.<deploy>`` for a version deployed again while Serve still deletes its earlier app."""
+    return f"{app}--{model}--v{version}" + (f".{deploy}" if deploy > 1 else "")
+
+
+def version_of_app(app: str, model: str, name: str) -> int | None:
+    """The version a Serve app named ``name`` serves for managed model ``model`` of ``app`` (None: not one)."""
+    import re
+
+    prefix = version_app(app, model, "")
+    match = re.fullmatch(r"(\d+)(?:\.\d+)?", name[len(prefix):]) if name.startswith(prefix) else None
+    return int(match.group(1)) if match else None

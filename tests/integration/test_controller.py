@@ -164,6 +164,10 @@ def test_operations_move_traffic_live_without_a_failed_request(ctl, capsys):
 
         ctl.life.rollback(MODEL, "test", "v2 regressed")  # production back to v1, whose app was deleted
         wait_for(lambda: ctl.versions(10) == Counter({"1": 10}), 120, "v1 alone to answer after the rollback")
+    import ray
+
+    records = ray.get(ray.get_actor(controller_name(APP), namespace=NAMESPACE).status.remote())["records"]
+    assert not [r for r in records if r["action"] == "error"], records  # no reconcile pass failed on the way
     failed = [r for r in caller.results if r[0] != 200]
     assert not failed and len(caller.results) > 50, (failed[:5], len(caller.results))
     assert {v for _, v in caller.results} == {"1", "2"}
@@ -216,8 +220,9 @@ def test_a_rollout_plan_advances_after_each_clean_bake_and_promotes(ctl):
 
 
 def test_a_canary_that_breaks_its_latency_bound_is_rolled_back_automatically(ctl, tiny_dir, tmp_path):
-    """The bad canary is really slower: a 512-wide, 8-layer model registered under the same name, with the same
-    tokenizer (about 20x the production model's time per request on this CPU)."""
+    """The bad canary is really slower: a 768-wide, 12-layer model registered under the same name, with the same
+    tokenizer (well over production's time per request plus the 50 ms margin, also on a fast, idle CPU: an
+    8x512 one once stayed under the margin)."""
     import torch
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -225,7 +230,7 @@ def test_a_canary_that_breaks_its_latency_bound_is_rolled_back_automatically(ctl
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=512, n_layer=8, n_head=8)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=768, n_layer=12, n_head=12)
                     ).save_pretrained(tmp_path / "slow")
     tokenizer.save_pretrained(tmp_path / "slow")
     slow = ModelRegistry().register(tmp_path / "slow", MODEL, "text-generation").version
@@ -245,3 +250,44 @@ def test_a_canary_that_breaks_its_latency_bound_is_rolled_back_automatically(ctl
     assert events[-1].data.reason == last["reason"]
     assert caller.results and not [r for r in caller.results if r[0] != 200], caller.results[:5]
     assert str(slow) in {v for _, v in caller.results}  # it did get traffic before it was judged
+
+
+def test_two_operators_racing_through_the_admin_api_leave_one_winner_and_serving_follows_it(ctl):
+    """Both read the same generation and send a canary of the same version at different weights at once, with
+    ``expect``: one gets 200, the other 409 naming the winner's operation; the gateways route the winner's split."""
+    production = ctl.life.state(MODEL).production
+    other = 2 if production == 1 else 1
+    seen = ctl.life.generation(MODEL)
+    barrier, answers = threading.Barrier(2), {}
+
+    def operator(weight: int) -> None:
+        with httpx.Client() as client:
+            barrier.wait()
+            answers[weight] = client.post(f"{ctl.url}/admin/models/{MODEL}/canary", headers=ctl.headers, timeout=30,
+                                          json={"version": other, "weight": weight, "expect": seen,
+                                                "reason": f"operator at {weight} %"})
+
+    threads = [threading.Thread(target=operator, args=(w,)) for w in (30, 70)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [w for w, r in answers.items() if r.status_code == 200]
+    lost = [r for r in answers.values() if r.status_code != 200]
+    assert len(won) == 1 and len(lost) == 1, {w: (r.status_code, r.text) for w, r in answers.items()}
+    error = lost[0].json()["error"]
+    assert lost[0].status_code == 409 and error["code"] == "conflict" and "changed by another operation" in \
+        error["message"], error
+    weights = {str(production): 100 - won[0], str(other): won[0]}
+    assert ctl.life.state(MODEL).weights() == weights
+
+    import ray
+
+    actor = ray.get_actor(controller_name(APP), namespace=NAMESPACE)
+    wait_for(lambda: ray.get(actor.status.remote())["models"][MODEL]["traffic"] == weights, 120,
+             "the controller to route the winner's split")
+    wait_for(lambda: set(ctl.versions(10)) <= {str(production), str(other)}, 30, "the gateway to follow the table")
+    answered = ctl.versions(60)
+    assert set(answered) == {str(production), str(other)}, answered
+    ctl.life.rollback(MODEL, "test", "end the race's canary")
+    wait_for(lambda: ctl.versions(10) == Counter({str(production): 10}), 60, "production alone again")

@@ -88,7 +88,7 @@ def test_required_cpus_counts_starting_replicas():
 
 
 def test_a_managed_model_is_deployed_per_version_by_the_controller_not_by_the_app():
-    from mass.serving.args import version_app
+    from mass.serving.args import version_app, version_of_app
     from mass.serving.deployments import bind_app_models
 
     args = load_config(AppArgs, data={"models": [
@@ -97,4 +97,6 @@ def test_a_managed_model_is_deployed_per_version_by_the_controller_not_by_the_ap
     assert [m.name for m in args.managed] == ["m"] and sorted(bind_app_models(args)) == ["e"]
     pinned = args.models[0].pinned(7)
     assert (pinned.ref, pinned.managed, pinned.engine) == ("tiny-gpt/7", False, "llm")
-    assert version_app("mass", "m", 7) == "mass--m--v7"
+    assert version_app("mass", "m", 7) == "mass--m--v7" and version_app("mass", "m", 7, deploy=2) == "mass--m--v7.2"
+    assert [version_of_app("mass", "m", n) for n in ("mass--m--v7", "mass--m--v7.2", "mass--m--v", "mass--m--v7x",
+                                                     "mass--mm--v7", "other--m--v7")] == [7, 7, None, None, None, None]
