@@ -298,7 +298,7 @@ def render_table(result: dict) -> str:
              f"{_spread(r, 'chat_promote_switch_s', ' s')} | — |",
              f"| chat: rollback (old version redeployed), after it is ready | "
              f"{_spread(r, 'chat_rollback_after_ready_s', ' s')} | ≤ 2 s |",
-             f"| chat: rollback, from the operation (the old version's app is deleted, then deployed again) | "
+             f"| chat: rollback, from the operation (the old version's app was deleted: deployed again) | "
              f"{_spread(r, 'chat_rollback_switch_s', ' s')} | — |",
              f"| embeddings: promote | {_spread(r, 'embed_promote_switch_s', ' s')} | — |",
              f"| embeddings: rollback, from the operation | {_spread(r, 'embed_rollback_switch_s', ' s')} | — |",
