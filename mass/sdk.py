@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
@@ -63,6 +64,7 @@ class Client:
         self._table: dict[str, dict[str, Any]] | None = None
         self._table_at = 0.0
         self._pending: list[Any] = []
+        self._report: dict[str, dict[str, dict[str, Any]]] = {}  # managed models' outcomes, sent with the next table read
         self.via = self._pick(via)
 
     def _pick(self, via: str) -> str:
@@ -127,9 +129,10 @@ class Client:
             yield from self._http_stream({"model": model, "prompt": prompt, "stream": True,
                                           **_openai_fields(params)})
             return
-        handle = self._handle(model, "llm").options(stream=True)
+        handle, version = self._handle(model, "llm")
+        handle = handle.options(stream=True)
         request = {"prompts": [prompt], "sampling": params.to_dict()}
-        started, usage, error = time.perf_counter(), {}, None
+        started, usage, error, first_s = time.perf_counter(), {}, None, None
         ids, sent, lost = [], 0, 0  # what the caller got so far: resumed there when the replica dies
         try:
             while True:
@@ -141,6 +144,7 @@ class Client:
                             ids += event.get("token_ids") or []
                             sent += len(event["text"])
                             if event["text"]:
+                                first_s = first_s or time.perf_counter()
                                 yield event["text"]
                     break
                 except Exception as exc:
@@ -158,6 +162,9 @@ class Client:
             error = exc
             raise
         finally:
+            failure = error or sys.exc_info()[1]
+            if not isinstance(failure, GeneratorExit):  # (the caller stopped reading: no outcome to judge)
+                self._observe(model, version, started, failure, first_s)
             self._attribute(model, "stream", started, usage, error)
 
     def embed(self, model: str, texts: str | list[str]) -> list[list[float]]:
@@ -256,13 +263,15 @@ class Client:
         if self._table is None or stale:
             from ray import serve
 
-            self._table = serve.get_app_handle(self.app_name).routes.remote().result(timeout_s=self.timeout_s)
+            report, self._report = self._report, {}
+            self._table = serve.get_app_handle(self.app_name).routes.remote(report).result(timeout_s=self.timeout_s)
             self._table_at = time.monotonic()
         return self._table
 
     def _handle(self, model: str, engine: str):
-        """The deployment handle for ``model`` (a managed model's version picked by weight); the gateway's
-        404/400/503 when it is missing, offline, the wrong kind or has no version ready."""
+        """The deployment handle for ``model`` and the version it serves (a managed model's, picked by weight;
+        None for others); the gateway's 404/400/503 when it is missing, offline, the wrong kind or has no version
+        ready."""
         import random
 
         from ray import serve
@@ -275,14 +284,26 @@ class Client:
             check_online(model, route.get("offline"))
         check_served(model, route["engine"] if route else None, engine,
                      [n for n, r in self._routes().items() if not r.get("offline")])
-        deployment, app = route["deployment"], self.app_name
+        deployment, app, version = route["deployment"], self.app_name, None
         if "versions" in route:
             if not route["versions"]:
                 raise Overloaded(f"model {model!r} has no version ready yet; retry in 1s", retry_after=1)
             picked = random.choices(route["versions"], weights=[v["weight"] for v in route["versions"]])[0]
-            deployment, app = picked["deployment"], picked["app"]
+            deployment, app, version = picked["deployment"], picked["app"], picked["version"]
         handle = serve.get_deployment_handle(deployment, app)
-        return handle.options(multiplexed_model_id=model) if route["multiplexed"] else handle
+        return (handle.options(multiplexed_model_id=model) if route["multiplexed"] else handle), version
+
+    def _observe(self, model: str, version: str | None, started: float, error: BaseException | None,
+                 first_s: float | None = None) -> None:
+        """Count a finished handle call of a managed model's version for the controller's SLO windows, as the
+        gateway counts its own: server-side failures are errors, client errors (4xx) are not counted."""
+        if version is None or isinstance(error, MassError) and error.http_status < 500:
+            return
+        from mass.lifecycle.slo import note
+
+        now = time.perf_counter()
+        note(self._report, model, version, error is not None, (now - started) * 1000,
+             None if first_s is None else (first_s - started) * 1000)
 
     def _call(self, model: str, engine: str, method: str, payload: Any) -> dict[str, Any]:
         from ray.serve.exceptions import BackPressureError
@@ -290,7 +311,7 @@ class Client:
         from mass.errors import Overloaded, UpstreamTimeout
 
         started, result, error = time.perf_counter(), None, None
-        handle = self._handle(model, engine)
+        handle, version = self._handle(model, engine)
         try:
             for attempt in range(2):  # a replica lost mid-call: retried once (Serve routes it to another)
                 response = getattr(handle, method).remote(payload)
@@ -315,6 +336,7 @@ class Client:
             raise
         finally:
             usage = (result or {}).get("usage") or {"prompt_tokens": (result or {}).get("prompt_tokens", 0)}
+            self._observe(model, version, started, error or sys.exc_info()[1])
             self._attribute(model, method, started, usage, error)
         return result
 

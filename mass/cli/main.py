@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from mass.errors import MassError
 
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         op.add_argument("--why", **why)
     status = models.add_parser("status", help="NAME's versions, aliases, traffic split, state and operation log")
     status.add_argument("name")
+    status.add_argument("--url", default=None, help="ask the gateway's admin API instead (sends MASS_API_KEY): "
+                                                    "adds the deployed versions' state, replicas and SLO figures")
     minilm = models.add_parser("import-minilm", help="register the pretrained all-MiniLM-L6-v2 as minilm-l6")
     minilm.add_argument("--name", default="minilm-l6")
     minilm.add_argument("--alias", action="append", default=None, help="default: production")
@@ -456,7 +458,12 @@ def _models_status(args) -> int:
     from mass.cli.output import emit, table
     from mass.lifecycle import Lifecycle
 
-    shown = Lifecycle().show(args.name)
+    if args.url:
+        from mass.sdk import Client
+
+        shown = Client(base_url=args.url, via="http").model_status(args.name)
+    else:
+        shown = Lifecycle().show(args.name)
     split = ", ".join(f"v{v} {w}%" for v, w in shown["weights"].items()) or "nothing served"
     lines = [f"{args.name}: production v{shown['production']}, traffic {split}"
              + (f", OFFLINE since {shown['offline']['at'][:19]} ({shown['offline']['reason']})"
@@ -469,6 +476,9 @@ def _models_status(args) -> int:
               "", table(["at", "action", "version", "actor", "why"],
                         [[o["at"][:19], o["action"], o["version"], o["actor"], o["reason"]]
                          for o in shown["operations"]])]
+    if shown.get("serving"):
+        lines += ["", "deployed versions (the lifecycle controller's view)",
+                  table(SERVING_COLUMNS, _serving_rows(args.name, shown["serving"]))]
     emit(args.output, shown, "\n".join(lines))
     return 0
 
@@ -547,6 +557,17 @@ def _events_publish(args) -> int:
     return 0
 
 
+SERVING_COLUMNS = ["model", "version", "state", "weight", "replicas", "serve app", "errors/requests", "p95 ms"]
+
+
+def _serving_rows(name: str, serving: dict[str, Any] | None) -> list[list[Any]]:
+    """One row per deployed version of a managed model (``serving``: the controller's view of it)."""
+    return [[name, v["version"], v["state"], f"{v['weight']}%",
+             ",".join(f"{n} {k.lower()}" for k, n in v["replicas"].items()) or "-", v["app"],
+             f"{v['slo']['errors']}/{v['slo']['requests']}", v["slo"]["p95_ms"] or "-"]
+            for v in (serving or {}).get("versions", [])]
+
+
 @command("status")
 def _status(args) -> int:
     import time
@@ -564,13 +585,9 @@ def _status(args) -> int:
                      f"{time.strftime('%H:%M:%S', time.localtime(last['at']))} {last['to']}: {last['why']}"
                      if last else ""])
     text = table(["model", "engine", "deployment", "breaker", "failed/window", "fallbacks", "last transition"], rows)
-    versions = [[name, v["version"], v["state"], f"{v['weight']}%",
-                 ",".join(f"{n} {k.lower()}" for k, n in v["replicas"].items()) or "-", v["app"],
-                 f"{v['slo']['errors']}/{v['slo']['requests']}", v["slo"]["p95_ms"] or "-"]
-                for name, svc in services.items() for v in (svc.get("serving") or {}).get("versions", [])]
+    versions = [row for name, svc in services.items() for row in _serving_rows(name, svc.get("serving"))]
     if versions:
-        text += "\n\nmanaged versions (the lifecycle controller's view)\n" + table(
-            ["model", "version", "state", "weight", "replicas", "serve app", "errors/requests", "p95 ms"], versions)
+        text += "\n\nmanaged versions (the lifecycle controller's view)\n" + table(SERVING_COLUMNS, versions)
     emit(args.output, services, text)
     return 0
 

@@ -75,11 +75,14 @@ class Gateway:
             controller = start_controller(serve.get_replica_context().app_name, app_args)
         set_state(GatewayState(handles, app_args, controller=controller))
 
-    def routes(self) -> dict[str, dict[str, Any]]:
-        """The routing table, for SDK handle calls (not an HTTP route)."""
+    async def routes(self, report: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+        """The routing table, for SDK handle calls (not an HTTP route); ``report``: the SDK's handle calls of
+        managed models since it last asked (model -> version -> outcomes), counted in the SLO windows."""
         from mass.gateway.state import current_state
 
-        return current_state().table()
+        state = current_state()
+        state.merge_report(report or {})
+        return state.table()
 
     async def record_usage(self, api_key: str, record: dict[str, Any]) -> bool:
         """Attribute an SDK handle call (in-cluster, so trusted and not limited) to ``api_key`` in the usage

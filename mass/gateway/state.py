@@ -219,21 +219,22 @@ class GatewayState:
         """Account a finished call against the managed model's version that answered, for the controller's SLO
         windows: 5xx responses and streams that ended in an error event count as errors, client errors not at
         all; latency is the whole response's, time to first token a stream's first byte."""
-        from mass.lifecycle.slo import empty_report
+        from mass.lifecycle.slo import note
 
         status = call.status or 499
         failed = status >= 500 or (status < 400 and call.error_code is not None)
         if status >= 400 and not failed or self.controller is None:
             return
-        model = call.served_by or call.model
-        entry = self._report.setdefault(model, {}).setdefault(call.version, empty_report())
-        entry["n"] += 1
-        entry["errors"] += failed
-        if not failed and len(entry["latency_ms"]) < 5000:
-            now = time.perf_counter()
-            entry["latency_ms"].append(round((now - call.started) * 1000, 2))
-            if call.streamed and call.first_byte_s is not None:
-                entry["ttft_ms"].append(round((call.first_byte_s - call.started) * 1000, 2))
+        now = time.perf_counter()
+        ttft = (call.first_byte_s - call.started) * 1000 if call.streamed and call.first_byte_s is not None else None
+        note(self._report, call.served_by or call.model, call.version, failed, (now - call.started) * 1000, ttft)
+
+    def merge_report(self, report: dict[str, Any]) -> None:
+        """Add an SDK's report of its handle calls (per model and version) to the one sent with the next poll."""
+        from mass.lifecycle.slo import merge
+
+        if self.controller is not None and report:
+            merge(self._report, report)
 
     def apply_table(self, table: dict[str, Any]) -> None:
         """Route the managed models as the controller's ``table`` says (versions reuse their handles, facts and

@@ -106,9 +106,14 @@ class Controller:
                 name: {"desired": self.plans[name].to_dict() if name in self.plans else None,
                        "traffic": {str(v): w for v, w in self.traffic[name].items()},
                        "versions": [{**asdict(s), "weight": self.traffic[name].get(v, 0),
-                                     "replicas": self._replicas(s), "slo": self._window(name, v).figures().to_dict()}
+                                     "replicas": self._replicas(s), "slo": self._slo(name, v)}
                                     for v, s in sorted(self.versions[name].items())]}
                 for name in self.models}, "records": list(self.records)}
+
+    def _slo(self, model: str, version: int) -> dict[str, Any]:
+        """A version's figures over the SLO window, and ``requests_total`` since this controller started."""
+        window = self._window(model, version)
+        return {**window.figures().to_dict(), "requests_total": window.total}
 
     def _replicas(self, sv: ServedVersion) -> dict[str, int]:
         """Replica state -> count of a version's deployment, as Serve reported it this step."""
@@ -151,7 +156,8 @@ class Controller:
         for model in sorted(dirty):
             try:
                 self._reconcile(model)
-                self._errors.pop(model, None)
+                if self._errors.pop(model, None) is not None:
+                    self._record(model, None, "recovered", "the desired state reads and reconciles again")
             except Exception as exc:  # noqa: BLE001 - the registry may be briefly unreachable: next pass retries
                 message = f"cannot reconcile: {type(exc).__name__}: {exc}"
                 if self._errors.get(model) != message:  # recorded once, not on every retry

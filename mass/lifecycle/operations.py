@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from mass.errors import Conflict, InvalidRequest
+from mass.errors import Conflict, InvalidRequest, RegistryError
 
 PRODUCTION, CANARY = "production", "canary"
 TAG_CANARY, TAG_OFFLINE, TAG_HISTORY = "mass.canary", "mass.offline", "mass.production_history"
@@ -84,6 +85,21 @@ def parse_plan(text: str) -> tuple[Step, ...]:
     return tuple(steps)
 
 
+@contextmanager
+def _parsing(model: str, tags: dict[str, str]):
+    """Turn a lifecycle tag that does not parse (edited by hand, e.g. in the MLflow UI) into a RegistryError
+    naming the model, the tags and the way out."""
+    try:
+        yield
+    except (ValueError, TypeError, KeyError) as exc:
+        shown = {k: tags[k][:200] for k in (TAG_CANARY, TAG_OFFLINE, TAG_HISTORY) if k in tags}
+        raise RegistryError(f"model {model!r}: its lifecycle tags do not parse ({type(exc).__name__}: {exc}); "
+                            f"they were {shown}. Restore the broken one (MASS writes them as JSON) or delete it in "
+                            f"MLflow (UI, or MlflowClient().delete_registered_model_tag): without {TAG_CANARY} "
+                            f"the canary ends, without {TAG_OFFLINE} the model is online, without {TAG_HISTORY} "
+                            "a rollback has no earlier version") from None
+
+
 class Lifecycle:
     """The lifecycle operations on a registry (default: the configured one) and platform database.
 
@@ -103,14 +119,15 @@ class Lifecycle:
     def state(self, model: str) -> ServingPlan:
         """The model's desired serving state, read from the registry."""
         aliases, tags = self.registry.model_meta(model)
-        canary = json.loads(tags[TAG_CANARY]) if TAG_CANARY in tags and CANARY in aliases else None
-        return ServingPlan(
-            model=model, production=aliases.get(PRODUCTION),
-            canary=aliases.get(CANARY) if canary else None, canary_weight=canary["weight"] if canary else 0,
-            plan=tuple(Step(**s) for s in canary["plan"]) if canary else (), step=canary["step"] if canary else 0,
-            canary_since=canary["since"] if canary else None,
-            offline=json.loads(tags[TAG_OFFLINE]) if TAG_OFFLINE in tags else None,
-            history=tuple(json.loads(tags.get(TAG_HISTORY, "[]"))))
+        with _parsing(model, tags):
+            canary = json.loads(tags[TAG_CANARY]) if TAG_CANARY in tags and CANARY in aliases else None
+            return ServingPlan(
+                model=model, production=aliases.get(PRODUCTION),
+                canary=aliases.get(CANARY) if canary else None, canary_weight=canary["weight"] if canary else 0,
+                plan=tuple(Step(**s) for s in canary["plan"]) if canary else (),
+                step=canary["step"] if canary else 0, canary_since=canary["since"] if canary else None,
+                offline=json.loads(tags[TAG_OFFLINE]) if TAG_OFFLINE in tags else None,
+                history=tuple(int(v) for v in json.loads(tags.get(TAG_HISTORY, "[]"))))
 
     def generation(self, model: str) -> int:
         """How many lifecycle operations the model has had (0: none); pass it as ``expect`` to make an operation

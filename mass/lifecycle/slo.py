@@ -13,11 +13,36 @@ from typing import Any, Iterable
 #: what a gateway reports per (model, version) between two table polls
 Report = dict[str, dict[str, dict[str, Any]]]
 MAX_SAMPLES = 20_000  # per version and window: bounds the controller's memory under any load
+REPORT_SAMPLES = 5_000  # latencies per version and report: bounds a report's size between two polls
 
 
 def empty_report() -> dict[str, Any]:
     """One version's outcomes since the last report."""
     return {"n": 0, "errors": 0, "latency_ms": [], "ttft_ms": []}
+
+
+def note(report: Report, model: str, version: str, failed: bool, latency_ms: float | None = None,
+         ttft_ms: float | None = None) -> None:
+    """Count one finished call of ``model``'s ``version`` in ``report`` (a failed call's latency is not kept)."""
+    entry = report.setdefault(model, {}).setdefault(str(version), empty_report())
+    entry["n"] += 1
+    entry["errors"] += bool(failed)
+    if not failed and latency_ms is not None and len(entry["latency_ms"]) < REPORT_SAMPLES:
+        entry["latency_ms"].append(round(latency_ms, 2))
+        if ttft_ms is not None:
+            entry["ttft_ms"].append(round(ttft_ms, 2))
+
+
+def merge(into: Report, report: Report) -> None:
+    """Add ``report`` (another reporter's, e.g. an SDK's handle calls) to ``into``."""
+    for model, versions in report.items():
+        for version, outcomes in versions.items():
+            entry = into.setdefault(model, {}).setdefault(str(version), empty_report())
+            entry["n"] += int(outcomes.get("n", 0))
+            entry["errors"] += int(outcomes.get("errors", 0))
+            for key in ("latency_ms", "ttft_ms"):
+                room = REPORT_SAMPLES - len(entry[key])
+                entry[key].extend(float(v) for v in list(outcomes.get(key, ()))[:max(room, 0)])
 
 
 def p95(values: Iterable[float]) -> float | None:
@@ -54,11 +79,13 @@ class Window:
         self.outcomes: deque[tuple[float, bool]] = deque()
         self.latency: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
         self.ttft: deque[tuple[float, float]] = deque(maxlen=MAX_SAMPLES)
+        self.total = 0  # requests ever reported (since this controller started), window or not
 
     def add(self, report: dict[str, Any], now: float | None = None) -> None:
         """Merge one gateway's report for this version."""
         now = time.monotonic() if now is None else now
         errors = min(int(report.get("errors", 0)), int(report.get("n", 0)))
+        self.total += int(report.get("n", 0))
         self.outcomes.extend([(now, False)] * errors + [(now, True)] * (int(report.get("n", 0)) - errors))
         while len(self.outcomes) > MAX_SAMPLES:
             self.outcomes.popleft()

@@ -135,6 +135,9 @@ def test_operations_move_traffic_live_without_a_failed_request(ctl, capsys):
         assert main(["status", "--url", ctl.url]) == 0
         out = capsys.readouterr().out
         assert "managed versions" in out and f"{APP}--{MODEL}--v2" in out and "1 running" in out, out
+        assert main(["models", "status", MODEL, "--url", ctl.url]) == 0
+        out = capsys.readouterr().out
+        assert "traffic v1 50%, v2 50%" in out and "deployed versions" in out and f"{APP}--{MODEL}--v2" in out, out
         with httpx.Client() as client:
             shown = client.get(f"{ctl.url}/admin/models/{MODEL}", headers=ctl.headers).json()
         assert shown["weights"] == {"1": 50, "2": 50} and len(shown["serving"]["versions"]) == 2
@@ -291,3 +294,85 @@ def test_two_operators_racing_through_the_admin_api_leave_one_winner_and_serving
     assert set(answered) == {str(production), str(other)}, answered
     ctl.life.rollback(MODEL, "test", "end the race's canary")
     wait_for(lambda: ctl.versions(10) == Counter({str(production): 10}), 60, "production alone again")
+
+
+def controller_status() -> dict:
+    import ray
+
+    return ray.get(ray.get_actor(controller_name(APP), namespace=NAMESPACE).status.remote())
+
+
+def test_sdk_handle_calls_count_in_the_versions_slo_windows(ctl):
+    """In-cluster handle calls are judged like gateway calls: the SDK sends their outcomes with its next routing
+    table read, and the controller counts them for the version that answered."""
+    from mass.sdk import TABLE_TTL_S
+
+    production = str(ctl.life.state(MODEL).production)
+
+    def total() -> int:
+        versions = controller_status()["models"][MODEL]["versions"]
+        return sum(v["slo"]["requests_total"] for v in versions if str(v["version"]) == production)
+
+    def settled() -> tuple[int] | None:  # the previous test's gateway calls all reported
+        first = total()
+        time.sleep(1.0)
+        return (first,) if total() == first else None
+
+    (before,) = wait_for(settled, 30, "the SLO counts to settle")
+    sdk = Client(app_name=APP)
+    for _ in range(12):
+        assert sdk.chat(MODEL, "hello", max_tokens=2).text is not None
+    assert "".join(sdk.stream(MODEL, "hello", max_tokens=2)) is not None
+    time.sleep(TABLE_TTL_S + 0.2)
+    sdk.chat(MODEL, "hello", max_tokens=2)  # reads the table again, sending the 13 calls before it
+    wait_for(lambda: total() - before >= 13, 30, "the SDK's calls to reach the controller's window")
+    time.sleep(1.0)
+    assert total() - before == 13  # each counted once (the last call waits for the next table read)
+
+
+def test_a_broken_lifecycle_tag_is_recorded_once_and_serving_keeps_its_split(ctl):
+    """Someone breaks a lifecycle tag by hand: the controller records one ``error`` naming it (not one per retry),
+    keeps routing what it routed, and records ``recovered`` once the tag is mended."""
+    from mass.lifecycle.operations import TAG_HISTORY
+
+    production = str(ctl.life.state(MODEL).production)
+    kept = ctl.life.registry.model_meta(MODEL)[1].get(TAG_HISTORY, "[]")
+    ctl.life.registry.set_model_tags(MODEL, {TAG_HISTORY: "v1, v2"})
+    try:
+        def errors() -> list[dict]:
+            return [r for r in controller_status()["records"] if r["model"] == MODEL and r["action"] == "error"
+                    and "mass.production_history" in r["detail"]]
+
+        wait_for(errors, 30, "the controller to record the broken tag")
+        time.sleep(3.0)  # a full reconcile pass (2 s) and a dozen retries later: still one record
+        assert len(errors()) == 1 and "do not parse" in errors()[0]["detail"], errors()
+        assert ctl.versions(10) == Counter({production: 10})
+    finally:
+        ctl.life.registry.set_model_tags(MODEL, {TAG_HISTORY: kept})
+    wait_for(lambda: controller_status()["records"][-1]["action"] == "recovered", 30, "a recovered record")
+
+
+def test_a_rollback_while_the_old_version_is_still_being_deleted_deploys_it_under_a_fresh_name(ctl):
+    """Serve takes a while to delete an app; a rollback that arrives meanwhile does not wait for it: the version
+    is deployed again as ``...--v<N>.2`` (or back without the suffix) and answers while the old app still goes."""
+    from ray import serve
+
+    production = ctl.life.state(MODEL).production
+    other = 2 if production == 1 else 1
+    ctl.life.publish(MODEL, other, "test", "to roll back from")
+    wait_for(lambda: ctl.versions(6) == Counter({str(other): 6}), 120, f"v{other} alone")
+
+    def deleting() -> str | None:
+        apps = serve.status().applications
+        return next((n for n in version_apps() if n.startswith(version_app(APP, MODEL, production))
+                     and str(apps[n].status.value if hasattr(apps[n].status, "value") else apps[n].status)
+                     == "DELETING"), None)
+
+    old = wait_for(deleting, 60, f"v{production}'s app to be deleting", interval=0.05)
+    ctl.life.rollback(MODEL, "test", "back while the old app is deleted")
+    fresh = wait_for(lambda: next((n for n in version_apps() if n != old and n.startswith(
+        version_app(APP, MODEL, production))), None), 30, "the fresh app", interval=0.05)
+    assert old in version_apps(), "the old app was gone before the fresh one was deployed: nothing was tested"
+    wait_for(lambda: ctl.versions(6) == Counter({str(production): 6}), 120, f"v{production} alone again")
+    deploys = [r["detail"] for r in controller_status()["records"] if r["action"] == "deploy"]
+    assert f"as Serve app {fresh!r}" in deploys[-1], deploys

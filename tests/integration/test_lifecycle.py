@@ -172,3 +172,20 @@ def test_mass_status_shows_the_gateways_models_and_breakers(gateway, capsys):
     assert main(["-o", "json", "status", "--url", gateway]) == 0
     services = json.loads(capsys.readouterr().out)
     assert services["tiny-gpt"]["engine"] == "llm" and services["tiny-gpt"]["breaker"]["state"] == "closed"
+
+
+def test_a_lifecycle_tag_broken_by_hand_is_refused_with_the_way_out(life):
+    """Someone edits ``mass.production_history`` in the MLflow UI: reading the state names the model, the tag and
+    how to recover, instead of a bare JSON error; every operation refuses until the tag is mended."""
+    from mass.errors import RegistryError
+    from mass.lifecycle.operations import TAG_HISTORY
+
+    life.publish("lc", 1, "setup")
+    life.publish("lc", 2, "setup")
+    life.registry.set_model_tags("lc", {TAG_HISTORY: "v1, v2"})
+    with pytest.raises(RegistryError, match=r"model 'lc'.*mass.production_history.*v1, v2.*delete_registered_mod"):
+        life.state("lc")
+    with pytest.raises(RegistryError, match="do not parse"):
+        life.rollback("lc", "alice")
+    life.registry.set_model_tags("lc", {TAG_HISTORY: "[1]"})
+    assert life.rollback("lc", "alice", "mended").production == 1

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mass.lifecycle.slo import Figures, Window, judge, p95
+from mass.lifecycle.slo import Figures, Window, judge, merge, note, p95
 from mass.serving.args import SloArgs
 
 
@@ -40,3 +40,19 @@ def test_too_few_requests_are_not_judged():
     # production with too few requests: errors are judged against a 0 % production, latency not at all
     assert judge(Figures(30, 0, 900.0, None), Figures(5, 0, 10.0, None), slo) is None
     assert judge(Figures(30, 3, 10.0, None), Figures(5, 0, 10.0, None), slo).startswith("error rate 10.0%")
+
+
+def test_reports_count_calls_and_merge_an_sdks_into_a_gateways():
+    gateway: dict = {}
+    note(gateway, "m", "1", False, 12.345, ttft_ms=3.0)
+    note(gateway, "m", "1", True, 900.0)  # a failure counts, its latency does not
+    sdk: dict = {}
+    note(sdk, "m", 1, False, 20.0)
+    note(sdk, "m", 2, False, 30.0)
+    merge(gateway, sdk)
+    assert gateway == {"m": {"1": {"n": 3, "errors": 1, "latency_ms": [12.35, 20.0], "ttft_ms": [3.0]},
+                             "2": {"n": 1, "errors": 0, "latency_ms": [30.0], "ttft_ms": []}}}
+    window = Window(60)
+    window.add(gateway["m"]["1"], now=0)
+    window.add(gateway["m"]["1"], now=100)  # the first report left the window; the total keeps it
+    assert (window.figures(now=100).requests, window.total) == (3, 6)
