@@ -193,7 +193,9 @@ class Controller:
                     if sv.state == "deploying" and status == "GONE" and time.time() - sv.since < 10:
                         continue  # just submitted: Serve lists it shortly
                     del served[version]
-                    self.wake(model)  # wanted again meanwhile (a rollback): deployed again in this very step
+                    plan = self.plans.get(model)
+                    if plan is None or str(version) in plan.weights():  # wanted again (a rollback): deployed again
+                        self.wake(model)                                 # in this very step
                     if sv.state not in ("draining", "deleting"):
                         self._record(model, version, "gone", f"Serve app {sv.app!r} was deleted")
                 elif status == "RUNNING" and sv.state == "deploying":
