@@ -240,6 +240,14 @@ class RegistryError(MassError):
     exit_code = 5
 
 
+class ParityError(MassError):
+    """A converted model's outputs differ from its source's beyond the tolerance (refused, not registered)."""
+
+    code = "parity_failed"
+    http_status = 422
+    exit_code = 13
+
+
 class JobFailed(MassError):
     """A training or compression job failed after it started."""
 

@@ -33,3 +33,26 @@ def run_train_job(argv: list[str]) -> int:
         return report_error(exc, as_json=True)  # scripts read the JSON line; people read stderr
     print(json.dumps(result.to_dict(), default=str), flush=True)
     return 0
+
+
+def run_convert_job(argv: list[str]) -> int:
+    """Run the conversion job (``mass.compression.convert``) with ``argv``; return an exit code."""
+    from mass.compression.convert import add_convert_args, convert_from_args
+
+    parser = argparse.ArgumentParser(prog="jobs/convert.py", description="Convert a registered encoder to ONNX "
+                                     "(optionally int8), measure it against its parent, register it if it passes.")
+    add_convert_args(parser)
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    args = parser.parse_args(argv)
+
+    from mass.logs import setup_logging
+    from mass.settings import apply_offline_env, get_settings
+
+    apply_offline_env()
+    setup_logging(get_settings().log_level)
+    try:
+        result = convert_from_args(args, address=args.address)
+    except MassError as exc:
+        return report_error(exc, as_json=True)
+    print(json.dumps(result.to_dict(), default=str), flush=True)
+    return 0

@@ -1,11 +1,15 @@
 """Load a Hugging Face model directory (model + tokenizer) offline, with a dtype and optional bitsandbytes
-quantization: what serving, training and registration share."""
+quantization, or an ONNX export (``model.onnx`` + its tokenizer) through ONNX Runtime: what serving, training,
+compression and registration share."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from mass.errors import ConfigError
+
+ONNX_FILE = "model.onnx"  # an ONNX export's graph, weights inside (one file: MiniLM-class models are far below 2 GB)
+TOKENIZER_DIR = "tokenizer"  # beside it in an export directory
 
 
 def weights_bytes(model) -> int:
@@ -76,3 +80,26 @@ def _load_kwargs(dtype: str, quantization: str, device: str | None) -> dict:
         raise ConfigError(f"unknown quantization {quantization!r}; use none, int8 or nf4", field="quantization")
     kwargs["device_map"] = {"": device or "cpu"}  # quantized models cannot be moved after loading
     return kwargs
+
+
+def onnx_bytes(directory: Path) -> int:
+    """Bytes on disk of an ONNX export's graph and weights (its ``.onnx`` and external-data files)."""
+    return sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
+
+
+def load_onnx_dir(directory: Path, tokenizer_dir: Path, ref: str, dtype: str = "auto", quantization: str = "none",
+                  device: str | None = None):
+    """(encoder, tokenizer) of an ONNX export: ``OnnxEncoder`` on ONNX Runtime's CPU provider. The weights'
+    precision is fixed by the export, so ``dtype`` and ``quantization`` must be left at their defaults."""
+    from transformers import AutoTokenizer
+
+    from mass.serving.engines.onnx_encoder import OnnxEncoder
+
+    if dtype not in ("auto", "float32") or quantization != "none":
+        raise ConfigError(f"{ref} is an ONNX export: its precision was fixed when it was made; leave dtype and "
+                          f"quantization at their defaults (got dtype={dtype!r}, quantization={quantization!r})",
+                          field="dtype" if dtype not in ("auto", "float32") else "quantization")
+    if device not in (None, "cpu"):
+        raise ConfigError(f"{ref} is an ONNX export, served by ONNX Runtime on the CPU here; serve it without GPUs "
+                          f"(got device {device!r})", field="num_gpus")
+    return OnnxEncoder(directory), AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)

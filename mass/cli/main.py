@@ -108,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     _limit_args(update)
     update.add_argument("--admin", choices=["true", "false"], default=None)
 
+    compress = sub.add_parser("compress", help="compress or convert a registered model, measured and gated"
+                              ).add_subparsers(dest="cmd", required=True)
+    convert = compress.add_parser("convert", help="export an encoder to ONNX (int8 by default), measure it against "
+                                                  "its parent, register it if it passes the gate")
+    from mass.compression.convert import add_convert_args
+
+    add_convert_args(convert)
+
     usage = sub.add_parser("usage", help="the usage ledger: requests and tokens per key, model or day")
     usage.add_argument("--key", default=None, help="one key (name or id); default: every key")
     usage.add_argument("--since", default="1d", help="30m, 12h, 1d, 2w or an ISO date (default 1d)")
@@ -590,6 +598,16 @@ def _status(args) -> int:
         text += "\n\nmanaged versions (the lifecycle controller's view)\n" + table(SERVING_COLUMNS, versions)
     emit(args.output, services, text)
     return 0
+
+
+@command("compress convert")
+def _compress_convert(args) -> int:
+    from mass.cli.output import emit
+    from mass.compression.convert import convert_from_args, result_text
+
+    result = convert_from_args(args)
+    emit(args.output, result.to_dict(), result_text(result))
+    return 0 if result.registered else 1  # a refused child is reported with its card, and fails the command
 
 
 @command("demo")

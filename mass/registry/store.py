@@ -13,10 +13,10 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from mass.errors import ConfigError, MassError, ModelNotFound, RegistryError
-from mass.models import load_hf_dir, weights_bytes
+from mass.models import ONNX_FILE, TOKENIZER_DIR, load_hf_dir, load_onnx_dir, onnx_bytes, weights_bytes
 from mass.refs import ModelRef, validate_alias, validate_name
 from mass.registry.versions import (
     CONFIG_ARTIFACT,
@@ -203,20 +203,25 @@ class ModelRegistry:
         if task not in TASKS:
             raise ConfigError(f"unknown task {task!r}; expected one of {sorted(TASKS)}", field="task")
         if isinstance(source, tuple):
-            model, tokenizer = source
+            log_model, size, fmt = self._transformers_logger(task, *source), weights_bytes(source[0]), "transformers"
+        elif (Path(source) / ONNX_FILE).is_file():
+            log_model, size, fmt = self._onnx_logger(task, Path(source)), onnx_bytes(Path(source)), "onnx"
         else:
             model_dir = Path(source)
             if not (model_dir / "config.json").is_file():
-                raise ConfigError(f"{model_dir} is not an HF model directory (no config.json)", field="model_dir")
+                raise ConfigError(f"{model_dir} is not an HF model directory (no config.json) nor an ONNX export "
+                                  f"(no {ONNX_FILE})", field="model_dir")
             model, tokenizer = load_hf_dir(model_dir, task)
-        tags = encode_tags(task, metrics, config, lineage, weights_bytes(model))
+            log_model, size, fmt = self._transformers_logger(task, model, tokenizer), weights_bytes(model), \
+                "transformers"
+        tags = encode_tags(task, metrics, config, lineage, size, fmt)
         previous = self._aliases(name) if aliases else {}
         if run_id is not None:
-            created = self._log_and_register(name, task, model, tokenizer, tags, run_id, aliases, description,
+            created = self._log_and_register(name, task, log_model, tags, run_id, aliases, description,
                                              metrics=None, config=None)  # the caller's run logged its own
         else:
             with self.tracked_run(f"register-{name}", {"mass.kind": "register"}) as own:
-                created = self._log_and_register(name, task, model, tokenizer, tags, own, aliases, description,
+                created = self._log_and_register(name, task, log_model, tags, own, aliases, description,
                                                  metrics=metrics, config=config)
         log.info("registered %s/%s (%s)", name, created, task)
         info = self.resolve(ModelRef(name, version=created))
@@ -227,22 +232,50 @@ class ModelRegistry:
                                                   "previous": previous.get(alias)})
         return info
 
-    def _log_and_register(self, name: str, task: str, model, tokenizer, tags: dict[str, str], run_id: str,
-                          aliases, description: str, metrics: dict[str, float] | None,
+    @staticmethod
+    def _transformers_logger(task: str, model, tokenizer) -> Callable[[], Any]:
+        """Logs an HF model and tokenizer with MLflow's transformers flavour (inside an active run)."""
+        def log_model():
+            import mlflow
+
+            # mlflow.transformers looks for a hub model card and license; we are offline by design
+            logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+            return mlflow.transformers.log_model(transformers_model={"model": model, "tokenizer": tokenizer},
+                                                 name="model", task=TASKS[task], pip_requirements=_PIP_REQUIREMENTS)
+        return log_model
+
+    def _onnx_logger(self, task: str, directory: Path) -> Callable[[], Any]:
+        """Logs an ONNX export (``model.onnx`` + ``tokenizer/``) with MLflow's onnx flavour, the tokenizer under
+        ``components/tokenizer`` as the transformers flavour keeps it (inside an active run)."""
+        if task != "embedding":
+            raise ConfigError(f"an ONNX model serves as an embedding model only (got task {task!r})", field="task")
+        if not (directory / TOKENIZER_DIR).is_dir():
+            raise ConfigError(f"{directory} has {ONNX_FILE} but no {TOKENIZER_DIR}/ beside it", field="model_dir")
+
+        def log_model():
+            import mlflow
+            import onnx
+
+            logged = mlflow.onnx.log_model(onnx.load(str(directory / ONNX_FILE)), name="model",
+                                           pip_requirements=["onnxruntime", "tokenizers", "transformers"],
+                                           save_as_external_data=False)
+            self.client.log_model_artifacts(logged.model_id, str(directory / TOKENIZER_DIR), "components/tokenizer")
+            return logged
+        return log_model
+
+    def _log_and_register(self, name: str, task: str, log_model: Callable[[], Any], tags: dict[str, str],
+                          run_id: str, aliases, description: str, metrics: dict[str, float] | None,
                           config: dict[str, Any] | None) -> int:
-        """Log the model into ``run_id`` and register it as a new version of ``name``; all or nothing (a
-        failure deletes the version, and the model when this made it). Returns the version number."""
+        """Log the model into ``run_id`` (``log_model`` runs inside it) and register it as a new version of
+        ``name``; all or nothing (a failure deletes the version, and the model when this made it). Returns the
+        version number."""
         import mlflow
 
-        # mlflow.transformers looks for a hub model card and license; we are offline by design
-        logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
         created: int | None = None
         new_model = False
         try:  # MLflow resolves a logged model's ``models:/`` source through the process's URIs: ours, scoped
             with self._fluent_uris(), self._translate("log the model"), mlflow.start_run(run_id=run_id):
-                logged = mlflow.transformers.log_model(
-                    transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
-                    task=TASKS[task], pip_requirements=_PIP_REQUIREMENTS)
+                logged = log_model()
                 if metrics:
                     mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
                 if config is not None:
@@ -387,6 +420,9 @@ class ModelRegistry:
         """
         info = self.resolve(ref)
         path = self.download(info.ref)
+        if info.format == "onnx":
+            return load_onnx_dir(path, path / "components" / "tokenizer", info.ref, dtype, quantization, device) \
+                + (info,)
         model, tokenizer = load_hf_dir(path / "model", info.task, tokenizer_dir=path / "components" / "tokenizer",
                                        dtype=dtype, quantization=quantization, device=device)
         return model, tokenizer, info

@@ -31,6 +31,7 @@ class ModelVersionInfo:
     lineage: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] | None = None
     description: str = ""
+    format: str = "transformers"  # the artifact: an HF directory (transformers) or an ONNX export (onnx)
 
     @property
     def ref(self) -> str:
@@ -43,7 +44,7 @@ class ModelVersionInfo:
                 "task": self.task, "aliases": list(self.aliases), "metrics": self.metrics,
                 "size_bytes": self.size_bytes, "lineage": self.lineage, "run_id": self.run_id,
                 "source": self.source, "created_at": self.created_at, "description": self.description,
-                "config": self.config}
+                "config": self.config, "format": self.format}
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,11 @@ class RegisteredModelInfo:
 
 
 def encode_tags(task: str, metrics: dict[str, float] | None, config: dict[str, Any] | None,
-                lineage: dict[str, str] | None, size: int) -> dict[str, str]:
-    """The ``mass.*`` tags of a new version. A resolved config longer than MLflow's limit on a registry tag
-    value is kept as ``{"truncated": true, "artifact": ...}`` (the run holds it whole as an artifact)."""
-    tags = {TAG + "task": task, TAG + "size_bytes": str(size)}
+                lineage: dict[str, str] | None, size: int, fmt: str = "transformers") -> dict[str, str]:
+    """The ``mass.*`` tags of a new version (``fmt``: the artifact's format, ``transformers`` or ``onnx``). A
+    resolved config longer than MLflow's limit on a registry tag value is kept as ``{"truncated": true,
+    "artifact": ...}`` (the run holds it whole as an artifact)."""
+    tags = {TAG + "task": task, TAG + "size_bytes": str(size), TAG + "format": fmt}
     for key, value in (metrics or {}).items():
         tags[f"{TAG}metric.{key}"] = repr(float(value))
     for key, value in (lineage or {}).items():
@@ -97,4 +99,4 @@ def version_info(mv, aliases: tuple[str, ...]) -> ModelVersionInfo:
         name=mv.name, version=int(mv.version), status=str(mv.status), task=tags.get(TAG + "task", "unknown"),
         source=mv.source, run_id=mv.run_id, created_at=(mv.creation_timestamp or 0) / 1000.0,
         aliases=aliases, metrics=metrics, size_bytes=int(tags.get(TAG + "size_bytes", 0)), lineage=lineage,
-        config=config, description=mv.description or "")
+        config=config, description=mv.description or "", format=tags.get(TAG + "format", "transformers"))

@@ -33,7 +33,8 @@ def test_every_recipe_section_is_documented():
 
 
 @pytest.mark.parametrize("name,saved", [("serving", "serving"), ("serving", "serving_cuda_4x256"),
-                                        ("serving", "serving_cuda_12x768"), ("proxy", "proxy"), ("rollout", "rollout")])
+                                        ("serving", "serving_cuda_12x768"), ("proxy", "proxy"), ("rollout", "rollout"),
+                                        ("compression", "compression")])
 def test_benchmark_tables_are_the_saved_runs(name, saved):
     """The README's benchmark tables are exactly what benchmarks/<name>.py renders from its saved JSON
     (``saved``: the GPU runs of the serving benchmark have their own JSON and README block)."""
@@ -56,6 +57,8 @@ def test_benchmark_tables_are_the_saved_runs(name, saved):
         assert {"engine", "engine_hf_runner", "one_by_one", "static_batch"} <= set(result["tokens_per_s"])
         if saved == "serving":
             assert {"in_process_1x2", "in_process_2x1", "gateway"} <= set(result["texts_per_s"])
+    elif name == "compression":
+        assert [r["label"] for r in result["card"]["rows"]][::3] == ["parent fp32", "onnx int8"]
     elif name == "proxy":
         assert {"embed_on", "embed_off", "chat_on", "chat_off"} == set(result["rates"])
     else:

@@ -1,0 +1,202 @@
+"""The card: a child and its parent measured on the same machine in the same run — bytes on disk, resident
+memory of the loaded model, latency at batch 1, throughput at batch 32, and quality against the parent — with
+the parent in bf16 as a reference row. Each model is measured by ``measure_encoder`` in a Ray task of its own,
+one after another (never two at once), so each starts from a fresh process's memory."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+BATCH = 32
+LATENCY_SAMPLES = 32
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model to measure: an HF directory run by torch in ``dtype``, or an ONNX export run by ONNX Runtime."""
+
+    label: str
+    path: str
+    tokenizer: str
+    runtime: str = "torch"  # torch | onnx
+    dtype: str = "float32"
+
+
+@dataclass
+class Row:
+    """One model's figures on the card (quality and top-10 are against the parent in fp32)."""
+
+    label: str
+    runtime: str
+    dtype: str
+    disk_bytes: int
+    weight_bytes: int  # the weights as loaded (torch: parameters and buffers; ONNX Runtime: the graph's file)
+    rss_bytes: int  # the process's resident memory grown by loading and a warm-up pass (runtime buffers included)
+    latency_ms: float
+    throughput: float  # texts/s at batch 32, median over rounds
+    throughput_range: tuple[float, float]
+    quality: float | None = None
+    top10: float | None = None
+
+
+def eval_texts() -> tuple[list[str], list[str]]:
+    """Held-out texts of the docstring corpus (never trained on): queries are the first lines of the test split's
+    documents (short texts, as embedding requests mostly are), documents are the validation and test texts."""
+    from mass.data.corpus import collect_documents
+
+    docs = collect_documents(progress=False)
+    queries = [d["text"].strip().splitlines()[0] for d in docs if d["split"] == "test"]
+    documents = [d["text"] for d in docs if d["split"] in ("validation", "test")]
+    return queries, documents
+
+
+def measure_encoder(subject: Subject, queries: list[str], documents: list[str], threads: int, rounds: int = 3):
+    """(``Row`` without quality, query vectors, document vectors) of ``subject``: resident memory grown by loading
+    it and a warm-up pass (run it in a fresh process: Ray's ``max_calls=1``), the median latency of one-text requests, and texts/s over the queries in batches
+    of 32 (median and range over ``rounds``)."""
+    import numpy as np
+    import psutil
+    import torch
+
+    from mass.models import load_hf_dir, load_onnx_dir, onnx_bytes, weights_bytes
+    from mass.serving.engines.embedding import EmbeddingEngine
+
+    torch.set_num_threads(threads)
+    process = psutil.Process()
+    before = _settled_rss(process)
+    path = Path(subject.path)
+    if subject.runtime == "onnx":
+        model, tokenizer = load_onnx_dir(path, Path(subject.tokenizer), subject.label)
+        disk = weights = onnx_bytes(path)
+    else:
+        model, tokenizer = load_hf_dir(path, "embedding", tokenizer_dir=Path(subject.tokenizer), dtype=subject.dtype)
+        disk = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+        weights = weights_bytes(model)
+    engine = EmbeddingEngine(model, tokenizer, normalize=True, batch_size=BATCH)
+    for i in range(0, len(queries), BATCH):  # warm-up: every batch shape once (runtimes plan per shape)
+        engine.embed(queries[i:i + BATCH])
+    rss = _settled_rss(process) - before
+    latencies = []
+    for text in queries[:LATENCY_SAMPLES]:
+        start = time.perf_counter()
+        engine.embed([text])
+        latencies.append((time.perf_counter() - start) * 1000)
+    speeds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for i in range(0, len(queries), BATCH):
+            engine.embed(queries[i:i + BATCH])
+        speeds.append(len(queries) / (time.perf_counter() - start))
+    vectors = [np.asarray(engine.embed(texts)[0], dtype=np.float32) for texts in (queries, documents)]
+    row = Row(subject.label, subject.runtime, subject.dtype, disk, weights, rss, round(statistics.median(latencies), 3),
+              round(statistics.median(speeds), 1), (round(min(speeds), 1), round(max(speeds), 1)))
+    return row, vectors[0], vectors[1]
+
+
+def _settled_rss(process) -> int:
+    """Resident bytes once freed heap pages went back to the OS (loading and converting leave many behind)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: the figure then includes what the allocator keeps
+        pass
+    return process.memory_info().rss
+
+
+def agreement(parent: tuple[Any, Any], child: tuple[Any, Any]) -> tuple[float, float]:
+    """(mean cosine of the child's vectors to the parent's over queries and documents, mean overlap of each
+    query's top-10 documents by the child with those by the parent); vectors are L2-normalised."""
+    import numpy as np
+
+    def unit(v):
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    parent, child = [unit(v) for v in parent], [unit(v) for v in child]
+    cosine = float(np.concatenate([(p * c).sum(1) for p, c in zip(parent, child)]).mean())
+    k = min(10, parent[1].shape[0])
+    top = [np.argsort(-(q @ d.T), axis=1)[:, :k] for q, d in (parent, child)]
+    overlap = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(*top)]))
+    return round(cosine, 4), round(overlap, 4)
+
+
+@dataclass
+class Card:
+    """A child measured against its parent (rows: the parent fp32, the parent bf16, any intermediate, the child
+    last) and the figures a gate reads (child / parent)."""
+
+    parent: str
+    method: str
+    params: dict[str, Any]
+    rows: list[Row]
+    texts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def figures(self) -> dict[str, float]:
+        """``quality``, ``top10``, ``speedup``, ``latency``, ``memory``, ``size`` of the child against the parent
+        (fp32, the first row)."""
+        parent, child = self.rows[0], self.rows[-1]
+        return {"quality": child.quality, "top10": child.top10,
+                "speedup": round(child.throughput / parent.throughput, 3),
+                "latency": round(child.latency_ms / parent.latency_ms, 3),
+                "memory": round(child.weight_bytes / max(parent.weight_bytes, 1), 3),
+                "rss": round(child.rss_bytes / max(parent.rss_bytes, 1), 3),
+                "size": round(child.disk_bytes / max(parent.disk_bytes, 1), 3)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``figures`` included)."""
+        return {"parent": self.parent, "method": self.method, "params": self.params, "texts": self.texts,
+                "rows": [asdict(r) for r in self.rows], "figures": self.figures}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Card":
+        """The card ``to_dict`` wrote (e.g. read back from a job's JSON result)."""
+        rows = [Row(**{**r, "throughput_range": tuple(r["throughput_range"])}) for r in data["rows"]]
+        return cls(data["parent"], data["method"], data["params"], rows, data.get("texts", {}))
+
+    def table(self) -> str:
+        """The card as a markdown table."""
+        parent = self.rows[0]
+        lines = ["| model | runtime | on disk | weights in memory | RSS growth | latency, batch 1 | "
+                 "throughput, batch 32 | speed-up | cosine to parent | top-10 overlap |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r.label} | {r.runtime} {r.dtype} | {r.disk_bytes / 1e6:.1f} MB "
+                         f"({r.disk_bytes / parent.disk_bytes:.2f}x) | {r.weight_bytes / 1e6:.1f} MB "
+                         f"({r.weight_bytes / max(parent.weight_bytes, 1):.2f}x) | {r.rss_bytes / 1e6:.0f} MB | "
+                         f"{r.latency_ms:.2f} ms | "
+                         f"{r.throughput:.0f} texts/s ({r.throughput_range[0]:.0f}–{r.throughput_range[1]:.0f}) | "
+                         f"{r.throughput / parent.throughput:.2f}x | {_opt(r.quality)} | {_opt(r.top10)} |")
+        return "\n".join(lines)
+
+    def plot(self, path: Path) -> Path:
+        """A PNG bar chart of the rows: throughput, memory and quality side by side."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = [r.label for r in self.rows]
+        panels = [("throughput, batch 32 (texts/s)", [r.throughput for r in self.rows]),
+                  ("weights in memory (MB)", [r.weight_bytes / 1e6 for r in self.rows]),
+                  ("cosine to parent fp32", [r.quality if r.quality is not None else 0 for r in self.rows])]
+        figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for ax, (title, values) in zip(axes, panels):
+            ax.bar(labels, values, color=["#7f7f7f", "#bcbcbc"] + ["#1f77b4"] * (len(labels) - 2))
+            ax.set_title(title, fontsize=10)
+            ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        figure.suptitle(f"{self.method} of {self.parent}", fontsize=11)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        return path
+
+
+def _opt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"

@@ -1,0 +1,104 @@
+"""Conversion of the pretrained MiniLM on the session's Ray cluster: exported to ONNX and quantized to int8,
+measured against its parent on one card, gated, registered with its lineage, and served through the gateway;
+and every way it can be refused (before any work, at the parity check, at the gate)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mass.compression.convert import run_convert
+from mass.errors import ConfigError, ParityError
+from mass.registry import ModelRegistry
+
+CHILD = "minilm-onnx"  # not a version of minilm-l6: the other tests resolve its latest version
+
+
+@pytest.fixture(scope="module")
+def converted(gateway, ray_cluster):
+    """minilm-l6@production converted to ONNX int8 (one throughput round: the figures are not the point here)."""
+    from mass.events import open_bus
+
+    bus = open_bus()
+    start = bus.last_offset()
+    result = run_convert("minilm-l6@production", name=CHILD, threads=2, rounds=1, address=ray_cluster.gcs_address)
+    events = [e for e in bus.replay(start, count=1000) if e.type == "compression.completed"]
+    bus.close()
+    return result, events
+
+
+def test_the_int8_child_is_measured_against_its_parent_gated_and_registered_with_its_lineage(converted):
+    result, events = converted
+    assert result.passed and result.registered == f"{CHILD}/1", result.why
+    assert [r["label"] for r in result.card["rows"]] == ["parent fp32", "parent bf16", "onnx fp32", "onnx int8"]
+    figures = result.card["figures"]
+    assert figures["quality"] >= 0.98 and figures["top10"] >= 0.8 and figures["size"] < 0.3, figures
+    assert result.card["rows"][2]["quality"] >= 0.9999  # the float export itself is faithful
+    info = ModelRegistry().resolve(result.registered)
+    parent = ModelRegistry().resolve("minilm-l6@production")
+    assert info.format == "onnx" and info.task == "embedding"
+    assert info.lineage["parent"] == parent.ref and info.lineage["method"] == "onnx-int8"
+    assert '"per_channel": true' in info.lineage["params"] and info.metrics["quality"] == figures["quality"]
+    artifacts = {a.path for a in ModelRegistry().client.list_artifacts(result.run_id, "card")}
+    assert artifacts == {"card/card.json", "card/card.md", "card/card.png"}
+    assert events and events[-1].data.version == "1" and events[-1].data.parent == parent.ref
+
+
+def test_the_child_serves_through_the_gateway_and_agrees_with_its_parent(converted, gateway, api_key):
+    """A Serve app of its own serves the ONNX version (the runtime follows the artifact); its answers through the
+    official client match the parent's from the demo app."""
+    import httpx
+    from ray import serve
+
+    from mass.app import build_app, wait_ready
+
+    args = {"models": [{"name": CHILD, "ref": f"{CHILD}/1", "engine": "embedding", "num_cpus": 0.25}],
+            "gateway": {"num_cpus": 0.25, "ledger": False}}
+    serve.run(build_app(args), name="mass-onnx", route_prefix="/onnx")
+    try:
+        wait_ready(f"{gateway}/onnx", timeout=180)
+        texts = ["Return the number of items in a container.", "Open a file and return a stream."]
+        headers = {"Authorization": f"Bearer {api_key}"}
+
+        def vectors(url: str, model: str) -> np.ndarray:
+            resp = httpx.post(f"{url}/v1/embeddings", headers=headers, timeout=60, json={"model": model, "input": texts})
+            assert resp.status_code == 200, resp.text
+            return np.array([d["embedding"] for d in resp.json()["data"]])
+
+        child, parent = vectors(f"{gateway}/onnx", CHILD), vectors(gateway, "minilm")  # (demo.yaml's name)
+        assert child.shape == parent.shape == (2, 384)
+        assert (child * parent).sum(1).min() >= 0.97
+    finally:
+        serve.delete("mass-onnx")
+
+
+def test_an_export_beyond_tolerance_is_refused_and_nothing_is_registered(converted, ray_cluster):
+    before = len(ModelRegistry().get_model(CHILD).versions)
+    with pytest.raises(ParityError, match=r"differs from it by up to .* \(tolerance 1e-09\).*nothing was registered"):
+        run_convert("minilm-l6@production", name=CHILD, method="onnx", tolerance=1e-9, threads=2, rounds=1,
+                    address=ray_cluster.gcs_address)
+    assert len(ModelRegistry().get_model(CHILD).versions) == before
+
+
+def test_a_child_that_fails_its_gate_is_reported_and_not_registered(converted, ray_cluster):
+    before = len(ModelRegistry().get_model(CHILD).versions)
+    result = run_convert("minilm-l6@production", name=CHILD, method="onnx", gate="speedup >= 100", threads=2,
+                         rounds=1, address=ray_cluster.gcs_address)
+    assert not result.passed and result.registered is None and "speedup=" in result.why
+    assert len(ModelRegistry().get_model(CHILD).versions) == before
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"ref": "minilm-l6@production", "gate": "quality >= "}, "does not parse"),
+    ({"ref": "minilm-l6@production", "method": "pruning"}, "unknown method 'pruning'"),
+    ({"ref": "minilm-l6@production", "tolerance": 0}, "tolerance must be in"),
+    ({"ref": f"{CHILD}/1"}, "already an onnx export"),
+    ({"ref": "tiny-gpt/1"}, "is a text-generation model"),
+])
+def test_what_cannot_work_is_refused_before_any_work(converted, kwargs, needle):
+    """Nothing is exported, measured or logged: the refusal comes before Ray is asked for anything."""
+    registry = ModelRegistry()
+    runs = len(registry.client.search_runs([registry.experiment_id()], max_results=1000))
+    with pytest.raises(ConfigError, match=needle):
+        run_convert(**kwargs)
+    assert len(registry.client.search_runs([registry.experiment_id()], max_results=1000)) == runs

@@ -1,0 +1,39 @@
+"""The compression gate: parsed before any work starts, evaluated without eval, explained when it refuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from mass.compression.gate import DEFAULT_GATE, Gate
+from mass.errors import ConfigError
+
+
+def test_the_default_gate_wants_quality_and_a_gain_in_speed_or_memory():
+    gate = Gate.parse(None)
+    assert gate.text == DEFAULT_GATE
+    assert gate.check({"quality": 0.99, "speedup": 2.0, "memory": 1.0})[0]
+    assert gate.check({"quality": 0.99, "speedup": 1.0, "memory": 0.3})[0]
+    passed, why = gate.check({"quality": 0.95, "speedup": 3.0, "memory": 0.3})
+    assert not passed and "quality=0.95" in why and "speedup=3.0" in why
+    assert not gate.check({"quality": 0.99, "speedup": 1.0, "memory": 1.0})[0]
+
+
+def test_a_custom_gate_chains_comparisons_and_a_missing_figure_fails():
+    gate = Gate.parse("quality>=0.98 and 1.5 <= speedup < 100")
+    assert gate.check({"quality": 0.98, "speedup": 1.5})[0]
+    assert not gate.check({"quality": 0.99, "speedup": 1.4})[0]
+    assert not Gate.parse("top10 >= 0.9").check({"quality": 1.0})[0]
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("quality >=", "does not parse"),
+    ("quality >= 0.98 and speed > 2", "names 'speed'; figures: quality, top10"),
+    ("__import__('os').system('x') > 0", "numbers only"),
+    ("quality == 1", "only comparisons"),
+    ("quality >= top10 + 0.1", "numbers only"),
+    ("quality >= True", "numbers only"),
+    ("not quality > 1", "only comparisons"),
+])
+def test_a_gate_that_does_not_parse_is_refused_naming_the_problem(text, needle):
+    with pytest.raises(ConfigError, match=needle):
+        Gate.parse(text)
