@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 METHODS = {
     "onnx": "export to ONNX (float32), served by ONNX Runtime",
-    "onnx-int8": "export to ONNX, then ONNX Runtime dynamic int8 (int8 weights with per-channel scales, "
-                 "activations quantized on the fly; the embedding tables too unless --keep-embeddings)",
+    "onnx-int8": "export to ONNX, apply ONNX Runtime's transformer fusions, then its dynamic int8 (int8 weights "
+                 "with per-channel scales, activations quantized on the fly; the embedding tables too unless "
+                 "--keep-embeddings)",
 }
 
 
@@ -105,6 +106,7 @@ def run_convert(ref: str, method: str = "onnx-int8", name: str | None = None, ga
 
     from mass.cluster import connect_ray
     from mass.registry import ModelRegistry
+    from mass.settings import get_settings, settings_env
 
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; methods: {', '.join(METHODS)}", field="method")
@@ -126,8 +128,10 @@ def run_convert(ref: str, method: str = "onnx-int8", name: str | None = None, ga
     connect_ray(address)
     threads = threads or os.cpu_count() or 1
 
-    paths = ray.get(ray.remote(_export).options(num_cpus=1, max_retries=0).remote(parent.ref))
-    pinned = {"scheduling_strategy": NodeAffinitySchedulingStrategy(paths["node"], soft=False)}
+    # every task sees this process's settings (registry, home, database), as serving's replicas do
+    env = {"env_vars": {k: v for k, v in settings_env(get_settings()).items() if v}}
+    paths = ray.get(ray.remote(_export).options(num_cpus=1, max_retries=0, runtime_env=env).remote(parent.ref))
+    pinned = {"scheduling_strategy": NodeAffinitySchedulingStrategy(paths["node"], soft=False), "runtime_env": env}
     parent_dir, tokenizer_dir, export, work = paths["parent"], paths["tokenizer"], paths["export"], paths["work"]
     # a fresh worker process per measurement (max_calls=1): memory is measured from a clean start
     measure = ray.remote(max_calls=1)(measure_encoder).options(num_cpus=1, max_retries=0, **pinned)

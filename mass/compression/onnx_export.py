@@ -49,13 +49,17 @@ def export_encoder(model_dir: Path, out_dir: Path, tokenizer_dir: Path | None = 
         raise ConfigError(f"cannot export {model_dir} to ONNX: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}", field="model") from exc
     tokenizer.save_pretrained(str(out_dir / TOKENIZER_DIR))
+    model.config.to_json_file(str(out_dir / "config.json"))  # (what the fusions need: type, heads, width)
     return out_dir
 
 
-def quantize_int8(src_dir: Path, out_dir: Path, per_channel: bool = True, embeddings: bool = True) -> Path:
+def quantize_int8(src_dir: Path, out_dir: Path, per_channel: bool = True, embeddings: bool = True,
+                  fuse: bool = True) -> Path:
     """ONNX Runtime dynamic int8 of ``src_dir/model.onnx`` into ``out_dir`` (with the tokenizer): int8 weights
     with scales per output channel (``per_channel``), activations quantized on the fly; ``embeddings`` also
-    stores the embedding tables (``Gather``) as int8, which dominate a small encoder's size."""
+    stores the embedding tables (``Gather``) as int8, which dominate a small encoder's size. ``fuse`` first
+    applies ONNX Runtime's transformer fusions (bias + GELU, skip + LayerNorm) to BERT-type graphs: measured on
+    MiniLM here, the int8 graph then ran about 2.1x torch fp32 instead of about 1.6x, at the same cosine."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     import onnx
@@ -66,9 +70,13 @@ def quantize_int8(src_dir: Path, out_dir: Path, per_channel: bool = True, embedd
                           "float parent instead", field="method")
     out_dir.mkdir(parents=True, exist_ok=True)
     ops = ["MatMul", "Gemm", "Gather"] if embeddings else ["MatMul", "Gemm"]
-    with _quiet("root"):  # (its advice to pre-process first: measured here, it changed nothing for encoders)
-        quantize_dynamic(str(src_dir / ONNX_FILE), str(out_dir / ONNX_FILE), weight_type=QuantType.QInt8,
-                         per_channel=per_channel, op_types_to_quantize=ops)
+    source = _fused(src_dir, out_dir / "fused.onnx") if fuse else src_dir / ONNX_FILE
+    try:
+        with _quiet("root"):  # (its advice to pre-process first: measured here, it changed nothing for encoders)
+            quantize_dynamic(str(source), str(out_dir / ONNX_FILE), weight_type=QuantType.QInt8,
+                             per_channel=per_channel, op_types_to_quantize=ops)
+    finally:
+        (out_dir / "fused.onnx").unlink(missing_ok=True)
     shutil.copytree(src_dir / TOKENIZER_DIR, out_dir / TOKENIZER_DIR, dirs_exist_ok=True)
     return out_dir
 
@@ -84,3 +92,23 @@ def _quiet(*loggers: str):
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+def _fused(src_dir: Path, target: Path) -> Path:
+    """``src_dir/model.onnx`` with ONNX Runtime's transformer fusions written to ``target`` (BERT-type encoders;
+    anything else, or an export without its config, is returned unfused)."""
+    import json
+
+    config_file = src_dir / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if config.get("model_type") not in ("bert", "roberta", "distilbert"):
+        return src_dir / ONNX_FILE
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet("onnxruntime", "onnxruntime.transformers", "root"):
+        fused = optimize_model(str(src_dir / ONNX_FILE), model_type="bert", num_heads=config["num_attention_heads"],
+                               hidden_size=config["hidden_size"])
+    fused.save_model_to_file(str(target))
+    log.info("fused %s: %s", src_dir / ONNX_FILE, {k: v for k, v in fused.get_fused_operator_statistics().items()
+                                                    if v})
+    return target

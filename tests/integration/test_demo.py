@@ -12,14 +12,16 @@ def test_demo_runs_to_the_end(ray_cluster, tmp_path):
     proc = run_cli(["demo"], env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    for step in ("1/8 build the docstring corpus", "2/8 train tiny-gpt", "3/8 train a candidate", "4/8 import",
-                 "5/8 the model repository",
+    for step in ("1/9 build the docstring corpus", "2/9 train tiny-gpt", "3/9 train a candidate", "4/9 import",
+                 "5/9 compress MiniLM", "onnx-int8 of minilm-l6/1", "| onnx int8 | onnx int8 |",
+                 "registered minilm-l6-int8/1 (card in MLflow run",
+                 "6/9 the model repository",
                  "  event 1: model.version.registered {'model': 'tiny-gpt', 'version': '1'} (from registry)",
                  "training.completed {'model': 'tiny-gpt', 'version': '1'} (from training)",
                  "training.completed {'model': 'tiny-gpt', 'version': '2'} (from training)",
                  "model.alias.changed {'model': 'minilm-l6', 'alias': 'production', 'version': '1'}",
-                 "published tiny-gpt/1 as production", "6/8 serve tiny-gpt and MiniLM", "7/8 semantic search",
-                 "8/8 lifecycle", "canary: tiny-gpt v2 at 20 %", "promote: v2 is production",
+                 "published tiny-gpt/1 as production", "7/9 serve tiny-gpt and MiniLM", "8/9 semantic search",
+                 "9/9 lifecycle", "canary: tiny-gpt v2 at 20 %", "promote: v2 is production",
                  "rollback: v1 is production again", "rollout.promoted {'model': 'tiny-gpt', 'version': '2'}",
                  "model.traffic.changed {'model': 'tiny-gpt', 'weights': {'1': 80, '2': 20}}"):
         assert step in out, step
