@@ -39,9 +39,25 @@ def run_convert_job(argv: list[str]) -> int:
     """Run the conversion job (``mass.compression.convert``) with ``argv``; return an exit code."""
     from mass.compression.convert import add_convert_args, convert_from_args
 
-    parser = argparse.ArgumentParser(prog="jobs/convert.py", description="Convert a registered encoder to ONNX "
-                                     "(optionally int8), measure it against its parent, register it if it passes.")
-    add_convert_args(parser)
+    return _compression_job(argv, "jobs/convert.py", "Convert a registered encoder to ONNX (optionally int8), "
+                            "measure it against its parent, register it if it passes.", add_convert_args,
+                            lambda args: [convert_from_args(args, address=args.address)])
+
+
+def run_quantize_job(argv: list[str]) -> int:
+    """Run the quantization job (``mass.compression.quantize``) with ``argv``; return an exit code: 0 when every
+    child was registered, 1 when one was refused or could not be made."""
+    from mass.compression.quantize import add_quantize_args, quantize_from_args
+
+    return _compression_job(argv, "jobs/quantize.py", "Quantize a registered encoder by several methods in "
+                            "parallel, measure each child against its parent, register those that pass.",
+                            add_quantize_args, lambda args: quantize_from_args(args, address=args.address))
+
+
+def _compression_job(argv: list[str], prog: str, description: str, add_args, run) -> int:
+    """Parse, run and print one JSON line per child (conversion: one line, as before)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_args(parser)
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     args = parser.parse_args(argv)
 
@@ -51,8 +67,9 @@ def run_convert_job(argv: list[str]) -> int:
     apply_offline_env()
     setup_logging(get_settings().log_level)
     try:
-        result = convert_from_args(args, address=args.address)
+        results = run(args)
     except MassError as exc:
         return report_error(exc, as_json=True)
-    print(json.dumps(result.to_dict(), default=str), flush=True)
-    return 0
+    for result in results:
+        print(json.dumps(result.to_dict(), default=str), flush=True)
+    return 0 if all(r.registered for r in results) else 1

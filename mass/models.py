@@ -1,23 +1,50 @@
 """Load a Hugging Face model directory (model + tokenizer) offline, with a dtype and optional bitsandbytes
-quantization, or an ONNX export (``model.onnx`` + its tokenizer) through ONNX Runtime: what serving, training,
-compression and registration share."""
+quantization, an ONNX export (``model.onnx`` + its tokenizer) through ONNX Runtime, or a PyTorch dynamic-int8 copy:
+what serving, training, compression and registration share."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from mass.errors import ConfigError
 
 ONNX_FILE = "model.onnx"  # an ONNX export's graph, weights inside (one file: MiniLM-class models are far below 2 GB)
 TOKENIZER_DIR = "tokenizer"  # beside it in an export directory
+TORCH_INT8_STATE = "quantized.pt"  # a PyTorch dynamic-int8 copy's quantized state dict (mass.compression.torch_int8)
+QUANTIZATION_FILE = "quantization.json"  # a quantized copy's method ({"method": "torch-int8" | "bnb-int8" | ...})
+
+
+def quantized_format(directory: Path) -> str | None:
+    """The registry format of a quantized copy in ``directory`` (``torch-int8`` or ``bnb``), None if it is not
+    one."""
+    import json
+
+    spec = directory / QUANTIZATION_FILE
+    if not spec.is_file():
+        return None
+    method = json.loads(spec.read_text()).get("method", "")
+    return "bnb" if method.startswith("bnb-") else method
 
 
 def weights_bytes(model) -> int:
     """Bytes of a model's weights and buffers as stored (what a version's ``size_bytes`` reports); tied
-    tensors (GPT-2's input and output embeddings) count once, as safetensors stores them."""
+    tensors (GPT-2's input and output embeddings) count once, as safetensors stores them. Quantized tensors count
+    their integer values (their scales are a few bytes per row); packed (weight, bias) pairs count both."""
+    import torch
+
     seen: dict[tuple[int, int], int] = {}
-    for t in model.state_dict().values():
-        seen[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel() * t.element_size()
+
+    def add(value) -> None:
+        if isinstance(value, (tuple, list)):
+            for item in value:
+                add(item)
+        elif isinstance(value, torch.Tensor):
+            key = (id(value), 0) if value.is_quantized else (value.untyped_storage().data_ptr(), value.storage_offset())
+            seen[key] = value.numel() * value.element_size()
+
+    for value in model.state_dict().values():
+        add(value)
     return sum(seen.values())
 
 
@@ -51,6 +78,9 @@ def load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None, d
                           field="model_dir") from exc
     if device and "device_map" not in kwargs:
         model.to(device)
+    if getattr(model.config, "quantization_config", None) is not None:
+        # LLM.int8 on CPU logs "inputs will be cast ... to float16" at WARNING on every matmul of every call
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     model.eval()
     return model, tokenizer
 
@@ -87,6 +117,17 @@ def onnx_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
 
 
+def _fixed_precision(ref: str, what: str, dtype: str, quantization: str, device: str | None) -> None:
+    """Refuse load options that a precompiled artifact (``what``) cannot honour."""
+    if dtype not in ("auto", "float32") or quantization != "none":
+        raise ConfigError(f"{ref} is {what}: its precision was fixed when it was made; leave dtype and "
+                          f"quantization at their defaults (got dtype={dtype!r}, quantization={quantization!r})",
+                          field="dtype" if dtype not in ("auto", "float32") else "quantization")
+    if device not in (None, "cpu"):
+        raise ConfigError(f"{ref} is {what}, which runs on the CPU; serve it without GPUs (got device {device!r})",
+                          field="num_gpus")
+
+
 def load_onnx_dir(directory: Path, tokenizer_dir: Path, ref: str, dtype: str = "auto", quantization: str = "none",
                   device: str | None = None):
     """(encoder, tokenizer) of an ONNX export: ``OnnxEncoder`` on ONNX Runtime's CPU provider. The weights'
@@ -95,11 +136,28 @@ def load_onnx_dir(directory: Path, tokenizer_dir: Path, ref: str, dtype: str = "
 
     from mass.serving.engines.onnx_encoder import OnnxEncoder
 
-    if dtype not in ("auto", "float32") or quantization != "none":
-        raise ConfigError(f"{ref} is an ONNX export: its precision was fixed when it was made; leave dtype and "
-                          f"quantization at their defaults (got dtype={dtype!r}, quantization={quantization!r})",
-                          field="dtype" if dtype not in ("auto", "float32") else "quantization")
-    if device not in (None, "cpu"):
-        raise ConfigError(f"{ref} is an ONNX export, served by ONNX Runtime on the CPU here; serve it without GPUs "
-                          f"(got device {device!r})", field="num_gpus")
+    _fixed_precision(ref, "an ONNX export (served by ONNX Runtime)", dtype, quantization, device)
     return OnnxEncoder(directory), AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+
+
+def load_bnb_dir(directory: Path, tokenizer_dir: Path, ref: str, dtype: str = "auto", quantization: str = "none",
+                 device: str | None = None):
+    """(model, tokenizer) of a bitsandbytes copy: an HF directory whose config carries its quantization (CPU, or
+    the GPU ``device``); ``dtype`` and ``quantization`` must be left at their defaults."""
+    if dtype != "auto" or quantization != "none":
+        raise ConfigError(f"{ref} is a bitsandbytes model: its precision was fixed when it was made; leave dtype and "
+                          f"quantization at their defaults (got dtype={dtype!r}, quantization={quantization!r})",
+                          field="dtype" if dtype != "auto" else "quantization")
+    return load_hf_dir(directory, "embedding", tokenizer_dir=tokenizer_dir, device=device)
+
+
+def load_torch_int8_dir(directory: Path, tokenizer_dir: Path, ref: str, dtype: str = "auto",
+                        quantization: str = "none", device: str | None = None):
+    """(encoder, tokenizer) of a PyTorch dynamic-int8 copy (``mass.compression.torch_int8``): int8 weights run by
+    PyTorch's quantized CPU kernels; ``dtype`` and ``quantization`` must be left at their defaults."""
+    from transformers import AutoTokenizer
+
+    from mass.compression.torch_int8 import load_dir
+
+    _fixed_precision(ref, "a PyTorch dynamic-int8 model", dtype, quantization, device)
+    return load_dir(directory), AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)

@@ -113,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     convert = compress.add_parser("convert", help="export an encoder to ONNX (int8 by default), measure it against "
                                                   "its parent, register it if it passes the gate")
     from mass.compression.convert import add_convert_args
+    from mass.compression.quantize import add_quantize_args
 
     add_convert_args(convert)
+    add_quantize_args(compress.add_parser("quantize", help="quantize an encoder by several methods in parallel "
+                                          "(torch-int8, onnx-int8, bnb-int8, bnb-nf4), each child measured against "
+                                          "its parent and registered if it passes the gate"))
 
     usage = sub.add_parser("usage", help="the usage ledger: requests and tokens per key, model or day")
     usage.add_argument("--key", default=None, help="one key (name or id); default: every key")
@@ -608,6 +612,17 @@ def _compress_convert(args) -> int:
     result = convert_from_args(args)
     emit(args.output, result.to_dict(), result_text(result))
     return 0 if result.registered else 1  # a refused child is reported with its card, and fails the command
+
+
+@command("compress quantize")
+def _compress_quantize(args) -> int:
+    from mass.cli.output import emit
+    from mass.compression.job import result_text
+    from mass.compression.quantize import quantize_from_args
+
+    results = quantize_from_args(args)
+    emit(args.output, [r.to_dict() for r in results], "\n\n".join(result_text(r) for r in results))
+    return 0 if all(r.registered for r in results) else 1
 
 
 @command("demo")

@@ -17,12 +17,13 @@ LATENCY_SAMPLES = 32
 
 @dataclass(frozen=True)
 class Subject:
-    """A model to measure: an HF directory run by torch in ``dtype``, or an ONNX export run by ONNX Runtime."""
+    """A model to measure: an HF directory run by torch in ``dtype``, an ONNX export run by ONNX Runtime, a PyTorch
+    dynamic-int8 copy, or a bitsandbytes HF directory (``dtype`` names its kind: int8, nf4)."""
 
     label: str
     path: str
     tokenizer: str
-    runtime: str = "torch"  # torch | onnx
+    runtime: str = "torch"  # torch | onnx | torch-int8 | bnb
     dtype: str = "float32"
 
 
@@ -34,7 +35,8 @@ class Row:
     runtime: str
     dtype: str
     disk_bytes: int
-    weight_bytes: int  # the weights as loaded (torch: parameters and buffers; ONNX Runtime: the graph's file)
+    weight_bytes: int  # the weights as loaded (torch: parameters and buffers, int8 ones at a byte; ONNX Runtime: the
+    # graph's file)
     rss_bytes: int  # the process's resident memory grown by loading and a warm-up pass (runtime buffers included)
     latency_ms: float
     throughput: float  # texts/s at batch 32, median over rounds
@@ -62,7 +64,8 @@ def measure_encoder(subject: Subject, queries: list[str], documents: list[str], 
     import psutil
     import torch
 
-    from mass.models import load_hf_dir, load_onnx_dir, onnx_bytes, weights_bytes
+    from mass.models import (TORCH_INT8_STATE, load_bnb_dir, load_hf_dir, load_onnx_dir, load_torch_int8_dir,
+                             onnx_bytes, weights_bytes)
     from mass.serving.engines.embedding import EmbeddingEngine
 
     torch.set_num_threads(threads)
@@ -72,8 +75,15 @@ def measure_encoder(subject: Subject, queries: list[str], documents: list[str], 
     if subject.runtime == "onnx":
         model, tokenizer = load_onnx_dir(path, Path(subject.tokenizer), subject.label)
         disk = weights = onnx_bytes(path)
-    else:
-        model, tokenizer = load_hf_dir(path, "embedding", tokenizer_dir=Path(subject.tokenizer), dtype=subject.dtype)
+    elif subject.runtime == "torch-int8":
+        model, tokenizer = load_torch_int8_dir(path, Path(subject.tokenizer), subject.label)
+        disk, weights = (path / TORCH_INT8_STATE).stat().st_size, weights_bytes(model)
+    else:  # an HF directory: float in ``dtype``, or bitsandbytes (its config says how; ``dtype`` names the kind)
+        if subject.runtime == "bnb":
+            model, tokenizer = load_bnb_dir(path, Path(subject.tokenizer), subject.label)
+        else:
+            model, tokenizer = load_hf_dir(path, "embedding", tokenizer_dir=Path(subject.tokenizer),
+                                           dtype=subject.dtype)
         disk = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
         weights = weights_bytes(model)
     engine = EmbeddingEngine(model, tokenizer, normalize=True, batch_size=BATCH)

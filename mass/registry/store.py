@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mass.errors import ConfigError, MassError, ModelNotFound, RegistryError
-from mass.models import ONNX_FILE, TOKENIZER_DIR, load_hf_dir, load_onnx_dir, onnx_bytes, weights_bytes
+from mass.models import (ONNX_FILE, TOKENIZER_DIR, load_bnb_dir, load_hf_dir, load_onnx_dir, load_torch_int8_dir,
+                         onnx_bytes, quantized_format, weights_bytes)
 from mass.refs import ModelRef, validate_alias, validate_name
 from mass.registry.versions import (
     CONFIG_ARTIFACT,
@@ -206,6 +207,10 @@ class ModelRegistry:
             log_model, size, fmt = self._transformers_logger(task, *source), weights_bytes(source[0]), "transformers"
         elif (Path(source) / ONNX_FILE).is_file():
             log_model, size, fmt = self._onnx_logger(task, Path(source)), onnx_bytes(Path(source)), "onnx"
+        elif quantized_format(Path(source)):
+            fmt = quantized_format(Path(source))
+            size = sum(f.stat().st_size for f in Path(source).iterdir() if f.suffix in (".pt", ".safetensors"))
+            log_model = self._files_logger(task, Path(source), fmt)
         else:
             model_dir = Path(source)
             if not (model_dir / "config.json").is_file():
@@ -261,6 +266,31 @@ class ModelRegistry:
                                            save_as_external_data=False)
             self.client.log_model_artifacts(logged.model_id, str(directory / TOKENIZER_DIR), "components/tokenizer")
             return logged
+        return log_model
+
+    def _files_logger(self, task: str, directory: Path, fmt: str) -> Callable[[], Any]:
+        """Logs a quantized copy as its files (a PyTorch dynamic-int8 copy: config, quantized state dict; a
+        bitsandbytes one: its HF directory; both with ``quantization.json`` and ``tokenizer/``) as a logged model
+        whose MLmodel names the MASS format; the tokenizer goes under ``components/tokenizer`` as the other flavours
+        keep it (inside an active run)."""
+        if task != "embedding":
+            raise ConfigError(f"a {fmt} model serves as an embedding model only (got task {task!r})", field="task")
+        if not (directory / TOKENIZER_DIR).is_dir():
+            raise ConfigError(f"{directory} has no {TOKENIZER_DIR}/", field="model_dir")
+
+        def save_model(path, mlflow_model, **_):
+            shutil.copytree(directory, path, ignore=shutil.ignore_patterns(TOKENIZER_DIR))
+            shutil.copytree(directory / TOKENIZER_DIR, Path(path) / "components" / "tokenizer")
+            mlflow_model.add_flavor("mass", format=fmt)
+            mlflow_model.save(str(Path(path) / "MLmodel"))
+
+        def log_model():
+            from types import SimpleNamespace
+
+            from mlflow.models import Model
+
+            return Model.log(artifact_path=None, name="model", flavor=SimpleNamespace(save_model=save_model,
+                                                                                      __name__="mass"))
         return log_model
 
     def _log_and_register(self, name: str, task: str, log_model: Callable[[], Any], tags: dict[str, str],
@@ -420,9 +450,10 @@ class ModelRegistry:
         """
         info = self.resolve(ref)
         path = self.download(info.ref)
-        if info.format == "onnx":
-            return load_onnx_dir(path, path / "components" / "tokenizer", info.ref, dtype, quantization, device) \
-                + (info,)
+        loaders = {"onnx": load_onnx_dir, "torch-int8": load_torch_int8_dir, "bnb": load_bnb_dir}
+        if info.format in loaders:
+            return loaders[info.format](path, path / "components" / "tokenizer", info.ref, dtype, quantization,
+                                        device) + (info,)
         model, tokenizer = load_hf_dir(path / "model", info.task, tokenizer_dir=path / "components" / "tokenizer",
                                        dtype=dtype, quantization=quantization, device=device)
         return model, tokenizer, info

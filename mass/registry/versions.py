@@ -31,7 +31,8 @@ class ModelVersionInfo:
     lineage: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] | None = None
     description: str = ""
-    format: str = "transformers"  # the artifact: an HF directory (transformers) or an ONNX export (onnx)
+    format: str = "transformers"  # the artifact: an HF directory (transformers), an ONNX export (onnx), or a
+    # quantized copy's files: PyTorch dynamic int8 (torch-int8), bitsandbytes (bnb)
 
     @property
     def ref(self) -> str:
@@ -64,7 +65,8 @@ class RegisteredModelInfo:
 
 def encode_tags(task: str, metrics: dict[str, float] | None, config: dict[str, Any] | None,
                 lineage: dict[str, str] | None, size: int, fmt: str = "transformers") -> dict[str, str]:
-    """The ``mass.*`` tags of a new version (``fmt``: the artifact's format, ``transformers`` or ``onnx``). A
+    """The ``mass.*`` tags of a new version (``fmt``: the artifact's format: ``transformers``, ``onnx``,
+    ``torch-int8`` or ``bnb``). A
     resolved config longer than MLflow's limit on a registry tag value is kept as ``{"truncated": true,
     "artifact": ...}`` (the run holds it whole as an artifact)."""
     tags = {TAG + "task": task, TAG + "size_bytes": str(size), TAG + "format": fmt}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from mass.compression.convert import run_convert
+from mass.compression.job import run_compression
 from mass.errors import ConfigError, ParityError
 from mass.registry import ModelRegistry
 
@@ -25,6 +26,16 @@ def converted(gateway, ray_cluster):
     events = [e for e in bus.replay(start, count=1000) if e.type == "compression.completed"]
     bus.close()
     return result, events
+
+
+@pytest.fixture(scope="module")
+def quantized(gateway, ray_cluster):
+    """minilm-l6@production quantized by PyTorch dynamic int8 and bitsandbytes nf4 in one job (children made in
+    parallel), registered under the default names; by method."""
+    results = run_compression("minilm-l6@production", ["torch-int8", "bnb-nf4"], threads=2, rounds=1,
+                              gate="quality >= 0.95 and (speedup > 1.05 or memory < 0.9)",
+                              address=ray_cluster.gcs_address)
+    return {r.method: r for r in results}
 
 
 def test_the_int8_child_is_measured_against_its_parent_gated_and_registered_with_its_lineage(converted):
@@ -92,7 +103,7 @@ def test_a_child_that_fails_its_gate_is_reported_and_not_registered(converted, r
     ({"ref": "minilm-l6@production", "gate": "quality >= "}, "does not parse"),
     ({"ref": "minilm-l6@production", "method": "pruning"}, "unknown method 'pruning'"),
     ({"ref": "minilm-l6@production", "tolerance": 0}, "tolerance must be in"),
-    ({"ref": f"{CHILD}/1"}, "already an onnx export"),
+    ({"ref": f"{CHILD}/1"}, r"already a compressed model \(onnx-int8\)"),
     ({"ref": "tiny-gpt/1"}, "is a text-generation model"),
 ])
 def test_what_cannot_work_is_refused_before_any_work(converted, kwargs, needle):
@@ -102,3 +113,58 @@ def test_what_cannot_work_is_refused_before_any_work(converted, kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         run_convert(**kwargs)
     assert len(registry.client.search_runs([registry.experiment_id()], max_results=1000)) == runs
+
+
+def test_quantization_methods_make_their_children_in_parallel_each_on_its_own_card(quantized, ray_cluster):
+    from ray.util.state import list_tasks
+
+    parent = ModelRegistry().resolve("minilm-l6@production")
+    for method, model in (("torch-int8", "minilm-l6-torch-int8"), ("bnb-nf4", "minilm-l6-bnb-nf4")):
+        result = quantized[method]
+        assert result.passed and result.registered == f"{model}/1", (method, result.why)
+        assert [r["label"] for r in result.card["rows"]] == ["parent fp32", "parent bf16", result.card["rows"][2]["label"]]
+        info = ModelRegistry().resolve(result.registered)
+        assert info.lineage["parent"] == parent.ref and info.lineage["method"] == method
+        assert info.lineage["source_run"] == result.run_id and info.format == {"torch-int8": "torch-int8",
+                                                                               "bnb-nf4": "bnb"}[method]
+    figures = {m: r.card["figures"] for m, r in quantized.items()}
+    assert figures["torch-int8"]["quality"] >= 0.98 and figures["torch-int8"]["memory"] < 0.45, figures
+    assert 0.95 <= figures["bnb-nf4"]["quality"] < 1 and figures["bnb-nf4"]["memory"] < 0.7, figures
+    # the two children were made by overlapping tasks (the measurements then ran one at a time)
+    made = list_tasks(address=ray_cluster.dashboard_url, filters=[("func_or_class_name", "=", "_make")], detail=True,
+                      raise_on_missing_output=False)
+    spans = sorted((t.start_time_ms, t.end_time_ms) for t in made if t.state == "FINISHED")[-2:]
+    assert len(spans) == 2 and spans[1][0] < spans[0][1], spans
+
+
+def test_quantized_children_reload_without_their_source_and_serve_through_the_gateway(quantized, gateway, api_key):
+    """Loaded back from the registry (the torch-int8 copy holds no float weights), and served by a Serve app of
+    their own whose answers through HTTP agree with the parent's."""
+    import httpx
+    from ray import serve
+
+    from mass.app import build_app, wait_ready
+
+    model, _, info = ModelRegistry().load("minilm-l6-torch-int8/1")
+    assert info.format == "torch-int8"
+    assert type(model.encoder.layer[0].intermediate.dense).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    args = {"models": [{"name": "int8", "ref": "minilm-l6-torch-int8/1", "engine": "embedding", "num_cpus": 0.25},
+                       {"name": "nf4", "ref": "minilm-l6-bnb-nf4/1", "engine": "embedding", "num_cpus": 0.25}],
+            "gateway": {"num_cpus": 0.25, "ledger": False}}
+    serve.run(build_app(args), name="mass-quantized", route_prefix="/quantized")
+    try:
+        wait_ready(f"{gateway}/quantized", timeout=180)
+        texts = ["Return the number of items in a container.", "Open a file and return a stream."]
+        headers = {"Authorization": f"Bearer {api_key}"}
+
+        def vectors(url: str, name: str) -> np.ndarray:
+            resp = httpx.post(f"{url}/v1/embeddings", headers=headers, timeout=60, json={"model": name, "input": texts})
+            assert resp.status_code == 200, resp.text
+            return np.array([d["embedding"] for d in resp.json()["data"]])
+
+        parent = vectors(gateway, "minilm")
+        for name, floor in (("int8", 0.97), ("nf4", 0.9)):
+            child = vectors(f"{gateway}/quantized", name)
+            assert child.shape == parent.shape and (child * parent).sum(1).min() >= floor, name
+    finally:
+        serve.delete("mass-quantized")

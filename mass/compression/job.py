@@ -1,0 +1,342 @@
+"""The compression job that conversion and quantization share: children of a registered encoder made by one or more
+methods as parallel Ray tasks on one node, then measured one at a time against the parent (whose rows are measured
+once), each on its own card, gated, and registered with its lineage only if it passes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from mass.compression.card import Card, Row, Subject, agreement, eval_texts, measure_encoder
+from mass.compression.gate import Gate
+from mass.errors import ConfigError, MassError, ParityError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to make a child: what it does, the runtime and precision it runs in, whether it is made from the ONNX
+    export (whose parity with the parent is checked first), and which job options it reads."""
+
+    help: str
+    runtime: str  # Subject.runtime: torch | onnx | torch-int8 | bnb
+    precision: str  # what the card's row says (and bitsandbytes' kind)
+    export: bool = False
+    options: tuple[str, ...] = ()  # of per_channel, embeddings, float_layers
+
+    def params(self, tolerance: float, **chosen: Any) -> dict[str, Any]:
+        """The parameters recorded in the child's lineage (``chosen``: every option's value)."""
+        return {**{k: chosen[k] for k in self.options}, **({"tolerance": tolerance} if self.export else {})}
+
+
+METHODS = {
+    "onnx": Method("export to ONNX (float32), served by ONNX Runtime", "onnx", "float32", export=True),
+    "onnx-int8": Method("export to ONNX, apply ONNX Runtime's transformer fusions, then its dynamic int8 (int8 "
+                        "weights with per-channel scales, activations quantized on the fly; the embedding tables too "
+                        "unless --keep-embeddings)", "onnx", "int8", export=True,
+                        options=("per_channel", "embeddings")),
+    "torch-int8": Method("PyTorch dynamic int8 (quantize_dynamic): int8 Linear weights, activations quantized per "
+                         "call, a scale per output channel; the word embedding table too unless --keep-embeddings; "
+                         "layers matching --float-layers stay float (default: the FFN output projections)",
+                         "torch-int8", "int8", options=("embeddings", "float_layers")),
+    "bnb-int8": Method("bitsandbytes LLM.int8 linear layers (memory; no speed promised)", "bnb", "int8"),
+    "bnb-nf4": Method("bitsandbytes 4-bit NormalFloat linear layers (memory; no speed promised)", "bnb", "nf4"),
+}
+
+
+@dataclass
+class CompressionResult:
+    """What a compression job did for one method: the card, the gate's verdict and why, and the version it
+    registered (None when the child was refused or could not be made: ``error`` then says why)."""
+
+    parent: str
+    method: str
+    passed: bool
+    gate: str
+    why: str
+    card: dict[str, Any]
+    registered: str | None
+    run_id: str | None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+def unsupported(method: str) -> str | None:
+    """None when ``method`` can run on this node, else why not."""
+    runtime = METHODS[method].runtime
+    if runtime == "torch-int8":
+        from mass.compression.torch_int8 import supported
+        return supported()
+    if runtime == "bnb":
+        from mass.compression.bnb import supported
+        return supported()
+    return None
+
+
+def _prepare(ref: str, export: bool) -> dict[str, str]:
+    """Download the parent on this node into a work directory of its own, and export it to ONNX when a method
+    needs it — a Ray task. Returns the node id and the paths: ``work``, ``parent``, ``tokenizer`` (``export``)."""
+    import shutil
+
+    import ray
+
+    from mass.compression.onnx_export import export_encoder
+    from mass.registry import ModelRegistry
+
+    root = ModelRegistry().download(ref)
+    work = tempfile.mkdtemp(prefix="mass-compress-")
+    paths = {"node": ray.get_runtime_context().get_node_id(), "work": work, "parent": str(root / "model"),
+             "tokenizer": str(root / "components" / "tokenizer")}
+    if export:
+        try:
+            paths["export"] = str(export_encoder(Path(paths["parent"]), Path(work) / "onnx",
+                                                 tokenizer_dir=Path(paths["tokenizer"])))
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return paths
+
+
+def _make(method: str, paths: dict[str, str], options: dict[str, Any]) -> str:
+    """Path of ``method``'s child, made from the files ``_prepare`` left on this node — a Ray task."""
+    work = Path(paths["work"])
+    if method == "onnx":
+        return paths["export"]
+    if method == "onnx-int8":
+        from mass.compression.onnx_export import quantize_int8
+        return str(quantize_int8(Path(paths["export"]), work / method, per_channel=options["per_channel"],
+                                 embeddings=options["embeddings"]))
+    if method == "torch-int8":
+        from mass.compression.torch_int8 import quantize_dir
+        return str(quantize_dir(Path(paths["parent"]), Path(paths["tokenizer"]), work / method,
+                                options["embeddings"], options["float_layers"]))
+    from mass.compression.bnb import quantize_dir
+    return str(quantize_dir(Path(paths["parent"]), Path(paths["tokenizer"]), work / method,
+                            METHODS[method].precision))
+
+
+def _subject(method: str, path: str) -> Subject:
+    """How the card measures ``method``'s child at ``path``."""
+    m = METHODS[method]
+    tokenizer = f"{path}/tokenizer"
+    label = {"onnx": "onnx", "torch-int8": "torch", "bnb": "bnb"}[m.runtime]
+    return Subject(f"{label} {'fp32' if m.precision == 'float32' else m.precision}", path, tokenizer,
+                   runtime=m.runtime, dtype=m.precision)
+
+
+def _register(path: str, name: str, run_id: str, metrics: dict[str, float], lineage: dict[str, str],
+              config: dict[str, Any], aliases: list[str], description: str) -> str:
+    """Register the child (its files are on this node) — a Ray task; its ``name/version``."""
+    from mass.registry import ModelRegistry
+
+    return ModelRegistry().register(path, name, "embedding", metrics=metrics, lineage=lineage, config=config,
+                                    run_id=run_id, aliases=aliases, description=description).ref
+
+
+def _cleanup(work: str) -> None:
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def run_compression(ref: str, methods: list[str] | tuple[str, ...], name: str | None = None,
+                    gate: str | None = None, tolerance: float = 1e-4, per_channel: bool = True,
+                    embeddings: bool = True, float_layers: str | None = None, aliases: tuple[str, ...] = (),
+                    threads: int | None = None, rounds: int = 3,
+                    address: str | None = None) -> list[CompressionResult]:
+    """Make a child of the registered encoder ``ref`` by each of ``methods`` (``METHODS``) and register each that
+    passes ``gate`` (``mass.compression.gate``) as a new version of ``name`` (default: ``<parent>-<method>``).
+
+    Everything that can be refused is checked before any work: the methods (known, runnable on this node), the
+    gate expression, the tolerance, the ``float_layers`` pattern (torch-int8; default ``torch_int8.FLOAT_LAYERS``),
+    the parent (an embedding model stored as an HF directory). Children are made
+    in parallel (one task each); measurements then run one at a time, each in a fresh worker, so none shares the
+    CPUs with another. An ONNX export must match the parent within ``tolerance`` (max absolute difference of the
+    embeddings on held-out texts), or its methods are refused; when every method is, this raises
+    ``ParityError``. A method whose task fails is reported with its ``error``; the others go on. ``threads``
+    (default: the node's CPUs) is what every measurement runs with.
+    """
+    from mass.cluster import connect_ray
+    from mass.registry import ModelRegistry
+
+    methods = list(dict.fromkeys(methods))
+    if not methods:
+        raise ConfigError("no method given; methods: " + ", ".join(METHODS), field="methods")
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(f"unknown method {method!r}; methods: {', '.join(METHODS)}", field="methods")
+        reason = unsupported(method)
+        if reason:
+            raise ConfigError(f"method {method!r} cannot run on this machine: {reason}", field="methods")
+    if aliases and len(methods) > 1:
+        raise ConfigError("--alias needs a single method (each method registers a child of its own)", field="alias")
+    checked = Gate.parse(gate)
+    from mass.compression.torch_int8 import FLOAT_LAYERS, check_float_layers
+
+    float_layers = FLOAT_LAYERS if float_layers is None else float_layers
+    check_float_layers(float_layers)
+    if not 0 < tolerance < 1:
+        raise ConfigError(f"tolerance must be in (0, 1), got {tolerance!r}", field="tolerance")
+    registry = ModelRegistry()
+    parent = registry.resolve(ref)
+    if parent.task != "embedding":
+        raise ConfigError(f"{parent.ref} is a {parent.task} model; compression serves encoders (embedding models) "
+                          "for now", field="ref")
+    if parent.format != "transformers" or parent.lineage.get("method") in METHODS:
+        raise ConfigError(f"{parent.ref} is already a compressed model ({parent.lineage.get('method', parent.format)})"
+                          f"; compress its source "
+                          f"({parent.lineage.get('parent', 'the float model it came from')}) instead", field="ref")
+    queries, documents = eval_texts()
+    connect_ray(address)
+    threads = threads or os.cpu_count() or 1
+    job = _Job(registry, parent, checked, (queries, documents), threads, rounds)
+    options = {"per_channel": per_channel, "embeddings": embeddings, "float_layers": float_layers}
+    return job.run(methods, name, tolerance, options, aliases)
+
+
+class _Job:
+    """One run of ``run_compression`` on the cluster (state shared by its steps)."""
+
+    def __init__(self, registry, parent, gate: Gate, texts: tuple[list[str], list[str]], threads: int,
+                 rounds: int) -> None:
+        self.registry, self.parent, self.gate, self.texts = registry, parent, gate, texts
+        self.threads, self.rounds = threads, rounds
+
+    def run(self, methods: list[str], name: str | None, tolerance: float, options: dict[str, Any],
+            aliases: tuple[str, ...]) -> list[CompressionResult]:
+        """Make, measure, gate and register every method's child (see ``run_compression``)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from mass.settings import get_settings, settings_env
+
+        # every task sees this process's settings (registry, home, database), as serving's replicas do
+        env = {"runtime_env": {"env_vars": {k: v for k, v in settings_env(get_settings()).items() if v}}}
+        export = any(METHODS[m].export for m in methods)
+        paths = ray.get(ray.remote(_prepare).options(num_cpus=1, max_retries=0, **env).remote(self.parent.ref,
+                                                                                               export))
+        self.pinned = {"scheduling_strategy": NodeAffinitySchedulingStrategy(paths["node"], soft=False), **env}
+        try:
+            make = ray.remote(_make).options(num_cpus=1, max_retries=0, **self.pinned)
+            pending = {m: make.remote(m, paths, options) for m in methods}  # in parallel
+            made: dict[str, str | Exception] = {}
+            for method, task in pending.items():
+                try:
+                    made[method] = ray.get(task)
+                except Exception as exc:  # one method failing does not lose the others' children
+                    made[method] = exc
+            # the measurements, one at a time (a fresh worker each: memory is measured from a clean start)
+            base, *parent_vectors = self._measure(Subject("parent fp32", paths["parent"], paths["tokenizer"]))
+            self.parent_vectors = parent_vectors
+            bf16 = self._compare(Subject("parent bf16", paths["parent"], paths["tokenizer"], dtype="bfloat16"))
+            shared = [base, bf16]
+            parity: str | None = None
+            if export:
+                onnx, self.worst = self._compare(_subject("onnx", paths["export"]), worst=True)
+                shared.append(onnx)
+                if self.worst > tolerance:
+                    parity = (f"the ONNX export of {self.parent.ref} differs from it by up to {self.worst:.3g} "
+                              f"(tolerance {tolerance:g}) on {sum(map(len, self.texts))} held-out texts")
+            results = []
+            for method in methods:
+                m = METHODS[method]
+                params = m.params(tolerance, **options)
+                child = name or f"{self.parent.name}-{method}"
+                if isinstance(made[method], Exception):
+                    error = _cause(made[method])
+                    log.error("%s of %s failed: %s", method, self.parent.ref, error)
+                    results.append(CompressionResult(self.parent.ref, method, False, self.gate.text,
+                                                     f"not made: {error}", {}, None, None, error))
+                    continue
+                rows = shared[:2] + ([shared[2]] if method == "onnx-int8" else [])
+                rows.append(shared[2] if method == "onnx" else self._compare(_subject(method, made[method])))
+                card = Card(self.parent.ref, method, params, rows,
+                            {"queries": len(self.texts[0]), "documents": len(self.texts[1])})
+                refusal = parity if m.export else None
+                results.append(self._settle(method, child, made[method], card, params, refusal, aliases))
+        finally:
+            ray.get(ray.remote(_cleanup).options(num_cpus=0, **self.pinned).remote(paths["work"]))
+        if parity and all(METHODS[m].export for m in methods):
+            raise ParityError(f"{parity}; nothing was registered", max_abs_diff=self.worst, tolerance=tolerance)
+        return results
+
+    def _measure(self, subject: Subject) -> tuple[Row, Any, Any]:
+        import ray
+
+        log.info("measuring %s", subject.label)
+        measure = ray.remote(max_calls=1)(measure_encoder).options(num_cpus=1, max_retries=0, **self.pinned)
+        return ray.get(measure.remote(subject, *self.texts, self.threads, self.rounds))
+
+    def _compare(self, subject: Subject, worst: bool = False):
+        """``subject``'s row with its quality against the parent (and, ``worst``, the largest difference)."""
+        row, *vectors = self._measure(subject)
+        row.quality, row.top10 = agreement(self.parent_vectors, vectors)
+        if worst:
+            return row, max(float(abs(p - c).max()) for p, c in zip(self.parent_vectors, vectors))
+        return row
+
+    def _settle(self, method: str, name: str, path: str, card: Card, params: dict[str, Any], refusal: str | None,
+                aliases: tuple[str, ...]) -> CompressionResult:
+        """Gate one child, log its card into a run of its own, register it if it passed, announce the outcome."""
+        import ray
+
+        figures = card.figures
+        passed, why = (False, f"refused: {refusal}") if refusal else self.gate.check(figures)
+        log.info("%s of %s: %s (%s)", method, self.parent.ref, "passed" if passed else "refused", why)
+        registered = None
+        with self.registry.tracked_run(f"compress-{self.parent.name}-{method}",
+                                       {"mass.kind": "compress", "mass.parent": self.parent.ref}) as run_id:
+            _log_card(self.registry, run_id, card, passed)
+            if passed:
+                lineage = {"parent": self.parent.ref, "method": method,
+                           "params": json.dumps(params, sort_keys=True), "source_run": run_id}
+                registered = ray.get(ray.remote(_register).options(num_cpus=0, max_retries=0, **self.pinned).remote(
+                    path, name, run_id, {k: v for k, v in figures.items() if v is not None}, lineage,
+                    {"card": card.to_dict(), "gate": self.gate.text}, list(aliases),
+                    f"{METHODS[method].help} of {self.parent.ref}; {why}"))
+        self.registry.announce("compression.completed", {
+            "model": name, "version": registered.split("/")[1] if registered else None, "parent": self.parent.ref,
+            "method": method, "metrics": {k: v for k, v in figures.items() if v is not None}})
+        return CompressionResult(self.parent.ref, method, passed, self.gate.text, why, card.to_dict(), registered,
+                                 run_id)
+
+
+def _cause(exc: Exception) -> str:
+    """The first line of the error a task raised (Ray wraps it)."""
+    cause = getattr(exc, "cause", None) or exc
+    if isinstance(cause, MassError):
+        return str(cause)
+    return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+
+
+def _log_card(registry, run_id: str, card: Card, passed: bool) -> None:
+    """The card into the job's MLflow run: JSON, markdown table, PNG chart, the figures as metrics."""
+    client = registry.client
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "card.json").write_text(json.dumps(card.to_dict(), indent=2))
+        (Path(tmp) / "card.md").write_text(card.table() + "\n")
+        card.plot(Path(tmp) / "card.png")
+        client.log_artifacts(run_id, tmp, "card")
+    for key, value in card.figures.items():
+        if value is not None:
+            client.log_metric(run_id, key, float(value))
+    client.set_tag(run_id, "mass.gate", "passed" if passed else "refused")
+
+
+def result_text(result: CompressionResult) -> str:
+    """What the CLI prints for one method: the card, the gate's verdict and the registered version."""
+    if result.error:
+        return f"{result.method} of {result.parent}: not made: {result.error}"
+    card = Card.from_dict(result.card)
+    verdict = f"registered {result.registered}" if result.registered else "refused: not registered"
+    return f"{result.method} of {result.parent}\n\n{card.table()}\n\ngate: {result.why}\n{verdict} " \
+           f"(card in MLflow run {result.run_id})"
