@@ -1,5 +1,6 @@
-"""Compression benchmark: the pretrained MiniLM converted by ``mass compress convert`` (ONNX export, then ONNX
-Runtime dynamic int8) and measured on the card against its parent on this machine, in one run: bytes on disk,
+"""Compression benchmark: the pretrained MiniLM quantized by ``mass compress quantize`` (ONNX Runtime int8 on the ONNX
+export, PyTorch dynamic int8, bitsandbytes int8 and nf4) and every child measured on the card against its parent
+on this machine, in one run: bytes on disk,
 weights in memory, resident memory grown, latency at batch 1, throughput at batch 32 over held-out docstring
 first lines (median and range over rounds), mean cosine to the parent's embeddings and top-10 retrieval overlap.
 The parent in bf16 is the reference row (nearly free on CPUs with AVX-512 BF16).
@@ -18,17 +19,28 @@ README_START, README_END = "<!-- benchmark:compression -->", "<!-- /benchmark:co
 GOAL_SPEEDUP, GOAL_QUALITY, GOAL_TOP10 = 2.5, 0.98, 0.90
 
 
+INT8 = ("onnx-int8", "torch-int8")  # the goal's candidates
+
+
 def run(args) -> dict:
-    """Import MiniLM into the private registry, convert it on a local Ray, return the card and the verdicts."""
-    from mass.compression.convert import run_convert
+    """Import MiniLM into the private registry, quantize it by every method in one job on a local Ray, return
+    the cards (one per method, and all rows in one) and the verdicts."""
+    from mass.compression.card import Card
+    from mass.compression.job import run_compression
     from mass.registry import ModelRegistry
     from mass.registry.imports import import_minilm
 
     import_minilm(ModelRegistry())
-    result = run_convert("minilm-l6@production", method=args.method, name="minilm-bench", threads=args.threads,
-                         rounds=args.rounds)
-    return {"method": args.method, "threads": args.threads, "card": result.card, "gate": result.why,
-            "registered": result.registered}
+    methods = args.methods.split(",")
+    results = run_compression("minilm-l6@production", methods, name="minilm-bench", threads=args.threads,
+                              rounds=args.rounds)
+    cards = {r.method: r.card for r in results}
+    rows = []  # the shared rows once (parent fp32, bf16, the float export), then each child
+    for card in cards.values():
+        rows += [r for r in card["rows"] if r not in rows]
+    combined = Card.from_dict({**next(iter(cards.values())), "method": ", ".join(methods), "rows": rows})
+    return {"methods": methods, "threads": args.threads, "cards": cards, "card": combined.to_dict(),
+            "gates": {r.method: r.why for r in results}, "registered": {r.method: r.registered for r in results}}
 
 
 def render_table(result: dict) -> str:
@@ -36,9 +48,15 @@ def render_table(result: dict) -> str:
     from mass.compression.card import Card
 
     card = result["card"]
-    figures = card["figures"]
-    met = (figures["speedup"] >= GOAL_SPEEDUP and figures["quality"] >= GOAL_QUALITY
-           and figures["top10"] >= GOAL_TOP10)
+    verdicts = []
+    for method in [m for m in INT8 if m in result["cards"]]:
+        figures = result["cards"][method]["figures"]
+        met = (figures["speedup"] >= GOAL_SPEEDUP and figures["quality"] >= GOAL_QUALITY
+               and figures["top10"] >= GOAL_TOP10)
+        verdicts.append(f"{method} **{figures['speedup']}x at {figures['quality']} / {figures['top10']}** "
+                        f"({'met' if met else 'not met'})")
+    gates = "; ".join(f"{m}: {'registered' if result['registered'][m] else 'refused'} ({why})"
+                      for m, why in result["gates"].items())
     return "\n".join([
         f"Run of {result['date']} on {result['machine']}; {result['threads']} threads per model, "
         f"{result['rounds']} throughput rounds of {card['texts']['queries']} held-out docstring first lines in "
@@ -46,8 +64,7 @@ def render_table(result: dict) -> str:
         "documents.", "",
         Card.from_dict(card).table(), "",
         f"Goal (int8 against the fp32 parent): ≥ {GOAL_SPEEDUP}x throughput at cosine ≥ {GOAL_QUALITY} and top-10 "
-        f"overlap ≥ {GOAL_TOP10}: **{figures['speedup']}x at {figures['quality']} / {figures['top10']}** — "
-        f"{'met' if met else 'not met'}. Gate: {result['gate']}."])
+        f"overlap ≥ {GOAL_TOP10}: {'; '.join(verdicts)}.", "", f"Default gate, per child: {gates}."])
 
 
 def main(argv=None) -> int:
@@ -55,7 +72,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5, help="throughput rounds per model (median and range)")
     parser.add_argument("--threads", type=int, default=2, help="threads every model runs with")
-    parser.add_argument("--method", default="onnx-int8", choices=["onnx", "onnx-int8"])
+    parser.add_argument("--methods", default="onnx-int8,torch-int8,bnb-int8,bnb-nf4",
+                        help="comma-separated quantization methods, one job")
     parser.add_argument("--json", help="also write the JSON result to this file (and the chart beside it)")
     parser.add_argument("--readme", help="rewrite this README's compression table from the result")
     args = parser.parse_args(argv)

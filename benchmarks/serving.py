@@ -33,6 +33,7 @@ import platform
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 
 def build_model(vocab: int = 2048, shape: str = "4x256", device: str = "cpu"):
@@ -522,14 +523,51 @@ def save(result: dict, json_path: str | None, readme: str | None, markers: tuple
 def run_and_save(args, run, render_table, markers: tuple[str, str]) -> int:
     """The tail every benchmark's ``main`` shares: a private MASS_HOME (registry, platform database, event log),
     ``run(args)`` under the machine line, the table printed, the JSON line printed and saved as asked."""
-    import torch
-
     os.environ.setdefault("MASS_HOME", tempfile.mkdtemp(prefix="mass-bench-"))
-    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {gpu_name()}, torch {torch.__version__}",
+    result = {"machine": machine_line(),
               "rounds": args.rounds, "date": time.strftime("%Y-%m-%d"), **run(args)}
     print(render_table(result))
     save(result, args.json, args.readme, markers, render_table(result))
     return 0
+
+
+GATEWAY_KEYS = ("serve_ingress", "texts_per_s", "in_process_baseline", "gateway_vs_in_process",
+                "gateway_one_2cpu_replica_vs_in_process", "batched_vs_unbatched", "handle_batched_vs_unbatched")
+
+
+def with_other_part(result: dict, args) -> dict:
+    """A one-part run completed by the other part of the saved JSON when that ran on the same machine line (same
+    CPU, cores, torch, threads): one table, one machine. Otherwise the table has only this run's part."""
+    if args.part == "all" or not args.json or not Path(args.json).exists():
+        return result
+    saved = json.loads(Path(args.json).read_text())
+    if saved.get("machine") != result["machine"]:
+        print(f"not merging {args.json}: it ran on {saved.get('machine')!r}, this on {result['machine']!r}")
+        return result
+    other = {k: v for k, v in saved.items() if (k in GATEWAY_KEYS) == (args.part == "continuous")
+             and k not in ("machine", "rounds", "date")}
+    dates = sorted({saved.get("date"), result["date"]})
+    return {**result, **other, "date": " and ".join(d for d in dates if d)}
+
+
+def cpu_name() -> str:
+    """The CPU's model name and the vector extensions that decide int8/bf16 speed (AVX-512 VNNI and BF16, or AVX2
+    only): figures from different CPUs are not comparable, so every machine line names it."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown CPU")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = [label for flag, label in (("avx512_vnni", "AVX-512 VNNI"), ("avx512_bf16", "AVX-512 BF16"),
+                                     ("amx_tile", "AMX")) if flag in flags]
+    return f"{name} ({', '.join(isa) if isa else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
+
+
+def machine_line(threads: bool = False) -> str:
+    """Where a benchmark ran: architecture, CPU, cores, GPU, torch (and its thread count)."""
+    import torch
+
+    line = f"{platform.machine()}, {cpu_name()}, {os.cpu_count()} cores, {gpu_name()}, torch {torch.__version__}"
+    return line + (f" ({torch.get_num_threads()} threads)" if threads else "")
 
 
 def gpu_name() -> str:
@@ -564,16 +602,15 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the JSON result to this file")
     parser.add_argument("--readme", help="rewrite this README's benchmark table from the result")
     args = parser.parse_args(argv)
-    import torch
 
     os.environ.setdefault("MASS_HOME", tempfile.mkdtemp(prefix="mass-bench-"))  # a private registry
-    result: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {gpu_name()}, torch {torch.__version__} "
-                               f"({torch.get_num_threads()} threads)", "rounds": args.rounds,
+    result: dict = {"machine": machine_line(threads=True), "rounds": args.rounds,
                     "date": time.strftime("%Y-%m-%d")}
     if args.part in ("all", "continuous"):
         run_continuous(args, result)
     if args.part in ("all", "gateway"):
         run_gateway(args, result)
+    result = with_other_part(result, args)
     print(render_table(result))
     for key, goal, label in GOALS:
         if key in result:

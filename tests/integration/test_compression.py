@@ -15,6 +15,17 @@ from mass.registry import ModelRegistry
 CHILD = "minilm-onnx"  # not a version of minilm-l6: the other tests resolve its latest version
 
 
+def _vectors(url: str, model: str, api_key: str) -> np.ndarray:
+    """Two texts' embeddings by ``model`` through the gateway at ``url`` (over HTTP, as any client)."""
+    import httpx
+
+    texts = ["Return the number of items in a container.", "Open a file and return a stream."]
+    resp = httpx.post(f"{url}/v1/embeddings", headers={"Authorization": f"Bearer {api_key}"}, timeout=60,
+                      json={"model": model, "input": texts})
+    assert resp.status_code == 200, resp.text
+    return np.array([d["embedding"] for d in resp.json()["data"]])
+
+
 @pytest.fixture(scope="module")
 def converted(gateway, ray_cluster):
     """minilm-l6@production converted to ONNX int8 (one throughput round: the figures are not the point here)."""
@@ -58,7 +69,6 @@ def test_the_int8_child_is_measured_against_its_parent_gated_and_registered_with
 def test_the_child_serves_through_the_gateway_and_agrees_with_its_parent(converted, gateway, api_key):
     """A Serve app of its own serves the ONNX version (the runtime follows the artifact); its answers through the
     official client match the parent's from the demo app."""
-    import httpx
     from ray import serve
 
     from mass.app import build_app, wait_ready
@@ -68,15 +78,8 @@ def test_the_child_serves_through_the_gateway_and_agrees_with_its_parent(convert
     serve.run(build_app(args), name="mass-onnx", route_prefix="/onnx")
     try:
         wait_ready(f"{gateway}/onnx", timeout=180)
-        texts = ["Return the number of items in a container.", "Open a file and return a stream."]
-        headers = {"Authorization": f"Bearer {api_key}"}
-
-        def vectors(url: str, model: str) -> np.ndarray:
-            resp = httpx.post(f"{url}/v1/embeddings", headers=headers, timeout=60, json={"model": model, "input": texts})
-            assert resp.status_code == 200, resp.text
-            return np.array([d["embedding"] for d in resp.json()["data"]])
-
-        child, parent = vectors(f"{gateway}/onnx", CHILD), vectors(gateway, "minilm")  # (demo.yaml's name)
+        child = _vectors(f"{gateway}/onnx", CHILD, api_key)
+        parent = _vectors(gateway, "minilm", api_key)  # (demo.yaml's name)
         assert child.shape == parent.shape == (2, 384)
         assert (child * parent).sum(1).min() >= 0.97
     finally:
@@ -140,7 +143,6 @@ def test_quantization_methods_make_their_children_in_parallel_each_on_its_own_ca
 def test_quantized_children_reload_without_their_source_and_serve_through_the_gateway(quantized, gateway, api_key):
     """Loaded back from the registry (the torch-int8 copy holds no float weights), and served by a Serve app of
     their own whose answers through HTTP agree with the parent's."""
-    import httpx
     from ray import serve
 
     from mass.app import build_app, wait_ready
@@ -154,17 +156,9 @@ def test_quantized_children_reload_without_their_source_and_serve_through_the_ga
     serve.run(build_app(args), name="mass-quantized", route_prefix="/quantized")
     try:
         wait_ready(f"{gateway}/quantized", timeout=180)
-        texts = ["Return the number of items in a container.", "Open a file and return a stream."]
-        headers = {"Authorization": f"Bearer {api_key}"}
-
-        def vectors(url: str, name: str) -> np.ndarray:
-            resp = httpx.post(f"{url}/v1/embeddings", headers=headers, timeout=60, json={"model": name, "input": texts})
-            assert resp.status_code == 200, resp.text
-            return np.array([d["embedding"] for d in resp.json()["data"]])
-
-        parent = vectors(gateway, "minilm")
+        parent = _vectors(gateway, "minilm", api_key)
         for name, floor in (("int8", 0.97), ("nf4", 0.9)):
-            child = vectors(f"{gateway}/quantized", name)
+            child = _vectors(f"{gateway}/quantized", name, api_key)
             assert child.shape == parent.shape and (child * parent).sum(1).min() >= floor, name
     finally:
         serve.delete("mass-quantized")

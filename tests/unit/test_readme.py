@@ -58,7 +58,8 @@ def test_benchmark_tables_are_the_saved_runs(name, saved):
         if saved == "serving":
             assert {"in_process_1x2", "in_process_2x1", "gateway"} <= set(result["texts_per_s"])
     elif name == "compression":
-        assert [r["label"] for r in result["card"]["rows"]][::3] == ["parent fp32", "onnx int8"]
+        assert [r["label"] for r in result["card"]["rows"]][:3] == ["parent fp32", "parent bf16", "onnx fp32"]
+        assert set(result["cards"]) == set(result["methods"]) and {"onnx-int8", "torch-int8"} <= set(result["methods"])
     elif name == "proxy":
         assert {"embed_on", "embed_off", "chat_on", "chat_off"} == set(result["rates"])
     else:
