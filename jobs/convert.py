@@ -1,7 +1,8 @@
 """Conversion job entry: ``python jobs/convert.py minilm-l6@production --method onnx-int8 [--gate ...]``.
 
 Runs unchanged locally or through ``ray job submit``; prints one JSON result line (the card, the gate's verdict,
-the registered version); exits non-zero with a one-line error on failure.
+the registered version); exits 1 when the child was refused, and non-zero with a one-line error when the job could
+not run.
 """
 
 import sys

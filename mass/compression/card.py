@@ -177,7 +177,7 @@ class Card:
                  "throughput, batch 32 | speed-up | cosine to parent | top-10 overlap |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
-            lines.append(f"| {r.label} | {r.runtime} {r.dtype} | {r.disk_bytes / 1e6:.1f} MB "
+            lines.append(f"| {r.label} | {r.runtime.removesuffix('-' + r.dtype)} {r.dtype} | {r.disk_bytes / 1e6:.1f} MB "
                          f"({r.disk_bytes / parent.disk_bytes:.2f}x) | {r.weight_bytes / 1e6:.1f} MB "
                          f"({r.weight_bytes / max(parent.weight_bytes, 1):.2f}x) | {r.rss_bytes / 1e6:.0f} MB | "
                          f"{r.latency_ms:.2f} ms | "

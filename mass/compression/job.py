@@ -14,7 +14,7 @@ from typing import Any
 
 from mass.compression.card import Card, Row, Subject, agreement, eval_texts, measure_encoder
 from mass.compression.gate import Gate
-from mass.errors import ConfigError, MassError, ParityError
+from mass.errors import ConfigError, JobFailed, MassError, ParityError
 
 log = logging.getLogger(__name__)
 
@@ -157,13 +157,14 @@ def run_compression(ref: str, methods: list[str] | tuple[str, ...], name: str | 
     passes ``gate`` (``mass.compression.gate``) as a new version of ``name`` (default: ``<parent>-<method>``).
 
     Everything that can be refused is checked before any work: the methods (known, runnable on this node), the
-    gate expression, the tolerance, the ``float_layers`` pattern (torch-int8; default ``torch_int8.FLOAT_LAYERS``),
-    the parent (an embedding model stored as an HF directory). Children are made
-    in parallel (one task each); measurements then run one at a time, each in a fresh worker, so none shares the
+    gate expression, the tolerance, the ``float_layers`` pattern (torch-int8; default
+    ``torch_int8.FLOAT_LAYERS``), the parent (an embedding model stored as an HF directory). Children are made in
+    parallel (one task each); measurements then run one at a time, each in a fresh worker, so none shares the
     CPUs with another. An ONNX export must match the parent within ``tolerance`` (max absolute difference of the
     embeddings on held-out texts), or its methods are refused; when every method is, this raises
-    ``ParityError``. A method whose task fails is reported with its ``error``; the others go on. ``threads``
-    (default: the node's CPUs) is what every measurement runs with.
+    ``ParityError`` right after the check. A method whose task fails (or whose worker dies) is reported with its
+    ``error`` and the others go on; when none could be made this raises ``JobFailed`` before measuring anything.
+    ``threads`` (default: the node's CPUs) is what every measurement runs with.
     """
     from mass.cluster import connect_ray
     from mass.registry import ModelRegistry
@@ -234,18 +235,24 @@ class _Job:
                     made[method] = ray.get(task)
                 except Exception as exc:  # one method failing does not lose the others' children
                     made[method] = exc
+                    log.error("%s of %s failed: %s", method, self.parent.ref, _cause(exc))
+            if all(isinstance(child, Exception) for child in made.values()):  # nothing to measure or register
+                raise JobFailed("no child could be made: " + "; ".join(f"{m}: {_cause(e)}" for m, e in made.items())
+                                + "; nothing was measured or registered", methods=methods)
             # the measurements, one at a time (a fresh worker each: memory is measured from a clean start)
             base, *parent_vectors = self._measure(Subject("parent fp32", paths["parent"], paths["tokenizer"]))
             self.parent_vectors = parent_vectors
-            bf16 = self._compare(Subject("parent bf16", paths["parent"], paths["tokenizer"], dtype="bfloat16"))
-            shared = [base, bf16]
             parity: str | None = None
-            if export:
+            if export:  # checked before anything else is spent on the export's children
                 onnx, self.worst = self._compare(_subject("onnx", paths["export"]), worst=True)
-                shared.append(onnx)
                 if self.worst > tolerance:
                     parity = (f"the ONNX export of {self.parent.ref} differs from it by up to {self.worst:.3g} "
                               f"(tolerance {tolerance:g}) on {sum(map(len, self.texts))} held-out texts")
+                    if all(METHODS[m].export for m in methods):
+                        raise ParityError(f"{parity}; nothing was registered", max_abs_diff=self.worst,
+                                          tolerance=tolerance)
+            bf16 = self._compare(Subject("parent bf16", paths["parent"], paths["tokenizer"], dtype="bfloat16"))
+            shared = [base, bf16] + ([onnx] if export else [])
             results = []
             for method in methods:
                 m = METHODS[method]
@@ -253,7 +260,6 @@ class _Job:
                 child = name or f"{self.parent.name}-{method}"
                 if isinstance(made[method], Exception):
                     error = _cause(made[method])
-                    log.error("%s of %s failed: %s", method, self.parent.ref, error)
                     results.append(CompressionResult(self.parent.ref, method, False, self.gate.text,
                                                      f"not made: {error}", {}, None, None, error))
                     continue
@@ -265,8 +271,6 @@ class _Job:
                 results.append(self._settle(method, child, made[method], card, params, refusal, aliases))
         finally:
             ray.get(ray.remote(_cleanup).options(num_cpus=0, **self.pinned).remote(paths["work"]))
-        if parity and all(METHODS[m].export for m in methods):
-            raise ParityError(f"{parity}; nothing was registered", max_abs_diff=self.worst, tolerance=tolerance)
         return results
 
     def _measure(self, subject: Subject) -> tuple[Row, Any, Any]:

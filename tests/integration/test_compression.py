@@ -162,3 +162,49 @@ def test_quantized_children_reload_without_their_source_and_serve_through_the_ga
             assert child.shape == parent.shape and (child * parent).sum(1).min() >= floor, name
     finally:
         serve.delete("mass-quantized")
+
+
+def test_a_task_killed_mid_way_leaves_no_version_and_says_which_method(gateway, ray_cluster):
+    """The worker making the only child is killed (SIGKILL, as the OOM killer would): the job fails naming the
+    method and the cause, before measuring anything; no model, version or work directory is left behind."""
+    import glob
+    import os
+    import signal
+    import tempfile
+    import threading
+    import time
+
+    import psutil
+
+    from mass.errors import JobFailed, ModelNotFound
+
+    pattern = os.path.join(tempfile.gettempdir(), "mass-compress-*")  # where the job's tasks make their work dirs
+    work_dirs = set(glob.glob(pattern))
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            run_compression("minilm-l6@production", ["torch-int8"], name="minilm-killed", threads=2, rounds=1,
+                            address=ray_cluster.gcs_address)
+        except Exception as exc:  # the outcome is what the test checks
+            outcome["error"] = exc
+
+    job = threading.Thread(target=run)
+    job.start()
+    killed, deadline = None, time.monotonic() + 180
+    while killed is None and time.monotonic() < deadline and job.is_alive():
+        for proc in psutil.process_iter(["cmdline"]):
+            if proc.info["cmdline"] and proc.info["cmdline"][0].startswith("ray::_make"):
+                killed = proc.pid
+                os.kill(killed, signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    job.join(timeout=300)
+    assert killed is not None and not job.is_alive()
+    error = outcome.get("error")
+    assert isinstance(error, JobFailed), error
+    assert "no child could be made: torch-int8:" in error.message and "nothing was measured or registered" in \
+        error.message
+    with pytest.raises(ModelNotFound):
+        ModelRegistry().resolve("minilm-killed")
+    assert set(glob.glob(pattern)) <= work_dirs  # the work directory went with the job
