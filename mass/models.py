@@ -117,13 +117,14 @@ def onnx_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
 
 
-def _fixed_precision(ref: str, what: str, dtype: str, quantization: str, device: str | None) -> None:
-    """Refuse load options that a precompiled artifact (``what``) cannot honour."""
+def _fixed_precision(ref: str, what: str, dtype: str, quantization: str, device: str | None,
+                     cpu_only: bool = True) -> None:
+    """Refuse load options that a precompiled artifact (``what``) cannot honour (and GPUs, when ``cpu_only``)."""
     if dtype not in ("auto", "float32") or quantization != "none":
         raise ConfigError(f"{ref} is {what}: its precision was fixed when it was made; leave dtype and "
                           f"quantization at their defaults (got dtype={dtype!r}, quantization={quantization!r})",
                           field="dtype" if dtype not in ("auto", "float32") else "quantization")
-    if device not in (None, "cpu"):
+    if cpu_only and device not in (None, "cpu"):
         raise ConfigError(f"{ref} is {what}, which runs on the CPU; serve it without GPUs (got device {device!r})",
                           field="num_gpus")
 
@@ -144,10 +145,7 @@ def load_bnb_dir(directory: Path, tokenizer_dir: Path, ref: str, dtype: str = "a
                  device: str | None = None):
     """(model, tokenizer) of a bitsandbytes copy: an HF directory whose config carries its quantization (CPU, or
     the GPU ``device``); ``dtype`` and ``quantization`` must be left at their defaults."""
-    if dtype != "auto" or quantization != "none":
-        raise ConfigError(f"{ref} is a bitsandbytes model: its precision was fixed when it was made; leave dtype and "
-                          f"quantization at their defaults (got dtype={dtype!r}, quantization={quantization!r})",
-                          field="dtype" if dtype != "auto" else "quantization")
+    _fixed_precision(ref, "a bitsandbytes model", dtype, quantization, device, cpu_only=False)
     return load_hf_dir(directory, "embedding", tokenizer_dir=tokenizer_dir, device=device)
 
 

@@ -207,8 +207,7 @@ class ModelRegistry:
             log_model, size, fmt = self._transformers_logger(task, *source), weights_bytes(source[0]), "transformers"
         elif (Path(source) / ONNX_FILE).is_file():
             log_model, size, fmt = self._onnx_logger(task, Path(source)), onnx_bytes(Path(source)), "onnx"
-        elif quantized_format(Path(source)):
-            fmt = quantized_format(Path(source))
+        elif fmt := quantized_format(Path(source)):
             size = sum(f.stat().st_size for f in Path(source).iterdir() if f.suffix in (".pt", ".safetensors"))
             log_model = self._files_logger(task, Path(source), fmt)
         else:
