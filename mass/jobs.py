@@ -54,6 +54,16 @@ def run_quantize_job(argv: list[str]) -> int:
                             add_quantize_args, lambda args: quantize_from_args(args, address=args.address))
 
 
+def run_distill_job(argv: list[str]) -> int:
+    """Run the distillation job (``mass.compression.distill``) with ``argv``; return an exit code: 0 when every
+    student was registered, 1 when one was refused or could not be trained."""
+    from mass.compression.distill import add_distill_args, distill_from_args
+
+    return _compression_job(argv, "jobs/distill.py", "Distil a registered encoder into smaller students (Ray "
+                            "Train), measure each against its teacher, register those that pass.",
+                            add_distill_args, lambda args: distill_from_args(args, address=args.address))
+
+
 def _compression_job(argv: list[str], prog: str, description: str, add_args, run) -> int:
     """Parse, run and print one JSON line per child (conversion: one line, as before)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)

@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_args(compress.add_parser("quantize", help="quantize an encoder by several methods in parallel "
                                           "(torch-int8, onnx-int8, bnb-int8, bnb-nf4), each child measured against "
                                           "its parent and registered if it passes the gate"))
+    from mass.compression.distill import add_distill_args
+
+    add_distill_args(compress.add_parser("distill", help="distil an encoder into smaller students (Ray Train, DDP), "
+                                         "each measured against its teacher and registered if it passes the gate"))
 
     usage = sub.add_parser("usage", help="the usage ledger: requests and tokens per key, model or day")
     usage.add_argument("--key", default=None, help="one key (name or id); default: every key")
@@ -621,6 +625,17 @@ def _compress_quantize(args) -> int:
     from mass.compression.quantize import quantize_from_args
 
     results = quantize_from_args(args)
+    emit(args.output, [r.to_dict() for r in results], "\n\n".join(result_text(r) for r in results))
+    return 0 if all(r.registered for r in results) else 1
+
+
+@command("compress distill")
+def _compress_distill(args) -> int:
+    from mass.cli.output import emit
+    from mass.compression.distill import distill_from_args
+    from mass.compression.job import result_text
+
+    results = distill_from_args(args)
     emit(args.output, [r.to_dict() for r in results], "\n\n".join(result_text(r) for r in results))
     return 0 if all(r.registered for r in results) else 1
 

@@ -27,8 +27,9 @@ def run_convert(ref: str, method: str = "onnx-int8", name: str | None = None, ga
                            address=address)[0]
 
 
-def add_common_args(parser) -> None:
-    """The options conversion and quantization share (gate, name, measurements)."""
+def add_common_args(parser, embeddings: bool = True) -> None:
+    """The options every compression command shares (gate, name, measurements; ``embeddings``: the int8 option
+    to keep the embedding tables in float)."""
     from mass.compression.gate import DEFAULT_GATE, FIGURES
 
     parser.add_argument("ref", help="the registered encoder to compress: name, name/3 or name@alias")
@@ -36,7 +37,9 @@ def add_common_args(parser) -> None:
                                                      "<parent>-<method>, e.g. minilm-l6-onnx-int8)")
     parser.add_argument("--gate", default=None, help=f"registration condition over {', '.join(FIGURES)} "
                                                      f"(default: {DEFAULT_GATE!r})")
-    parser.add_argument("--keep-embeddings", action="store_true", help="int8: leave the embedding tables in float")
+    if embeddings:
+        parser.add_argument("--keep-embeddings", action="store_true",
+                            help="int8: leave the embedding tables in float")
     parser.add_argument("--alias", action="append", default=[], help="point these aliases at the child "
                                                                      "(one method only)")
     parser.add_argument("--threads", type=int, default=None, help="threads each measurement runs with "

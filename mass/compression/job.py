@@ -50,6 +50,10 @@ METHODS = {
 }
 
 
+#: how a distilled student is run and measured (it is made by ``mass.compression.distill``, not by a task here)
+DISTILLED = Method("a smaller encoder trained to reproduce its teacher's embeddings (Ray Train)", "torch", "float32")
+
+
 @dataclass
 class CompressionResult:
     """What a compression job did for one method: the card, the gate's verdict and why, and the version it
@@ -68,6 +72,18 @@ class CompressionResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Child:
+    """One child a job makes: ``key`` is unique in the job (the default model name is ``<parent>-<key>``),
+    ``method`` names how it is made (a ``METHODS`` key, or ``distill``), ``params`` go into its lineage, and
+    ``label`` heads its row on the card (default: from the method's runtime and precision)."""
+
+    key: str
+    method: str
+    params: dict[str, Any]
+    label: str | None = None
 
 
 def unsupported(method: str) -> str | None:
@@ -124,13 +140,13 @@ def _make(method: str, paths: dict[str, str], options: dict[str, Any]) -> str:
                             METHODS[method].precision))
 
 
-def _subject(method: str, path: str) -> Subject:
-    """How the card measures ``method``'s child at ``path``."""
-    m = METHODS[method]
-    tokenizer = f"{path}/tokenizer"
-    label = {"onnx": "onnx", "torch-int8": "torch", "bnb": "bnb"}[m.runtime]
-    return Subject(f"{label} {'fp32' if m.precision == 'float32' else m.precision}", path, tokenizer,
-                   runtime=m.runtime, dtype=m.precision)
+def _subject(child: Child, path: str) -> Subject:
+    """How the card measures ``child``, whose files are at ``path`` (its tokenizer in ``tokenizer/``)."""
+    m = METHODS.get(child.method, DISTILLED)
+    label = {"onnx": "onnx", "torch-int8": "torch", "bnb": "bnb", "torch": "torch"}[m.runtime]
+    tokenizer = path if m is DISTILLED else f"{path}/tokenizer"  # a student is a plain HF directory
+    return Subject(child.label or f"{label} {'fp32' if m.precision == 'float32' else m.precision}", path,
+                   tokenizer, runtime=m.runtime, dtype=m.precision)
 
 
 def _register(path: str, name: str, run_id: str, metrics: dict[str, float], lineage: dict[str, str],
@@ -188,6 +204,18 @@ def run_compression(ref: str, methods: list[str] | tuple[str, ...], name: str | 
     if not 0 < tolerance < 1:
         raise ConfigError(f"tolerance must be in (0, 1), got {tolerance!r}", field="tolerance")
     registry = ModelRegistry()
+    parent = check_parent(registry, ref)
+    connect_ray(address)
+    job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds)
+    options = {"per_channel": per_channel, "embeddings": embeddings, "float_layers": float_layers}
+    children = [Child(m, m, METHODS[m].params(tolerance, **options)) for m in methods]
+    return job.run(children, name, aliases, lambda paths: _make_in_tasks(job, children, paths, options),
+                   tolerance)
+
+
+def check_parent(registry, ref: str):
+    """The parent's version, when it is an encoder stored as an HF directory (not already compressed);
+    ``ConfigError`` naming what to compress instead otherwise."""
     parent = registry.resolve(ref)
     if parent.task != "embedding":
         raise ConfigError(f"{parent.ref} is a {parent.task} model; compression serves encoders (embedding models) "
@@ -196,25 +224,40 @@ def run_compression(ref: str, methods: list[str] | tuple[str, ...], name: str | 
         raise ConfigError(f"{parent.ref} is already a compressed model ({parent.lineage.get('method', parent.format)})"
                           f"; compress its source "
                           f"({parent.lineage.get('parent', 'the float model it came from')}) instead", field="ref")
-    queries, documents = eval_texts()
-    connect_ray(address)
-    threads = threads or os.cpu_count() or 1
-    job = _Job(registry, parent, checked, (queries, documents), threads, rounds)
-    options = {"per_channel": per_channel, "embeddings": embeddings, "float_layers": float_layers}
-    return job.run(methods, name, tolerance, options, aliases)
+    return parent
+
+
+def _make_in_tasks(job: "_Job", children: list[Child], paths: dict[str, str],
+                   options: dict[str, Any]) -> dict[str, str | Exception]:
+    """Each child made by a Ray task of its own on the parent's node, all in parallel; a failed one is its error."""
+    import ray
+
+    make = ray.remote(_make).options(num_cpus=1, max_retries=0, **job.pinned)
+    pending = {c.key: make.remote(c.method, paths, options) for c in children}  # in parallel
+    made: dict[str, str | Exception] = {}
+    for key, task in pending.items():
+        try:
+            made[key] = ray.get(task)
+        except Exception as exc:  # one method failing does not lose the others' children
+            made[key] = exc
+    return made
 
 
 class _Job:
-    """One run of ``run_compression`` on the cluster (state shared by its steps)."""
+    """One compression job on the cluster (state shared by its steps): prepare the parent on one node, make the
+    children (a function of the job's kind), measure the parent once and each child after it, settle each."""
 
-    def __init__(self, registry, parent, gate: Gate, texts: tuple[list[str], list[str]], threads: int,
-                 rounds: int) -> None:
-        self.registry, self.parent, self.gate, self.texts = registry, parent, gate, texts
+    def __init__(self, registry, parent, gate: Gate, threads: int, rounds: int) -> None:
+        self.registry, self.parent, self.gate = registry, parent, gate
+        self.texts = eval_texts()
         self.threads, self.rounds = threads, rounds
 
-    def run(self, methods: list[str], name: str | None, tolerance: float, options: dict[str, Any],
-            aliases: tuple[str, ...]) -> list[CompressionResult]:
-        """Make, measure, gate and register every method's child (see ``run_compression``)."""
+    def run(self, children: list[Child], name: str | None, aliases: tuple[str, ...], make,
+            tolerance: float = 1e-4, history: dict[str, dict[str, list[float]]] | None = None
+            ) -> list[CompressionResult]:
+        """Make (``make(paths)``: child key -> the child's directory on the pinned node, or the error that stopped
+        it), measure, gate and register every child (see ``run_compression``). ``history``: per child key, metric
+        series (e.g. a training loss by epoch) logged into its run."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -222,53 +265,47 @@ class _Job:
 
         # every task sees this process's settings (registry, home, database), as serving's replicas do
         env = {"runtime_env": {"env_vars": {k: v for k, v in settings_env(get_settings()).items() if v}}}
-        export = any(METHODS[m].export for m in methods)
+        export = any(METHODS.get(c.method, DISTILLED).export for c in children)
         paths = ray.get(ray.remote(_prepare).options(num_cpus=1, max_retries=0, **env).remote(self.parent.ref,
                                                                                                export))
         self.pinned = {"scheduling_strategy": NodeAffinitySchedulingStrategy(paths["node"], soft=False), **env}
         try:
-            make = ray.remote(_make).options(num_cpus=1, max_retries=0, **self.pinned)
-            pending = {m: make.remote(m, paths, options) for m in methods}  # in parallel
-            made: dict[str, str | Exception] = {}
-            for method, task in pending.items():
-                try:
-                    made[method] = ray.get(task)
-                except Exception as exc:  # one method failing does not lose the others' children
-                    made[method] = exc
-                    log.error("%s of %s failed: %s", method, self.parent.ref, _cause(exc))
+            made = make(paths)
+            for key, child in made.items():
+                if isinstance(child, Exception):
+                    log.error("%s of %s failed: %s", key, self.parent.ref, _cause(child))
             if all(isinstance(child, Exception) for child in made.values()):  # nothing to measure or register
-                raise JobFailed("no child could be made: " + "; ".join(f"{m}: {_cause(e)}" for m, e in made.items())
-                                + "; nothing was measured or registered", methods=methods)
+                raise JobFailed("no child could be made: " + "; ".join(f"{k}: {_cause(e)}" for k, e in made.items())
+                                + "; nothing was measured or registered", methods=[c.key for c in children])
             # the measurements, one at a time (a fresh worker each: memory is measured from a clean start)
             base, *parent_vectors = self._measure(Subject("parent fp32", paths["parent"], paths["tokenizer"]))
             self.parent_vectors = parent_vectors
             parity: str | None = None
             if export:  # checked before anything else is spent on the export's children
-                onnx, self.worst = self._compare(_subject("onnx", paths["export"]), worst=True)
+                onnx, self.worst = self._compare(_subject(Child("onnx", "onnx", {}), paths["export"]), worst=True)
                 if self.worst > tolerance:
                     parity = (f"the ONNX export of {self.parent.ref} differs from it by up to {self.worst:.3g} "
                               f"(tolerance {tolerance:g}) on {sum(map(len, self.texts))} held-out texts")
-                    if all(METHODS[m].export for m in methods):
+                    if all(METHODS.get(c.method, DISTILLED).export for c in children):
                         raise ParityError(f"{parity}; nothing was registered", max_abs_diff=self.worst,
                                           tolerance=tolerance)
             bf16 = self._compare(Subject("parent bf16", paths["parent"], paths["tokenizer"], dtype="bfloat16"))
             shared = [base, bf16] + ([onnx] if export else [])
             results = []
-            for method in methods:
-                m = METHODS[method]
-                params = m.params(tolerance, **options)
-                child = name or f"{self.parent.name}-{method}"
-                if isinstance(made[method], Exception):
-                    error = _cause(made[method])
-                    results.append(CompressionResult(self.parent.ref, method, False, self.gate.text,
+            for child in children:
+                m = METHODS.get(child.method, DISTILLED)
+                if isinstance(made[child.key], Exception):
+                    error = _cause(made[child.key])
+                    results.append(CompressionResult(self.parent.ref, child.method, False, self.gate.text,
                                                      f"not made: {error}", {}, None, None, error))
                     continue
-                rows = shared[:2] + ([shared[2]] if method == "onnx-int8" else [])
-                rows.append(shared[2] if method == "onnx" else self._compare(_subject(method, made[method])))
-                card = Card(self.parent.ref, method, params, rows,
+                rows = shared[:2] + ([shared[2]] if child.method == "onnx-int8" else [])
+                rows.append(shared[2] if child.method == "onnx" else self._compare(_subject(child, made[child.key])))
+                card = Card(self.parent.ref, child.method, child.params, rows,
                             {"queries": len(self.texts[0]), "documents": len(self.texts[1])})
                 refusal = parity if m.export else None
-                results.append(self._settle(method, child, made[method], card, params, refusal, aliases))
+                results.append(self._settle(child, name or f"{self.parent.name}-{child.key}", made[child.key], card,
+                                            refusal, aliases, (history or {}).get(child.key, {})))
         finally:
             ray.get(ray.remote(_cleanup).options(num_cpus=0, **self.pinned).remote(paths["work"]))
         return results
@@ -288,30 +325,33 @@ class _Job:
             return row, max(float(abs(p - c).max()) for p, c in zip(self.parent_vectors, vectors))
         return row
 
-    def _settle(self, method: str, name: str, path: str, card: Card, params: dict[str, Any], refusal: str | None,
-                aliases: tuple[str, ...]) -> CompressionResult:
+    def _settle(self, child: Child, name: str, path: str, card: Card, refusal: str | None,
+                aliases: tuple[str, ...], history: dict[str, list[float]]) -> CompressionResult:
         """Gate one child, log its card into a run of its own, register it if it passed, announce the outcome."""
         import ray
 
         figures = card.figures
         passed, why = (False, f"refused: {refusal}") if refusal else self.gate.check(figures)
-        log.info("%s of %s: %s (%s)", method, self.parent.ref, "passed" if passed else "refused", why)
+        log.info("%s of %s: %s (%s)", child.key, self.parent.ref, "passed" if passed else "refused", why)
         registered = None
-        with self.registry.tracked_run(f"compress-{self.parent.name}-{method}",
+        with self.registry.tracked_run(f"compress-{self.parent.name}-{child.key}",
                                        {"mass.kind": "compress", "mass.parent": self.parent.ref}) as run_id:
             _log_card(self.registry, run_id, card, passed)
+            for key, series in history.items():
+                for step, value in enumerate(series, 1):
+                    self.registry.client.log_metric(run_id, key, float(value), step=step)
             if passed:
-                lineage = {"parent": self.parent.ref, "method": method,
-                           "params": json.dumps(params, sort_keys=True), "source_run": run_id}
+                lineage = {"parent": self.parent.ref, "method": child.method,
+                           "params": json.dumps(child.params, sort_keys=True), "source_run": run_id}
                 registered = ray.get(ray.remote(_register).options(num_cpus=0, max_retries=0, **self.pinned).remote(
                     path, name, run_id, {k: v for k, v in figures.items() if v is not None}, lineage,
                     {"card": card.to_dict(), "gate": self.gate.text}, list(aliases),
-                    f"{METHODS[method].help} of {self.parent.ref}; {why}"))
+                    f"{METHODS.get(child.method, DISTILLED).help} of {self.parent.ref}; {why}"))
         self.registry.announce("compression.completed", {
             "model": name, "version": registered.split("/")[1] if registered else None, "parent": self.parent.ref,
-            "method": method, "metrics": {k: v for k, v in figures.items() if v is not None}})
-        return CompressionResult(self.parent.ref, method, passed, self.gate.text, why, card.to_dict(), registered,
-                                 run_id)
+            "method": child.method, "metrics": {k: v for k, v in figures.items() if v is not None}})
+        return CompressionResult(self.parent.ref, child.method, passed, self.gate.text, why, card.to_dict(),
+                                 registered, run_id)
 
 
 def _cause(exc: Exception) -> str:

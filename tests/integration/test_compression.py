@@ -208,3 +208,71 @@ def test_a_task_killed_mid_way_leaves_no_version_and_says_which_method(gateway, 
     with pytest.raises(ModelNotFound):
         ModelRegistry().resolve("minilm-killed")
     assert set(glob.glob(pattern)) <= work_dirs  # the work directory went with the job
+
+
+@pytest.fixture(scope="module")
+def distilled(gateway, ray_cluster):
+    """minilm-l6@production distilled into a 2-layer student by a short Ray Train run (2 DDP workers, 256 texts, 2
+    epochs): enough to lift it well above where it starts (cosine 0.30 to its teacher before any training)."""
+    from mass.compression.distill import run_distillation
+
+    results = run_distillation("minilm-l6@production", layers=["2"], max_texts=256, epochs=2, max_length=64,
+                               threads=2, rounds=1, gate="quality >= 0.5 and speedup > 1.2",
+                               address=ray_cluster.gcs_address)
+    assert len(results) == 1
+    return results[0]
+
+
+def test_a_distilled_student_learns_from_its_teacher_and_is_registered_with_its_lineage(distilled):
+    import json
+
+    from mass.compression.job import check_parent
+
+    result, registry = distilled, ModelRegistry()
+    assert result.passed and result.registered == "minilm-l6-distill-2l/1", result.why
+    assert [r["label"] for r in result.card["rows"]] == ["parent fp32", "parent bf16", "student 2L fp32"]
+    figures = result.card["figures"]
+    assert figures["quality"] >= 0.5 and figures["speedup"] > 1.2 and figures["size"] < 0.75, figures
+    info = registry.resolve(result.registered)
+    assert info.format == "transformers" and info.task == "embedding" and info.lineage["method"] == "distill"
+    params = json.loads(info.lineage["params"])
+    assert params["layers"] == [2, 5] and params["workers"] == 2 and params["loss"] == "cosine"
+    losses = [m.value for m in registry.client.get_metric_history(result.run_id, "distill_loss")]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    model, _, _ = registry.load(result.registered)
+    assert model.config.num_hidden_layers == 2 and len(model.encoder.layer) == 2
+    check_parent(registry, result.registered)  # a student is a float encoder: it can be quantized in turn
+
+
+@pytest.fixture(scope="module")
+def foreign_encoder(gateway):
+    """A small encoder with a tokenizer of its own (BPE trained on the corpus), registered: no student of MiniLM."""
+    from transformers import BertConfig, BertModel
+
+    from mass.compression.distill import train_texts
+    from mass.data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(train_texts(400), vocab_size=400, model_max_length=128)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=384, num_hidden_layers=1,
+                                 num_attention_heads=12, intermediate_size=64, max_position_embeddings=128))
+    return ModelRegistry().register((model.eval(), tokenizer), "foreign-encoder", "embedding").ref
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"layers": ["6"]}, r"a student of 6 layers is not smaller than its teacher \(6 layers\)"),
+    ({"layers": ["3", "0,2,4"]}, "two students of 3 layers"),
+    ({"student": "foreign-encoder/1"}, r"tokenizer \(\d+ tokens\) differs from the teacher's \(30522 tokens\)"),
+    ({"student": "tiny-gpt/1"}, "is a text-generation model"),
+    ({"student": "foreign-encoder/1", "layers": ["2"]}, "not both"),
+    ({"loss": "kl"}, "unknown loss 'kl'"),
+    ({"max_texts": 10}, "10 training texts cannot fill one batch of 32 on each of 2 workers"),
+    ({"gate": "speedup >"}, "does not parse"),
+])
+def test_a_student_that_cannot_be_is_refused_before_any_work(foreign_encoder, kwargs, needle):
+    from mass.compression.distill import run_distillation
+
+    registry = ModelRegistry()
+    runs = len(registry.client.search_runs([registry.experiment_id()], max_results=1000))
+    with pytest.raises(ConfigError, match=needle):
+        run_distillation("minilm-l6@production", **kwargs)
+    assert len(registry.client.search_runs([registry.experiment_id()], max_results=1000)) == runs

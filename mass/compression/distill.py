@@ -1,0 +1,373 @@
+"""Distillation of an encoder (``mass compress distill`` / ``jobs/distill.py``): a student — a subset of the
+teacher's layers, or a smaller registered encoder with the same tokenizer — is trained by a Ray Train job (DDP) to
+reproduce the teacher's sentence embeddings on the corpus's training texts, then measured against the teacher on
+its own card, gated and registered like every compressed child (``mass.compression.job``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+from mass.compression.job import Child, CompressionResult, _cause, check_parent
+from mass.errors import ConfigError, JobFailed
+
+log = logging.getLogger(__name__)
+
+LOSSES = {"cosine": "1 - cosine between the student's and the teacher's normalised mean-pooled embeddings",
+          "mse": "mean squared error between the (unnormalised) mean-pooled embeddings"}
+STATE_FILE = "student.pt"
+
+
+def pick_layers(total: int, spec: str) -> list[int]:
+    """The teacher layers a student keeps: ``"3"`` -> three evenly spaced, the last included (6 layers: 1, 3, 5);
+    ``"0,2,5"`` -> those. ``ConfigError`` when the student would not be smaller than its ``total``-layer teacher."""
+    text = str(spec).strip()
+    try:
+        picked = [int(x) for x in text.split(",")] if "," in text else None
+        count = None if picked else int(text)
+    except ValueError:
+        raise ConfigError(f"--layers {text!r}: give a layer count (3) or the teacher layers to keep (0,2,5)",
+                          field="layers") from None
+    if picked is None:
+        if not 1 <= count < total:
+            raise ConfigError(f"a student of {count} layers is not smaller than its teacher ({total} layers); give "
+                              f"1 to {total - 1}", field="layers")
+        return [round((i + 1) * total / count) - 1 for i in range(count)]
+    if sorted(set(picked)) != picked or not all(0 <= i < total for i in picked):
+        raise ConfigError(f"--layers {text!r}: teacher layers must be distinct, increasing and in 0..{total - 1}",
+                          field="layers")
+    if len(picked) >= total:
+        raise ConfigError(f"a student of {len(picked)} layers is not smaller than its teacher ({total} layers)",
+                          field="layers")
+    return picked
+
+
+def student_state(teacher_state: dict[str, Any], layers: list[int]) -> dict[str, Any]:
+    """The teacher's weights for a student of ``layers``: embeddings and pooler as they are, layer ``layers[j]``
+    as the student's layer ``j``."""
+    out = {}
+    for key, value in teacher_state.items():
+        parts = key.split(".")
+        if "layer" in parts and parts[parts.index("layer") + 1].isdigit() and "encoder" in parts:
+            at = parts.index("layer") + 1
+            index = int(parts[at])
+            if index not in layers:
+                continue
+            parts[at] = str(layers.index(index))
+        out[".".join(parts)] = value
+    return out
+
+
+def train_texts(limit: int | None = None, seed: int = 0) -> list[str]:
+    """Training texts from the corpus's train split (never the held-out texts the card measures on): every
+    document and its first line (short texts, as embedding requests mostly are), shuffled, at most ``limit``."""
+    import random
+
+    from mass.data.corpus import collect_documents
+
+    docs = [d["text"] for d in collect_documents(progress=False) if d["split"] == "train"]
+    texts = docs + [t.strip().splitlines()[0] for t in docs]
+    random.Random(seed).shuffle(texts)
+    return texts[:limit] if limit else texts
+
+
+def _build(spec: dict[str, Any]):
+    from transformers import AutoConfig, AutoModel
+
+    return AutoModel.from_config(AutoConfig.for_model(**spec))
+
+
+def _pooled(model, batch):
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """One Ray Train worker: the teacher's embeddings of this worker's share of the texts, then the student
+    trained data-parallel to reproduce them; rank 0 reports the loss per epoch and, after the last, the student."""
+    import tempfile
+
+    import numpy as np
+    import ray
+    import ray.train
+    import torch
+    from ray.train import Checkpoint
+    from ray.train.torch import get_device, prepare_model
+
+    from mass.training.progress import StepProgress, say, step_line
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg["threads"])
+    device = get_device()
+    tokenizer = ray.get(cfg["tokenizer"])
+    texts = ray.get(cfg["texts"])
+    mine = texts[: len(texts) // world * world][rank::world]  # equal shares: equal steps on every rank
+    batch, max_length = cfg["batch_size"], cfg["max_length"]
+
+    def tokens(chunk):
+        return {k: v.to(device) for k, v in tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
+                                                       return_tensors="pt").items()}
+
+    teacher = _build(cfg["teacher_spec"])
+    teacher.load_state_dict(ray.get(cfg["teacher_state"]))
+    teacher.to(device).eval()
+    with torch.inference_mode():
+        targets = torch.cat([_pooled(teacher, tokens(mine[i:i + 64])) for i in range(0, len(mine), 64)])
+    del teacher
+    if rank == 0:
+        say(f"teacher embeddings of {len(mine) * world} training texts ready")
+
+    student = _build(cfg["student_spec"])
+    student.load_state_dict(ray.get(cfg["student_state"]))
+    for key, param in student.named_parameters():  # the pooler is not part of a mean-pooled embedding
+        param.requires_grad_(not key.startswith("pooler."))
+    model = prepare_model(student)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"], weight_decay=0.01)
+    steps_per_epoch = max(1, len(mine) // batch)
+    total = steps_per_epoch * cfg["epochs"]
+    warmup = max(1, total // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up over a tenth of the steps, linear decay
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, 1 - (s - warmup) / max(1, total - warmup)))
+    losses: list[float] = []
+    model.train()
+    for epoch in range(cfg["epochs"]):
+        order = np.random.default_rng(cfg["seed"] + epoch).permutation(len(mine))
+        started, running = time.perf_counter(), 0.0
+        for i in range(steps_per_epoch):
+            idx = order[i * batch:(i + 1) * batch]
+            pooled, target = _pooled(model, tokens([mine[j] for j in idx])), targets[idx]
+            if cfg["loss"] == "cosine":
+                loss = (1 - torch.nn.functional.cosine_similarity(pooled, target, dim=-1)).mean()
+            else:
+                loss = ((pooled - target) ** 2).sum(-1).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            running += loss.item()
+            if rank == 0 and ((i + 1) % cfg["log_every"] == 0 or i == steps_per_epoch - 1):
+                say(step_line(StepProgress(epoch + 1, cfg["epochs"], i + 1, steps_per_epoch, loss.item()),
+                              scheduler.get_last_lr()[0], (i + 1) / (time.perf_counter() - started)))
+        losses.append(running / steps_per_epoch)
+        last = epoch == cfg["epochs"] - 1
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0 and last:
+                raw = model.module if hasattr(model, "module") else model
+                torch.save(raw.state_dict(), os.path.join(tmp, STATE_FILE))
+                checkpoint = Checkpoint.from_directory(tmp)
+            ray.train.report({"epoch": epoch + 1, "loss": losses[-1], "losses": list(losses)}, checkpoint=checkpoint)
+
+
+def _save_student(work: str, key: str, spec: dict[str, Any], state: dict[str, Any], tokenizer_dir: str) -> str:
+    """Write the trained student as an HF directory (model and tokenizer) in the job's work directory on the
+    parent's node — a Ray task; its path."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    model = _build(spec)
+    model.load_state_dict(state)
+    out = Path(work) / key
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True).save_pretrained(out)
+    return str(out)
+
+
+def _student_model(registry, ref: str, teacher, teacher_tokenizer):
+    """(config dict, state) of a registered encoder to start the student from, when it can learn from the teacher:
+    an embedding model, smaller, with the same tokenizer and embedding width; ``ConfigError`` otherwise."""
+    info = registry.resolve(ref)
+    if info.task != "embedding" or info.format != "transformers":
+        raise ConfigError(f"student {info.ref} is a {info.task} model stored as {info.format}; a student is an "
+                          "encoder stored as an HF directory", field="student")
+    model, tokenizer, _ = registry.load(info.ref)
+    if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ConfigError(f"student {info.ref}'s tokenizer ({len(tokenizer)} tokens) differs from the teacher's "
+                          f"({len(teacher_tokenizer)} tokens); a student must read the same token ids — start it "
+                          "from the teacher's layers (--layers) instead", field="student")
+    sizes = [sum(p.numel() for p in m.parameters()) for m in (model, teacher)]
+    if sizes[0] >= sizes[1]:
+        raise ConfigError(f"student {info.ref} ({sizes[0]:,} parameters) is not smaller than its teacher "
+                          f"({sizes[1]:,})", field="student")
+    if model.config.hidden_size != teacher.config.hidden_size:
+        raise ConfigError(f"student {info.ref} embeds in {model.config.hidden_size} dimensions, its teacher in "
+                          f"{teacher.config.hidden_size}; they must match to replace it", field="student")
+    return info, model.config.to_dict(), model.state_dict()
+
+
+def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None, student: str | None = None,
+                     name: str | None = None, gate: str | None = None, loss: str = "cosine", epochs: int = 2,
+                     lr: float = 5e-4, batch_size: int = 32, max_length: int = 128, max_texts: int | None = None,
+                     workers: int = 2, cpus_per_worker: float = 1.0, seed: int = 0, log_every: int = 20,
+                     aliases: tuple[str, ...] = (), threads: int | None = None, rounds: int = 3,
+                     address: str | None = None) -> list[CompressionResult]:
+    """Distil the registered encoder ``ref`` into one student per ``layers`` entry (a count or teacher layer
+    indices, see ``pick_layers``; default one of 3 layers) — or into the registered encoder ``student`` — and register each that passes
+    ``gate`` as a new version of ``name`` (default ``<parent>-distill-<N>l``), lineage ``method: distill``.
+
+    Checked before any work: the options, the gate, the parent (an encoder stored as an HF directory), that every
+    student is smaller than the teacher and (``student``) reads the same tokenizer, and that the cluster can
+    hold ``workers`` x ``cpus_per_worker``. Students are trained one after another, each by a Ray Train job of
+    ``workers`` DDP workers for ``epochs`` over the corpus's training texts (``max_texts`` caps them); then
+    each is measured against the teacher on its card (as ``run_compression`` does). A student whose training
+    fails is reported with its error; when none could be trained this raises ``JobFailed``.
+    """
+    from mass.cluster import connect_ray, require
+    from mass.compression.gate import Gate
+    from mass.compression.job import _Job
+    from mass.registry import ModelRegistry
+
+    if loss not in LOSSES:
+        raise ConfigError(f"unknown loss {loss!r}; losses: {', '.join(LOSSES)}", field="loss")
+    for field, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("workers", workers, 1),
+                              ("max_length", max_length, 8)):
+        if int(value) < low:
+            raise ConfigError(f"{field} must be at least {low}, got {value!r}", field=field)
+    if not 0 < lr < 1:
+        raise ConfigError(f"lr must be in (0, 1), got {lr!r}", field="lr")
+    if student and layers:
+        raise ConfigError("give --student or --layers, not both", field="student")
+    specs = [] if student else list(layers or ("3",))
+    if aliases and len(specs) > 1:
+        raise ConfigError("--alias needs a single student (each registers a model of its own)", field="alias")
+    checked = Gate.parse(gate)
+    registry = ModelRegistry()
+    parent = check_parent(registry, ref)
+    teacher, tokenizer, _ = registry.load(parent.ref)
+    teacher_spec, total = teacher.config.to_dict(), teacher.config.num_hidden_layers
+    common = {"loss": loss, "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
+              "workers": workers, "seed": seed}
+    students: list[tuple[Child, dict[str, Any], dict[str, Any]]] = []
+    if student:
+        info, spec, state = _student_model(registry, student, teacher, tokenizer)
+        key = f"distill-{spec['num_hidden_layers']}l"
+        students.append((Child(key, "distill", {**common, "student": info.ref},
+                               f"student {spec['num_hidden_layers']}L fp32"), spec, state))
+    else:
+        teacher_state = teacher.state_dict()
+        for text in specs:
+            picked = pick_layers(total, text)
+            key = f"distill-{len(picked)}l"
+            if any(c.key == key for c, _, _ in students):
+                raise ConfigError(f"two students of {len(picked)} layers; each needs its own layer count",
+                                  field="layers")
+            spec = {**teacher_spec, "num_hidden_layers": len(picked)}
+            students.append((Child(key, "distill", {**common, "layers": picked},
+                                   f"student {len(picked)}L fp32"), spec, student_state(teacher_state, picked)))
+    texts = train_texts(max_texts, seed)
+    if len(texts) < workers * batch_size:
+        raise ConfigError(f"{len(texts)} training texts cannot fill one batch of {batch_size} on each of {workers} "
+                          "workers; lower batch_size or raise max_texts", field="max_texts")
+    connect_ray(address)
+    require("CPU", workers * cpus_per_worker, f"workers={workers} x cpus_per_worker={cpus_per_worker}",
+            "lower --workers or add nodes", "workers")
+    job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds)
+    history: dict[str, dict[str, list[float]]] = {}
+    shared = _SharedInputs(teacher_spec, teacher.state_dict(), tokenizer, texts)
+    del teacher
+
+    def make(paths: dict[str, str]) -> dict[str, str | Exception]:
+        import ray
+
+        made: dict[str, str | Exception] = {}
+        for child, spec, state in students:
+            try:
+                trained, losses = _fit(child, spec, state, shared, common, workers, cpus_per_worker, log_every)
+                history[child.key] = {"distill_loss": losses}
+                made[child.key] = ray.get(ray.remote(_save_student).options(num_cpus=1, max_retries=0, **job.pinned)
+                                          .remote(paths["work"], child.key, spec, trained, paths["tokenizer"]))
+            except Exception as exc:  # the next student still trains
+                log.error("%s of %s failed: %s", child.key, parent.ref, _cause(exc))
+                made[child.key] = exc
+        return made
+
+    return job.run([c for c, _, _ in students], name, aliases, make, history=history)
+
+
+def _worker_error(exc: Exception) -> str:
+    """The error a Train worker raised, out of the report Ray Train wraps it in (its last ``...Error: ...`` line)."""
+    import re
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt): ", line)]
+    return raised[-1] if raised else (lines[0] if lines else type(exc).__name__)
+
+
+class _SharedInputs:
+    """What every student's training reads, put into the object store once: the teacher and the texts."""
+
+    def __init__(self, teacher_spec, teacher_state, tokenizer, texts) -> None:
+        import ray
+
+        self.teacher_spec = teacher_spec
+        self.teacher_state, self.tokenizer, self.texts = ray.put(teacher_state), ray.put(tokenizer), ray.put(texts)
+
+
+def _fit(child: Child, spec: dict[str, Any], state: dict[str, Any], shared: _SharedInputs, common: dict[str, Any],
+         workers: int, cpus_per_worker: float, log_every: int) -> tuple[dict[str, Any], list[float]]:
+    """Train one student with Ray Train; (its trained state, the loss per epoch). ``JobFailed`` when the run fails."""
+    import ray
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mass.settings import get_settings
+
+    log.info("distilling %s: %s", child.key, child.params)
+    config = {**common, "teacher_spec": shared.teacher_spec, "teacher_state": shared.teacher_state,
+              "tokenizer": shared.tokenizer, "texts": shared.texts, "student_spec": spec,
+              "student_state": ray.put(state), "threads": max(1, math.floor(cpus_per_worker)),
+              "log_every": log_every}
+    trainer = TorchTrainer(
+        train_loop_per_worker=distill_loop_per_worker, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=f"{child.key}-{int(time.time())}", storage_path=get_settings().storage_path))
+    try:
+        result = trainer.fit()
+    except Exception as exc:
+        raise JobFailed(f"distillation of {child.key} failed: {_worker_error(exc)}") from exc
+    if getattr(result, "error", None) or result.checkpoint is None:
+        raise JobFailed(f"distillation of {child.key} failed: {result.error or 'no checkpoint'}")
+    with result.checkpoint.as_directory() as directory:
+        trained = torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    return trained, [float(x) for x in result.metrics.get("losses", [])]
+
+
+def add_distill_args(parser) -> None:
+    """The options of ``mass compress distill`` and ``jobs/distill.py`` (one definition for both)."""
+    from mass.compression.convert import add_common_args
+
+    add_common_args(parser, embeddings=False)
+    parser.add_argument("--layers", action="append", default=None, metavar="N|I,J,..",
+                        help="a student of N of the teacher's layers (evenly spaced, the last kept) or of those "
+                             "layers; repeat for several students, trained one after another (default: 3)")
+    parser.add_argument("--student", default=None, metavar="REF",
+                        help="start from this registered encoder instead (smaller, same tokenizer and width)")
+    parser.add_argument("--loss", default="cosine", choices=list(LOSSES),
+                        help="; ".join(f"{k}: {v}" for k, v in LOSSES.items()))
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the training texts")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warm-up, linear decay)")
+    parser.add_argument("--batch-size", type=int, default=32, help="texts per worker per step")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per training text (longer are cut)")
+    parser.add_argument("--max-texts", type=int, default=None,
+                        help="train on at most this many texts (default: all of the corpus's train split)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP processes)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the student's training order")
+
+
+def distill_from_args(args, address: str | None = None) -> list[CompressionResult]:
+    """Run ``run_distillation`` with parsed ``add_distill_args`` options."""
+    return run_distillation(args.ref, layers=args.layers, student=args.student, name=args.name, gate=args.gate,
+                            loss=args.loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                            max_length=args.max_length, max_texts=args.max_texts, workers=args.workers,
+                            cpus_per_worker=args.cpus_per_worker, seed=args.seed, aliases=tuple(args.alias),
+                            threads=args.threads, rounds=args.rounds, address=address)

@@ -1,0 +1,59 @@
+"""The student a distillation starts from, without Ray: which teacher layers it keeps, that it holds exactly
+those layers' weights (and so, before any training, computes what the teacher's kept layers compute), and every
+student that cannot be one refused by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mass.compression.distill import _worker_error, pick_layers, student_state
+from mass.errors import ConfigError
+from mass.registry.imports import minilm_dir
+
+
+@pytest.mark.parametrize("spec, layers", [("3", [1, 3, 5]), ("2", [2, 5]), ("1", [5]), ("5", [0, 1, 3, 4, 5]),
+                                          ("0,2,4", [0, 2, 4]), (" 1, 5 ", [1, 5])])
+def test_a_layer_count_keeps_evenly_spaced_layers_with_the_last_and_indices_keep_those(spec, layers):
+    assert pick_layers(6, spec) == layers
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ("6", r"a student of 6 layers is not smaller than its teacher \(6 layers\); give 1 to 5"),
+    ("9", "not smaller than its teacher"),
+    ("0", "a student of 0 layers"),
+    ("0,1,2,3,4,5", "a student of 6 layers is not smaller"),
+    ("2,1", "distinct, increasing and in 0..5"),
+    ("1,1", "distinct"),
+    ("0,6", "in 0..5"),
+    ("three", "give a layer count"),
+])
+def test_a_student_that_is_not_smaller_or_not_a_layer_list_is_refused(spec, needle):
+    with pytest.raises(ConfigError, match=needle):
+        pick_layers(6, spec)
+
+
+def test_the_student_holds_the_kept_layers_of_its_teacher():
+    from transformers import AutoConfig, AutoModel
+
+    teacher = AutoModel.from_pretrained(Path(minilm_dir())).eval()
+    config = AutoConfig.for_model(**{**teacher.config.to_dict(), "num_hidden_layers": 2})
+    student = AutoModel.from_config(config).eval()
+    student.load_state_dict(student_state(teacher.state_dict(), [2, 5]), strict=True)  # no key missing or extra
+    for mine, theirs in ((0, 2), (1, 5)):
+        assert torch.equal(student.encoder.layer[mine].attention.self.query.weight,
+                           teacher.encoder.layer[theirs].attention.self.query.weight)
+    assert torch.equal(student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
+    # the student's first layer computes what the teacher's layer 2 does on the same input
+    x = torch.randn(1, 4, 384)
+    with torch.no_grad():
+        assert torch.allclose(student.encoder.layer[0](x)[0], teacher.encoder.layer[2](x)[0])
+
+
+def test_a_train_worker_error_is_named_by_its_own_line_not_ray_trains_wrapper():
+    wrapped = RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n  File \"x.py\", line 3\n"
+                           "torch.OutOfMemoryError: cannot allocate 2 GB\n")
+    assert _worker_error(wrapped) == "torch.OutOfMemoryError: cannot allocate 2 GB"
+    assert _worker_error(ValueError("plain")) == "plain"
