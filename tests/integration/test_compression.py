@@ -213,14 +213,20 @@ def test_a_task_killed_mid_way_leaves_no_version_and_says_which_method(gateway, 
 @pytest.fixture(scope="module")
 def distilled(gateway, ray_cluster):
     """minilm-l6@production distilled into a 2-layer student by a short Ray Train run (2 DDP workers, 256 texts, 2
-    epochs): enough to lift it well above where it starts (cosine 0.30 to its teacher before any training)."""
-    from mass.compression.distill import run_distillation
+    epochs), submitted as users do: ``ray job submit -- python jobs/distill.py``. That is enough to lift the
+    student well above where it starts (cosine 0.30 to its teacher before any training)."""
+    import subprocess
 
-    results = run_distillation("minilm-l6@production", layers=["2"], max_texts=256, epochs=2, max_length=64,
-                               threads=2, rounds=1, gate="quality >= 0.5 and speedup > 1.2",
-                               address=ray_cluster.gcs_address)
-    assert len(results) == 1
-    return results[0]
+    from mass.compression.job import CompressionResult
+    from tests.integration.support import ROOT, VENV_BIN, last_json
+
+    cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", ".",
+           "--", "python", "jobs/distill.py", "minilm-l6@production", "--layers", "2", "--max-texts", "256",
+           "--epochs", "2", "--max-length", "64", "--threads", "2", "--rounds", "1",
+           "--gate", "quality >= 0.5 and speedup > 1.2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return CompressionResult(**last_json(proc.stdout))
 
 
 def test_a_distilled_student_learns_from_its_teacher_and_is_registered_with_its_lineage(distilled):
