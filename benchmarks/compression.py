@@ -3,7 +3,10 @@ export, PyTorch dynamic int8, bitsandbytes int8 and nf4) and every child measure
 on this machine, in one run: bytes on disk,
 weights in memory, resident memory grown, latency at batch 1, throughput at batch 32 over held-out docstring
 first lines (median and range over rounds), mean cosine to the parent's embeddings and top-10 retrieval overlap.
-The parent in bf16 is the reference row (nearly free on CPUs with AVX-512 BF16).
+The parent in bf16 is the reference row (nearly free on CPUs with AVX-512 BF16). Then the int8 children and the
+parent are served through the gateway in turns (the served speed-up); ``mass compress distill`` trains a 3-layer and
+a 2-layer student (Ray Train, 2 workers, the corpus's training split) and ``mass compress prune`` removes a quarter
+of the FFN channels with a recovery run, each job on a card of its own (its parent rows measured again in it).
 
 Prints a table and one JSON line; ``--json PATH`` saves the JSON (and the card's chart beside it as PNG) and
 ``--readme README.md`` rewrites the README's compression table.
@@ -18,6 +21,7 @@ from pathlib import Path
 README_START, README_END = "<!-- benchmark:compression -->", "<!-- /benchmark:compression -->"
 GOAL_SPEEDUP, GOAL_QUALITY, GOAL_TOP10 = 2.5, 0.98, 0.90
 GOAL_MEMORY, GOAL_MEMORY_QUALITY = 0.30, 0.99
+GOAL_DISTILL_SPEEDUP, GOAL_DISTILL_QUALITY = 1.9, 0.97  # the 3-layer student
 
 
 INT8 = ("onnx-int8", "torch-int8")  # the goal's candidates
@@ -40,8 +44,103 @@ def run(args) -> dict:
     for card in cards.values():
         rows += [r for r in card["rows"] if r not in rows]
     combined = Card.from_dict({**next(iter(cards.values())), "method": ", ".join(methods), "rows": rows})
-    return {"methods": methods, "threads": args.threads, "cards": cards, "card": combined.to_dict(),
-            "gates": {r.method: r.why for r in results}, "registered": {r.method: r.registered for r in results}}
+    out = {"methods": methods, "threads": args.threads, "cards": cards, "card": combined.to_dict(),
+           "gates": {r.method: r.why for r in results}, "registered": {r.method: r.registered for r in results}}
+    if args.served_requests:
+        served = {"fp32": "minilm-l6@production"}
+        served.update({m: out["registered"][m] for m in INT8 if out["registered"].get(m)})
+        out["served"] = serve_through_gateway(served, args.rounds, args.served_requests)
+    if args.students:
+        out["distillation"] = distill(args)
+    if args.prune_ffn:
+        out["pruning"] = prune(args)
+    return out
+
+
+def prune(args) -> dict:
+    """The parent with ``--prune-ffn`` of every layer's FFN channels removed and one recovery run of ``--epochs``,
+    on its own card."""
+    from mass.compression.prune import run_pruning
+
+    result = run_pruning("minilm-l6@production", ffn=args.prune_ffn, recover_epochs=args.epochs,
+                         threads=args.threads, rounds=args.rounds)[0]
+    return {"card": result.card, "gate": result.why, "registered": result.registered, "error": result.error}
+
+
+def serve_through_gateway(refs: dict[str, str], rounds: int, requests: int) -> dict:
+    """Texts/s of each model in ``refs`` served through the gateway alone (2 replicas of 1 CPU, batches of up to 32,
+    as the serving benchmark's gateway row), driven by 32 clients sending one text per request; the models take
+    turns in every round (after a warm-up round that is not counted)."""
+    import asyncio
+    import os
+
+    import aiohttp
+    import ray
+    from ray import serve
+
+    from mass.access.keys import KeyStore
+    from mass.app import APP_NAME, build_app, wait_ready
+    from mass.cluster import free_port
+    from mass.compression.card import eval_texts
+    from mass.serving.args import AppArgs
+    from mass.settings import apply_ray_start_env, get_settings
+    from serving import SERVED, drive, http_embedder
+
+    texts = eval_texts()[0]  # the card's held-out queries
+    ray.shutdown()  # the compression job's local Ray; serving gets the layout the serving benchmark uses
+    apply_ray_start_env(get_settings())
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+
+    def deploy(ref: str) -> None:
+        model = {"name": "minilm", "ref": ref, "engine": "embedding", "max_ongoing_requests": 64, **SERVED["gateway"]}
+        serve.run(build_app(AppArgs.model_validate({"gateway": {"num_cpus": 0.5}, "models": [model]})),
+                  name=APP_NAME, route_prefix="/", logging_config={"enable_access_log": False, "log_level": "WARNING"})
+        wait_ready(url, timeout=300)
+
+    async def measure() -> dict[str, list[float]]:
+        rates: dict[str, list[float]] = {label: [] for label in refs}
+        _, secret = KeyStore().create({"name": f"bench-compression-{os.urandom(3).hex()}"})
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64),
+                                         headers={"Authorization": f"Bearer {secret}"}) as http:
+            for round_ in range(rounds + 1):
+                for label, ref in refs.items():
+                    await asyncio.to_thread(deploy, ref)
+                    rate = await drive(http_embedder(http, url, "minilm"), texts, 64 if round_ == 0 else requests)
+                    if round_:
+                        rates[label].append(round(rate, 1))
+                    await asyncio.to_thread(serve.delete, APP_NAME)
+        return rates
+
+    with asyncio.Runner() as runner:
+        try:
+            rates = runner.run(measure())
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return {"refs": refs, "requests": requests, "texts_per_s": rates}
+
+def distill(args) -> dict:
+    """The students of ``--students`` trained in one distillation job and measured on one card (its own parent
+    rows: measured again in that job, one model at a time like every card)."""
+    from mass.compression.card import Card
+    from mass.compression.distill import run_distillation
+
+    layers = args.students.split(",")
+    results = run_distillation("minilm-l6@production", layers=layers, name=None, epochs=args.epochs,
+                               threads=args.threads, rounds=args.rounds)
+    rows = []
+    for result in results:
+        rows += [r for r in result.card.get("rows", []) if r not in rows]
+    first = next(r.card for r in results if r.card)
+    card = Card.from_dict({**first, "method": "distill", "rows": rows})
+    return {"students": layers, "epochs": args.epochs, "params": first["params"], "card": card.to_dict(),
+            "cards": {f"{len(r.card['params']['layers'])}L": r.card for r in results if r.card},
+            "gates": {f"{len(r.card['params']['layers'])}L": r.why for r in results if r.card},
+            "registered": {f"{len(r.card['params']['layers'])}L": r.registered for r in results if r.card},
+            "errors": {r.method: r.error for r in results if r.error}}
 
 
 def render_table(result: dict) -> str:
@@ -72,7 +171,66 @@ def render_table(result: dict) -> str:
         f"Goal (int8 against the fp32 parent): ≥ {GOAL_SPEEDUP}x throughput at cosine ≥ {GOAL_QUALITY} and top-10 "
         f"overlap ≥ {GOAL_TOP10}: {'; '.join(verdicts)}.", "",
         f"Goal (int8 with its embeddings, weights in memory against the fp32 parent): ≤ {GOAL_MEMORY}x at cosine ≥ "
-        f"{GOAL_MEMORY_QUALITY}: {'; '.join(memory)}.", "", f"Default gate, per child: {gates}."])
+        f"{GOAL_MEMORY_QUALITY}: {'; '.join(memory)}.", "", f"Default gate, per child: {gates}.",
+        *served_lines(result), *distill_table(result.get("distillation")), *prune_table(result.get("pruning"))])
+
+
+def served_lines(result: dict) -> list[str]:
+    """The served speed-up line: each int8 child against the fp32 parent through the gateway, beside the card's."""
+    import statistics
+
+    served = result.get("served")
+    if not served:
+        return []
+    rates = served["texts_per_s"]
+    base = statistics.median(rates["fp32"])
+    cells = [f"fp32 parent {base:.0f} texts/s ({min(rates['fp32']):.0f}–{max(rates['fp32']):.0f})"]
+    for method in [m for m in rates if m != "fp32"]:
+        mid = statistics.median(rates[method])
+        cells.append(f"{method} {mid:.0f} ({min(rates[method]):.0f}–{max(rates[method]):.0f}): **{mid / base:.2f}x** "
+                     f"(card: {result['cards'][method]['figures']['speedup']}x)")
+    return ["", f"Served through the gateway (each model alone: 2 replicas of 1 CPU, batches of up to 32; 32 clients "
+                f"sending one text per request, {served['requests']} requests a round, models taking turns, "
+                f"{len(rates['fp32'])} rounds, median (range)): " + "; ".join(cells) + "."]
+
+
+def distill_table(part: dict | None) -> list[str]:
+    """The distillation card's lines of the README block (none when the run had no students)."""
+    from mass.compression.card import Card
+
+    if not part:
+        return []
+    p = part["params"]
+    lines = ["", f"Distillation (one job: {', '.join(f'{s} layers' for s in part['students'])} of the 6, each "
+                 f"trained by Ray Train on {p['workers']} workers for {p['epochs']} epochs over the corpus's "
+                 f"training split, {p['loss']} loss, lr {p['lr']}, batch {p['batch_size']} per worker, "
+                 f"{p['max_length']} tokens; the parent's rows measured again in that job):", "",
+             Card.from_dict(part["card"]).table(), ""]
+    three = part["cards"].get("3L")
+    if three:
+        f = three["figures"]
+        met = f["speedup"] >= GOAL_DISTILL_SPEEDUP and f["quality"] >= GOAL_DISTILL_QUALITY
+        lines.append(f"Goal (3-layer student against the fp32 parent): ≥ {GOAL_DISTILL_SPEEDUP}x throughput at cosine "
+                     f"≥ {GOAL_DISTILL_QUALITY}: **{f['speedup']}x at {f['quality']}** "
+                     f"({'met' if met else 'not met'}).")
+    lines.append("Default gate, per student: " + "; ".join(
+        f"{k}: {'registered' if part.get('registered', {}).get(k) else 'refused'} ({why})"
+        for k, why in part["gates"].items()) + ".")
+    return lines
+
+
+def prune_table(part: dict | None) -> list[str]:
+    """The pruning card's lines of the README block (none when the run did not prune)."""
+    from mass.compression.card import Card
+
+    if not part or not part["card"]:
+        return [] if not part else ["", f"Pruning: not made ({part['error']})."]
+    p = part["card"]["params"]
+    return ["", f"Structured pruning (one job: {p['removed'].get('ffn_channels')} FFN channels removed by importance "
+                f"on {p['calibration_texts']} calibration texts, then {p['recover_epochs']} recovery epochs "
+                "distilling from the unpruned parent on Ray Train; the parent's rows measured again in that job):",
+            "", Card.from_dict(part["card"]).table(), "",
+            f"Default gate: {'registered' if part.get('registered') else 'refused'} ({part['gate']})."]
 
 
 def main(argv=None) -> int:
@@ -82,6 +240,15 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="threads every model runs with")
     parser.add_argument("--methods", default="onnx-int8,torch-int8,bnb-int8,bnb-nf4",
                         help="comma-separated quantization methods, one job")
+    parser.add_argument("--served-requests", type=int, default=1000,
+                        help="requests a round when serving each int8 child and the parent through the gateway "
+                             "(0 skips it)")
+    parser.add_argument("--students", default="3,2", help="comma-separated student layer counts, one distillation "
+                                                            "job ('' skips distillation)")
+    parser.add_argument("--epochs", type=int, default=3, help="distillation epochs per student (and pruning's "
+                                                               "recovery epochs)")
+    parser.add_argument("--prune-ffn", type=float, default=0.25, help="fraction of FFN channels the pruning job "
+                                                                      "removes (0 skips pruning)")
     parser.add_argument("--json", help="also write the JSON result to this file (and the chart beside it)")
     parser.add_argument("--readme", help="rewrite this README's compression table from the result")
     args = parser.parse_args(argv)

@@ -64,6 +64,16 @@ def run_distill_job(argv: list[str]) -> int:
                             add_distill_args, lambda args: distill_from_args(args, address=args.address))
 
 
+def run_prune_job(argv: list[str]) -> int:
+    """Run the pruning job (``mass.compression.prune``) with ``argv``; return an exit code: 0 when the child was
+    registered, 1 when it was refused or could not be made."""
+    from mass.compression.prune import add_prune_args, prune_from_args
+
+    return _compression_job(argv, "jobs/prune.py", "Prune a registered encoder (structured, with recovery, or by "
+                            "magnitude), measure the child against its parent, register it if it passes.",
+                            add_prune_args, lambda args: prune_from_args(args, address=args.address))
+
+
 def _compression_job(argv: list[str], prog: str, description: str, add_args, run) -> int:
     """Parse, run and print one JSON line per child (conversion: one line, as before)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)

@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                                           "its parent and registered if it passes the gate"))
     from mass.compression.distill import add_distill_args
 
+    from mass.compression.prune import add_prune_args
+
+    add_prune_args(compress.add_parser("prune", help="prune an encoder: whole layers and FFN channels by importance "
+                                       "(then a recovery run), or weights by magnitude; measured and gated"))
     add_distill_args(compress.add_parser("distill", help="distil an encoder into smaller students (Ray Train, DDP), "
                                          "each measured against its teacher and registered if it passes the gate"))
 
@@ -636,6 +640,17 @@ def _compress_distill(args) -> int:
     from mass.compression.job import result_text
 
     results = distill_from_args(args)
+    emit(args.output, [r.to_dict() for r in results], "\n\n".join(result_text(r) for r in results))
+    return 0 if all(r.registered for r in results) else 1
+
+
+@command("compress prune")
+def _compress_prune(args) -> int:
+    from mass.cli.output import emit
+    from mass.compression.job import result_text
+    from mass.compression.prune import prune_from_args
+
+    results = prune_from_args(args)
     emit(args.output, [r.to_dict() for r in results], "\n\n".join(result_text(r) for r in results))
     return 0 if all(r.registered for r in results) else 1
 

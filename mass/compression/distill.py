@@ -210,8 +210,9 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
                      aliases: tuple[str, ...] = (), threads: int | None = None, rounds: int = 3,
                      address: str | None = None) -> list[CompressionResult]:
     """Distil the registered encoder ``ref`` into one student per ``layers`` entry (a count or teacher layer
-    indices, see ``pick_layers``; default one of 3 layers) — or into the registered encoder ``student`` — and register each that passes
-    ``gate`` as a new version of ``name`` (default ``<parent>-distill-<N>l``), lineage ``method: distill``.
+    indices, see ``pick_layers``; default one of 3 layers) — or into the registered encoder ``student`` — and
+    register each that passes ``gate`` as a new version of ``name`` (default ``<parent>-distill-<N>l``), lineage
+    ``method: distill``.
 
     Checked before any work: the options, the gate, the parent (an encoder stored as an HF directory), that every
     student is smaller than the teacher and (``student``) reads the same tokenizer, and that the cluster can
@@ -271,25 +272,36 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
             "lower --workers or add nodes", "workers")
     job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds)
     history: dict[str, dict[str, list[float]]] = {}
-    shared = _SharedInputs(teacher_spec, teacher.state_dict(), tokenizer, texts)
+    shared = TeacherInputs(teacher_spec, teacher.state_dict(), tokenizer, texts)
     del teacher
+    plans = [(child, lambda paths, spec=spec, state=state: (spec, state), True) for child, spec, state in students]
+    make = students_maker(job, plans, shared, {**common, "log_every": log_every}, workers, cpus_per_worker, history)
+    return job.run([c for c, _, _ in students], name, aliases, make, history=history)
 
+
+def students_maker(job, plans, shared: "TeacherInputs", common: dict[str, Any], workers: int,
+                   cpus_per_worker: float, history: dict[str, dict[str, list[float]]]):
+    """The ``make`` step of a job whose children are float encoders (students, pruned copies): for each
+    ``(child, source, train)`` in ``plans``, ``source(paths)`` gives its (config dict, state), ``train`` says whether
+    it then learns from the teacher (a Ray Train run, its loss per epoch into ``history``), and the result is
+    written as an HF directory on the parent's node. One child failing does not stop the next."""
     def make(paths: dict[str, str]) -> dict[str, str | Exception]:
         import ray
 
         made: dict[str, str | Exception] = {}
-        for child, spec, state in students:
+        for child, source, train in plans:
             try:
-                trained, losses = _fit(child, spec, state, shared, common, workers, cpus_per_worker, log_every)
-                history[child.key] = {"distill_loss": losses}
+                spec, state = source(paths)
+                if train:
+                    state, losses = _fit(child, spec, state, shared, common, workers, cpus_per_worker)
+                    history[child.key] = {"distill_loss": losses}
                 made[child.key] = ray.get(ray.remote(_save_student).options(num_cpus=1, max_retries=0, **job.pinned)
-                                          .remote(paths["work"], child.key, spec, trained, paths["tokenizer"]))
-            except Exception as exc:  # the next student still trains
-                log.error("%s of %s failed: %s", child.key, parent.ref, _cause(exc))
+                                          .remote(paths["work"], child.key, spec, state, paths["tokenizer"]))
+            except Exception as exc:  # the next child is still made
+                log.error("%s of %s failed: %s", child.key, job.parent.ref, _cause(exc))
                 made[child.key] = exc
         return made
-
-    return job.run([c for c, _, _ in students], name, aliases, make, history=history)
+    return make
 
 
 def _worker_error(exc: Exception) -> str:
@@ -301,7 +313,7 @@ def _worker_error(exc: Exception) -> str:
     return raised[-1] if raised else (lines[0] if lines else type(exc).__name__)
 
 
-class _SharedInputs:
+class TeacherInputs:
     """What every student's training reads, put into the object store once: the teacher and the texts."""
 
     def __init__(self, teacher_spec, teacher_state, tokenizer, texts) -> None:
@@ -311,8 +323,8 @@ class _SharedInputs:
         self.teacher_state, self.tokenizer, self.texts = ray.put(teacher_state), ray.put(tokenizer), ray.put(texts)
 
 
-def _fit(child: Child, spec: dict[str, Any], state: dict[str, Any], shared: _SharedInputs, common: dict[str, Any],
-         workers: int, cpus_per_worker: float, log_every: int) -> tuple[dict[str, Any], list[float]]:
+def _fit(child: Child, spec: dict[str, Any], state: dict[str, Any], shared: TeacherInputs, common: dict[str, Any],
+         workers: int, cpus_per_worker: float) -> tuple[dict[str, Any], list[float]]:
     """Train one student with Ray Train; (its trained state, the loss per epoch). ``JobFailed`` when the run fails."""
     import ray
     import torch
@@ -324,8 +336,7 @@ def _fit(child: Child, spec: dict[str, Any], state: dict[str, Any], shared: _Sha
     log.info("distilling %s: %s", child.key, child.params)
     config = {**common, "teacher_spec": shared.teacher_spec, "teacher_state": shared.teacher_state,
               "tokenizer": shared.tokenizer, "texts": shared.texts, "student_spec": spec,
-              "student_state": ray.put(state), "threads": max(1, math.floor(cpus_per_worker)),
-              "log_every": log_every}
+              "student_state": ray.put(state), "threads": max(1, math.floor(cpus_per_worker))}
     trainer = TorchTrainer(
         train_loop_per_worker=distill_loop_per_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),

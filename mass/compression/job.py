@@ -84,6 +84,7 @@ class Child:
     method: str
     params: dict[str, Any]
     label: str | None = None
+    help: str | None = None  # what the version's description says it is (default: the method's help)
 
 
 def unsupported(method: str) -> str | None:
@@ -346,7 +347,7 @@ class _Job:
                 registered = ray.get(ray.remote(_register).options(num_cpus=0, max_retries=0, **self.pinned).remote(
                     path, name, run_id, {k: v for k, v in figures.items() if v is not None}, lineage,
                     {"card": card.to_dict(), "gate": self.gate.text}, list(aliases),
-                    f"{METHODS.get(child.method, DISTILLED).help} of {self.parent.ref}; {why}"))
+                    f"{child.help or METHODS.get(child.method, DISTILLED).help} of {self.parent.ref}; {why}"))
         self.registry.announce("compression.completed", {
             "model": name, "version": registered.split("/")[1] if registered else None, "parent": self.parent.ref,
             "method": child.method, "metrics": {k: v for k, v in figures.items() if v is not None}})

@@ -282,3 +282,62 @@ def test_a_student_that_cannot_be_is_refused_before_any_work(foreign_encoder, kw
     with pytest.raises(ConfigError, match=needle):
         run_distillation("minilm-l6@production", **kwargs)
     assert len(registry.client.search_runs([registry.experiment_id()], max_results=1000)) == runs
+
+
+@pytest.fixture(scope="module")
+def pruned(gateway, ray_cluster):
+    """minilm-l6@production with half of every layer's FFN channels removed by importance, then one short recovery
+    epoch (Ray Train, 2 workers, 256 texts); and the same parent magnitude-pruned to 50 % sparsity."""
+    from mass.compression.prune import run_pruning
+
+    structured = run_pruning("minilm-l6@production", ffn=0.5, recover_epochs=1, max_texts=256, max_length=64,
+                             threads=2, rounds=1, gate="quality >= 0.8 and memory < 0.9",
+                             address=ray_cluster.gcs_address)[0]
+    magnitude = run_pruning("minilm-l6@production", sparsity=0.5, threads=2, rounds=1,
+                            gate="memory < 0.9 or size < 0.9", address=ray_cluster.gcs_address)[0]
+    return structured, magnitude
+
+
+def test_structured_pruning_really_shrinks_the_model_and_recovers_and_registers_it(pruned):
+    import json
+
+    result, registry = pruned[0], ModelRegistry()
+    assert result.passed and result.registered == "minilm-l6-pruned/1", result.why
+    assert [r["label"] for r in result.card["rows"]] == ["parent fp32", "parent bf16", "pruned fp32"]
+    figures = result.card["figures"]
+    assert figures["quality"] >= 0.8 and 0.8 < figures["memory"] < 0.9 and figures["size"] < 0.9, figures
+    info = registry.resolve(result.registered)
+    params = json.loads(info.lineage["params"])
+    assert info.lineage["method"] == "prune" and params["removed"] == {"ffn_channels": "768 of 1536 per layer"}
+    assert params["recover_epochs"] == 1 and len(registry.client.get_metric_history(result.run_id,
+                                                                                    "distill_loss")) == 1
+    model, _, _ = registry.load(result.registered)
+    assert model.config.intermediate_size == 768 and model.encoder.layer[0].intermediate.dense.out_features == 768
+
+
+def test_magnitude_pruning_is_reported_as_it_is_and_a_gate_asking_for_savings_refuses_it(pruned):
+    result = pruned[1]
+    assert not result.passed and result.registered is None and "memory=1.0" in result.why
+    figures = result.card["figures"]
+    assert figures["memory"] == 1.0 and 0.99 <= figures["size"] <= 1.01, figures  # zeros in dense tensors
+    assert 0.1 < result.card["params"]["zeros"] < 0.5 and result.card["params"]["sparsity"] == 0.5
+    assert result.card["rows"][-1]["label"] == "magnitude 50% fp32"
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"sparsity": 0}, r"sparsity must be in \(0, 1\), got 0"),
+    ({"sparsity": 1.5}, r"sparsity must be in \(0, 1\)"),
+    ({"sparsity": 0.5, "ffn": 0.25}, "not both"),
+    ({"ffn": 1.0}, r"ffn \(the fraction of FFN channels removed\) must be in \(0, 1\)"),
+    ({"drop_layers": 6}, r"drop_layers must be in 0..5 \(the parent has 6 layers\)"),
+    ({"recover_epochs": -1}, "recover_epochs must be 0 or more"),
+    ({"ref": "tiny-gpt/1"}, "is a text-generation model"),
+])
+def test_what_cannot_be_pruned_is_refused_before_any_work(gateway, kwargs, needle):
+    from mass.compression.prune import run_pruning
+
+    registry = ModelRegistry()
+    runs = len(registry.client.search_runs([registry.experiment_id()], max_results=1000))
+    with pytest.raises(ConfigError, match=needle):
+        run_pruning(**{"ref": "minilm-l6@production", **kwargs})
+    assert len(registry.client.search_runs([registry.experiment_id()], max_results=1000)) == runs

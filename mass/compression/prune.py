@@ -1,0 +1,256 @@
+"""Pruning of an encoder (``mass compress prune`` / ``jobs/prune.py``): structured pruning that really shrinks the
+tensors — whole layers and FFN channels, chosen by their importance on calibration texts — with an optional
+recovery run (distillation from the unpruned parent, Ray Train); and global magnitude pruning, reported as what it
+is: zeros inside dense tensors, so neither a smaller file nor a faster kernel. Every child goes on the card."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from mass.compression.distill import TeacherInputs, student_state, students_maker, train_texts
+from mass.compression.job import Child, CompressionResult, check_parent
+from mass.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_TEXTS = 128
+STRUCTURED_HELP = "structured pruning (whole layers and FFN channels removed by importance on calibration texts)"
+MAGNITUDE_HELP = ("global magnitude pruning (the smallest weights of the encoder's Linear layers set to zero; the "
+                  "tensors stay dense: no smaller file, no faster kernel)")
+
+
+def _pooled(model, tokenizer, texts: list[str]):
+    import torch
+
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), 32):
+            batch = tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def _build(spec: dict[str, Any], state: dict[str, Any]):
+    from transformers import AutoConfig, AutoModel
+
+    model = AutoModel.from_config(AutoConfig.for_model(**spec))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def layer_scores(spec: dict[str, Any], state: dict[str, Any], tokenizer, texts: list[str]) -> list[float]:
+    """Each layer's importance: how far the embeddings move (1 - mean cosine) when that layer alone is removed."""
+    full = _pooled(_build(spec, state), tokenizer, texts)
+    total = spec["num_hidden_layers"]
+    scores = []
+    for layer in range(total):
+        kept = [i for i in range(total) if i != layer]
+        model = _build({**spec, "num_hidden_layers": total - 1}, student_state(state, kept))
+        scores.append(float(1 - (full * _pooled(model, tokenizer, texts)).sum(-1).mean()))
+    return scores
+
+
+def ffn_scores(model, tokenizer, texts: list[str]) -> list[Any]:
+    """Per layer, each FFN channel's importance: its mean absolute activation over the calibration texts' tokens
+    times the norm of the weights that carry it back to the residual stream."""
+    import torch
+
+    sums = [torch.zeros(layer.intermediate.dense.out_features) for layer in model.encoder.layer]
+    counts = [0]
+    masks: list[Any] = []
+
+    def hook(index):
+        def record(module, inputs, output):
+            mask = masks[-1].unsqueeze(-1).to(output.dtype)
+            sums[index] += (output.abs() * mask).sum((0, 1))
+        return record
+
+    handles = [layer.intermediate.register_forward_hook(hook(i)) for i, layer in enumerate(model.encoder.layer)]
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(texts), 32):
+                batch = tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                masks.append(batch["attention_mask"])
+                counts[0] += int(batch["attention_mask"].sum())
+                model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [s / counts[0] * layer.output.dense.weight.detach().norm(dim=0) for s, layer in zip(sums, model.encoder.layer)]
+
+
+def prune_structured(spec: dict[str, Any], state: dict[str, Any], tokenizer, texts: list[str], drop_layers: int,
+                     ffn: float) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(config dict, state, what was removed): the ``drop_layers`` least important layers removed, then in every
+    remaining layer the ``ffn`` fraction of FFN channels with the lowest importance (the same count per layer, so
+    the result is a plain HF model of a smaller ``intermediate_size``)."""
+    removed: dict[str, Any] = {}
+    if drop_layers:
+        scores = layer_scores(spec, state, tokenizer, texts)
+        dropped = sorted(sorted(range(len(scores)), key=scores.__getitem__)[:drop_layers])
+        kept = [i for i in range(len(scores)) if i not in dropped]
+        state = student_state(state, kept)
+        spec = {**spec, "num_hidden_layers": len(kept)}
+        removed["layers"] = dropped
+        removed["layer_scores"] = [round(x, 4) for x in scores]
+    if ffn:
+        width = spec["intermediate_size"]
+        keep = width - round(width * ffn)
+        scores = ffn_scores(_build(spec, state), tokenizer, texts)
+        state = dict(state)
+        for layer, score in enumerate(scores):
+            idx = score.argsort(descending=True)[:keep].sort().values
+            base = f"encoder.layer.{layer}"
+            state[f"{base}.intermediate.dense.weight"] = state[f"{base}.intermediate.dense.weight"][idx].clone()
+            state[f"{base}.intermediate.dense.bias"] = state[f"{base}.intermediate.dense.bias"][idx].clone()
+            state[f"{base}.output.dense.weight"] = state[f"{base}.output.dense.weight"][:, idx].clone()
+        spec = {**spec, "intermediate_size": keep}
+        removed["ffn_channels"] = f"{width - keep} of {width} per layer"
+    return spec, state, removed
+
+
+def prune_magnitude(state: dict[str, Any], sparsity: float) -> tuple[dict[str, Any], float]:
+    """(state, the fraction of all parameters now zero): the ``sparsity`` fraction of the encoder layers' Linear
+    weights with the smallest magnitude, chosen globally across layers, set to zero."""
+    import torch
+
+    names = [k for k, v in state.items() if k.startswith("encoder.layer.") and k.endswith(".weight") and v.dim() == 2]
+    magnitudes = torch.cat([state[k].abs().flatten() for k in names])
+    threshold = magnitudes.kthvalue(max(1, int(sparsity * magnitudes.numel()))).values
+    state = dict(state)
+    for key in names:
+        state[key] = torch.where(state[key].abs() <= threshold, torch.zeros_like(state[key]), state[key])
+    zeros = sum(int((v == 0).sum()) for v in state.values() if v.is_floating_point())
+    return state, zeros / sum(v.numel() for v in state.values() if v.is_floating_point())
+
+
+def _structured_source(job, paths: dict[str, str], drop_layers: int, ffn: float, texts: list[str], report: dict):
+    """Prune the parent in a Ray task on its node (it holds the files); (config dict, state); what was removed
+    goes into ``report`` (the child's params, so its lineage records it)."""
+    import ray
+
+    from mass.models import load_hf_dir
+
+    def task(parent: str, tokenizer_dir: str):
+        from pathlib import Path
+
+        model, tokenizer = load_hf_dir(Path(parent), "embedding", tokenizer_dir=Path(tokenizer_dir), dtype="float32")
+        return prune_structured(model.config.to_dict(), model.state_dict(), tokenizer, texts, drop_layers, ffn)
+
+    spec, state, removed = ray.get(ray.remote(task).options(num_cpus=1, max_retries=0, **job.pinned).remote(
+        paths["parent"], paths["tokenizer"]))
+    report.update(removed)
+    log.info("pruned: %s", removed)
+    return spec, state
+
+
+def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsity: float | None = None,
+                recover_epochs: int = 1, name: str | None = None, gate: str | None = None, lr: float = 5e-4,
+                batch_size: int = 32, max_length: int = 128, max_texts: int | None = None, workers: int = 2,
+                cpus_per_worker: float = 1.0, seed: int = 0, aliases: tuple[str, ...] = (),
+                threads: int | None = None, rounds: int = 3, address: str | None = None) -> list[CompressionResult]:
+    """Prune the registered encoder ``ref`` and register the child if it passes ``gate``.
+
+    Structured (the default): ``drop_layers`` whole layers, then the ``ffn`` fraction (default 0.25 when no layer
+    is dropped, else none) of every remaining layer's
+    FFN channels, the least important on calibration texts from the corpus's training split; then, unless
+    ``recover_epochs`` is 0, a recovery run (distillation from the unpruned parent on Ray Train, as
+    ``run_distillation`` trains). The child is ``<parent>-pruned``. With ``sparsity`` instead: global magnitude
+    pruning of the encoder layers' Linear weights (no recovery: a fine-tune would refill the zeros), the child
+    ``<parent>-sparse``; its card shows that dense tensors keep their size and speed.
+
+    Checked before any work: fractions in (0, 1), layers to drop fewer than the parent has, one kind of pruning at a
+    time, the gate, the parent (an encoder stored as an HF directory).
+    """
+    from mass.cluster import connect_ray, require
+    from mass.compression.gate import Gate
+    from mass.compression.job import _Job
+    from mass.registry import ModelRegistry
+
+    if sparsity is not None:
+        if not 0 < sparsity < 1:
+            raise ConfigError(f"sparsity must be in (0, 1), got {sparsity!r}", field="sparsity")
+        if drop_layers or ffn is not None:
+            raise ConfigError("give --sparsity (magnitude) or --ffn/--drop-layers (structured), not both",
+                              field="sparsity")
+    else:
+        ffn = (0.0 if drop_layers else 0.25) if ffn is None else ffn
+        if not 0 <= ffn < 1 or (ffn == 0 and not drop_layers):
+            raise ConfigError(f"ffn (the fraction of FFN channels removed) must be in (0, 1), got {ffn!r}",
+                              field="ffn")
+    if recover_epochs < 0:
+        raise ConfigError(f"recover_epochs must be 0 or more, got {recover_epochs!r}", field="recover_epochs")
+    checked = Gate.parse(gate)
+    registry = ModelRegistry()
+    parent = check_parent(registry, ref)
+    teacher, tokenizer, _ = registry.load(parent.ref)
+    spec, total = teacher.config.to_dict(), teacher.config.num_hidden_layers
+    if not 0 <= drop_layers < total:
+        raise ConfigError(f"drop_layers must be in 0..{total - 1} (the parent has {total} layers), got "
+                          f"{drop_layers!r}", field="drop_layers")
+    texts = train_texts(max_texts, seed)
+    calibration = train_texts(CALIBRATION_TEXTS, seed + 1)
+    connect_ray(address)
+    job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds)
+    report: dict[str, Any] = {}
+    if sparsity is not None:
+        state, achieved = prune_magnitude(teacher.state_dict(), sparsity)
+        child = Child("sparse", "magnitude", {"sparsity": sparsity, "zeros": round(achieved, 4)},
+                      f"magnitude {sparsity:.0%} fp32", MAGNITUDE_HELP)
+        plans = [(child, lambda paths: (spec, state), False)]
+        log.info("magnitude pruning: %.1f%% of all parameters are now zero (dense tensors: same size)", achieved * 100)
+    else:
+        if recover_epochs:
+            require("CPU", workers * cpus_per_worker, f"workers={workers} x cpus_per_worker={cpus_per_worker}",
+                    "lower --workers or add nodes", "workers")
+        params = {"ffn": ffn, "drop_layers": drop_layers, "recover_epochs": recover_epochs,
+                  "calibration_texts": len(calibration), "removed": report}
+        child = Child("pruned", "prune", params, "pruned fp32", STRUCTURED_HELP)
+        plans = [(child, lambda paths: _structured_source(job, paths, drop_layers, ffn, calibration, report),
+                  recover_epochs > 0)]
+    common = {"loss": "cosine", "epochs": recover_epochs, "lr": lr, "batch_size": batch_size,
+              "max_length": max_length, "workers": workers, "seed": seed, "log_every": 20}
+    shared = TeacherInputs(spec, teacher.state_dict(), tokenizer, texts) if plans[0][2] else None
+    del teacher
+    history: dict[str, dict[str, list[float]]] = {}
+    make = students_maker(job, plans, shared, common, workers, cpus_per_worker, history)
+    return job.run([child], name, aliases, make, history=history)
+
+
+def add_prune_args(parser) -> None:
+    """The options of ``mass compress prune`` and ``jobs/prune.py`` (one definition for both)."""
+    from mass.compression.convert import add_common_args
+
+    add_common_args(parser, embeddings=False)
+    parser.add_argument("--ffn", type=float, default=None, help="structured: the fraction of FFN channels removed "
+                                                                "from every layer (default 0.25, none with "
+                                                                "--drop-layers)")
+    parser.add_argument("--drop-layers", type=int, default=0, help="structured: whole layers removed first, the "
+                                                                   "least important ones (default 0)")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="magnitude pruning instead: the fraction of the encoder's Linear weights set to zero "
+                             "(dense tensors: reported, no smaller or faster)")
+    parser.add_argument("--recover-epochs", type=int, default=1,
+                        help="structured: epochs of recovery (distillation from the unpruned parent, Ray Train); "
+                             "0 skips it")
+    parser.add_argument("--lr", type=float, default=5e-4, help="recovery learning rate")
+    parser.add_argument("--batch-size", type=int, default=32, help="recovery texts per worker per step")
+    parser.add_argument("--max-length", type=int, default=128, help="recovery tokens per text")
+    parser.add_argument("--max-texts", type=int, default=None, help="recovery texts at most (default: the "
+                                                                    "corpus's train split)")
+    parser.add_argument("--workers", type=int, default=2, help="recovery Ray Train workers")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each recovery worker reserves")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the texts' order")
+
+
+def prune_from_args(args, address: str | None = None) -> list[CompressionResult]:
+    """Run ``run_pruning`` with parsed ``add_prune_args`` options."""
+    return run_pruning(args.ref, ffn=args.ffn, drop_layers=args.drop_layers, sparsity=args.sparsity,
+                       recover_epochs=args.recover_epochs, name=args.name, gate=args.gate, lr=args.lr,
+                       batch_size=args.batch_size, max_length=args.max_length, max_texts=args.max_texts,
+                       workers=args.workers, cpus_per_worker=args.cpus_per_worker, seed=args.seed,
+                       aliases=tuple(args.alias), threads=args.threads, rounds=args.rounds, address=address)
