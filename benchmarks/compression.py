@@ -49,7 +49,7 @@ def run(args) -> dict:
     if args.served_requests:
         served = {"fp32": "minilm-l6@production"}
         served.update({m: out["registered"][m] for m in INT8 if out["registered"].get(m)})
-        out["served"] = serve_through_gateway(served, args.rounds, args.served_requests)
+        out["served"] = serve_through_gateway(served, args.served_rounds, args.served_requests)
     if args.students:
         out["distillation"] = distill(args)
     if args.prune_ffn:
@@ -243,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--served-requests", type=int, default=1000,
                         help="requests a round when serving each int8 child and the parent through the gateway "
                              "(0 skips it)")
+    parser.add_argument("--served-rounds", type=int, default=3, help="rounds of the served part (each model "
+                                                                      "deployed once a round)")
     parser.add_argument("--students", default="3,2", help="comma-separated student layer counts, one distillation "
                                                             "job ('' skips distillation)")
     parser.add_argument("--epochs", type=int, default=3, help="distillation epochs per student (and pruning's "

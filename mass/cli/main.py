@@ -125,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prune_args(compress.add_parser("prune", help="prune an encoder: whole layers and FFN channels by importance "
                                        "(then a recovery run), or weights by magnitude; measured and gated"))
+    from mass.compression.pipeline import add_pipeline_args
+
+    add_pipeline_args(compress.add_parser("pipeline", help="run a compression pipeline (distill -> quantize, ...): "
+                                          "steps chained by `after`, independent ones side by side"))
     add_distill_args(compress.add_parser("distill", help="distil an encoder into smaller students (Ray Train, DDP), "
                                          "each measured against its teacher and registered if it passes the gate"))
 
@@ -653,6 +657,16 @@ def _compress_prune(args) -> int:
     results = prune_from_args(args)
     emit(args.output, [r.to_dict() for r in results], "\n\n".join(result_text(r) for r in results))
     return 0 if all(r.registered for r in results) else 1
+
+
+@command("compress pipeline")
+def _compress_pipeline(args) -> int:
+    from mass.cli.output import emit
+    from mass.compression.pipeline import pipeline_from_args, step_text
+
+    steps = pipeline_from_args(args)
+    emit(args.output, [s.to_dict() for s in steps], "\n\n".join(step_text(s) for s in steps))
+    return 0 if all(not s.error and s.results and all(r["registered"] for r in s.results) for s in steps) else 1
 
 
 @command("demo")

@@ -58,8 +58,8 @@ def eval_texts() -> tuple[list[str], list[str]]:
 
 def measure_encoder(subject: Subject, queries: list[str], documents: list[str], threads: int, rounds: int = 3):
     """(``Row`` without quality, query vectors, document vectors) of ``subject``: resident memory grown by loading
-    it and a warm-up pass (run it in a fresh process: Ray's ``max_calls=1``), the median latency of one-text requests, and texts/s over the queries in batches
-    of 32 (median and range over ``rounds``)."""
+    it and a warm-up pass (run it in a fresh process: Ray's ``max_calls=1``), the median latency of one-text
+    requests, and texts/s over the queries in batches of 32 (median and range over ``rounds``)."""
     import numpy as np
     import psutil
     import torch

@@ -208,7 +208,7 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
                      lr: float = 5e-4, batch_size: int = 32, max_length: int = 128, max_texts: int | None = None,
                      workers: int = 2, cpus_per_worker: float = 1.0, seed: int = 0, log_every: int = 20,
                      aliases: tuple[str, ...] = (), threads: int | None = None, rounds: int = 3,
-                     address: str | None = None) -> list[CompressionResult]:
+                     address: str | None = None, phases=None) -> list[CompressionResult]:
     """Distil the registered encoder ``ref`` into one student per ``layers`` entry (a count or teacher layer
     indices, see ``pick_layers``; default one of 3 layers) — or into the registered encoder ``student`` — and
     register each that passes ``gate`` as a new version of ``name`` (default ``<parent>-distill-<N>l``), lineage
@@ -219,7 +219,8 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
     hold ``workers`` x ``cpus_per_worker``. Students are trained one after another, each by a Ray Train job of
     ``workers`` DDP workers for ``epochs`` over the corpus's training texts (``max_texts`` caps them); then
     each is measured against the teacher on its card (as ``run_compression`` does). A student whose training
-    fails is reported with its error; when none could be trained this raises ``JobFailed``.
+    fails is reported with its error; when none could be trained this raises ``JobFailed``. ``phases``: as for
+    ``run_compression``.
     """
     from mass.cluster import connect_ray, require
     from mass.compression.gate import Gate
@@ -270,7 +271,7 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
     connect_ray(address)
     require("CPU", workers * cpus_per_worker, f"workers={workers} x cpus_per_worker={cpus_per_worker}",
             "lower --workers or add nodes", "workers")
-    job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds)
+    job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds, phases)
     history: dict[str, dict[str, list[float]]] = {}
     shared = TeacherInputs(teacher_spec, teacher.state_dict(), tokenizer, texts)
     del teacher

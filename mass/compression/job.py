@@ -168,8 +168,8 @@ def _cleanup(work: str) -> None:
 def run_compression(ref: str, methods: list[str] | tuple[str, ...], name: str | None = None,
                     gate: str | None = None, tolerance: float = 1e-4, per_channel: bool = True,
                     embeddings: bool = True, float_layers: str | None = None, aliases: tuple[str, ...] = (),
-                    threads: int | None = None, rounds: int = 3,
-                    address: str | None = None) -> list[CompressionResult]:
+                    threads: int | None = None, rounds: int = 3, address: str | None = None,
+                    phases: "Phases | None" = None) -> list[CompressionResult]:
     """Make a child of the registered encoder ``ref`` by each of ``methods`` (``METHODS``) and register each that
     passes ``gate`` (``mass.compression.gate``) as a new version of ``name`` (default: ``<parent>-<method>``).
 
@@ -181,7 +181,8 @@ def run_compression(ref: str, methods: list[str] | tuple[str, ...], name: str | 
     embeddings on held-out texts), or its methods are refused; when every method is, this raises
     ``ParityError`` right after the check. A method whose task fails (or whose worker dies) is reported with its
     ``error`` and the others go on; when none could be made this raises ``JobFailed`` before measuring anything.
-    ``threads`` (default: the node's CPUs) is what every measurement runs with.
+    ``threads`` (default: the node's CPUs) is what every measurement runs with. ``phases``: shared with jobs that
+    run beside this one (a pipeline's steps), so none measures while another makes.
     """
     from mass.cluster import connect_ray
     from mass.registry import ModelRegistry
@@ -207,7 +208,7 @@ def run_compression(ref: str, methods: list[str] | tuple[str, ...], name: str | 
     registry = ModelRegistry()
     parent = check_parent(registry, ref)
     connect_ray(address)
-    job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds)
+    job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds, phases)
     options = {"per_channel": per_channel, "embeddings": embeddings, "float_layers": float_layers}
     children = [Child(m, m, METHODS[m].params(tolerance, **options)) for m in methods]
     return job.run(children, name, aliases, lambda paths: _make_in_tasks(job, children, paths, options),
@@ -244,12 +245,70 @@ def _make_in_tasks(job: "_Job", children: list[Child], paths: dict[str, str],
     return made
 
 
+class Phases:
+    """When a job may make children and when it may measure them. Alone, a job is never in two phases at once;
+    jobs running side by side (a pipeline's independent steps) share one ``Phases`` that lets any number make
+    children together but measures only while nothing else is being made or measured, so each card keeps the
+    CPUs to itself. Each phase's start and end go into ``spans`` (label, phase, start, end)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._cond = threading.Condition()
+        self._making = 0
+        self._measuring = False
+        self._waiting = 0  # measurements waiting: new makings wait behind them, so measuring is not starved
+        self.spans: list[tuple[str, str, float, float]] = []
+        self._local = threading.local()
+
+    def label(self, text: str) -> None:
+        """Name this thread's spans (a pipeline step)."""
+        self._local.label = text
+
+    def making(self):
+        """Context: a child is being made (shared with other makings)."""
+        return self._phase("make")
+
+    def measuring(self):
+        """Context: children are being measured (exclusive)."""
+        return self._phase("measure")
+
+    def _phase(self, phase: str):
+        import contextlib
+        import time
+
+        @contextlib.contextmanager
+        def held():
+            with self._cond:
+                if phase == "make":
+                    self._cond.wait_for(lambda: not self._measuring and not self._waiting)
+                    self._making += 1
+                else:
+                    self._waiting += 1
+                    self._cond.wait_for(lambda: not self._measuring and not self._making)
+                    self._waiting -= 1
+                    self._measuring = True
+            start = time.time()
+            try:
+                yield
+            finally:
+                with self._cond:
+                    self.spans.append((getattr(self._local, "label", ""), phase, start, time.time()))
+                    if phase == "make":
+                        self._making -= 1
+                    else:
+                        self._measuring = False
+                    self._cond.notify_all()
+        return held()
+
+
 class _Job:
     """One compression job on the cluster (state shared by its steps): prepare the parent on one node, make the
     children (a function of the job's kind), measure the parent once and each child after it, settle each."""
 
-    def __init__(self, registry, parent, gate: Gate, threads: int, rounds: int) -> None:
+    def __init__(self, registry, parent, gate: Gate, threads: int, rounds: int, phases=None) -> None:
         self.registry, self.parent, self.gate = registry, parent, gate
+        self.phases = phases or Phases()
         self.texts = eval_texts()
         self.threads, self.rounds = threads, rounds
 
@@ -267,46 +326,50 @@ class _Job:
         # every task sees this process's settings (registry, home, database), as serving's replicas do
         env = {"runtime_env": {"env_vars": {k: v for k, v in settings_env(get_settings()).items() if v}}}
         export = any(METHODS.get(c.method, DISTILLED).export for c in children)
-        paths = ray.get(ray.remote(_prepare).options(num_cpus=1, max_retries=0, **env).remote(self.parent.ref,
-                                                                                               export))
+        with self.phases.making():
+            paths = ray.get(ray.remote(_prepare).options(num_cpus=1, max_retries=0, **env).remote(self.parent.ref,
+                                                                                                   export))
         self.pinned = {"scheduling_strategy": NodeAffinitySchedulingStrategy(paths["node"], soft=False), **env}
         try:
-            made = make(paths)
-            for key, child in made.items():
-                if isinstance(child, Exception):
-                    log.error("%s of %s failed: %s", key, self.parent.ref, _cause(child))
-            if all(isinstance(child, Exception) for child in made.values()):  # nothing to measure or register
-                raise JobFailed("no child could be made: " + "; ".join(f"{k}: {_cause(e)}" for k, e in made.items())
-                                + "; nothing was measured or registered", methods=[c.key for c in children])
-            # the measurements, one at a time (a fresh worker each: memory is measured from a clean start)
-            base, *parent_vectors = self._measure(Subject("parent fp32", paths["parent"], paths["tokenizer"]))
-            self.parent_vectors = parent_vectors
-            parity: str | None = None
-            if export:  # checked before anything else is spent on the export's children
-                onnx, self.worst = self._compare(_subject(Child("onnx", "onnx", {}), paths["export"]), worst=True)
-                if self.worst > tolerance:
-                    parity = (f"the ONNX export of {self.parent.ref} differs from it by up to {self.worst:.3g} "
-                              f"(tolerance {tolerance:g}) on {sum(map(len, self.texts))} held-out texts")
-                    if all(METHODS.get(c.method, DISTILLED).export for c in children):
-                        raise ParityError(f"{parity}; nothing was registered", max_abs_diff=self.worst,
-                                          tolerance=tolerance)
-            bf16 = self._compare(Subject("parent bf16", paths["parent"], paths["tokenizer"], dtype="bfloat16"))
-            shared = [base, bf16] + ([onnx] if export else [])
-            results = []
-            for child in children:
-                m = METHODS.get(child.method, DISTILLED)
-                if isinstance(made[child.key], Exception):
-                    error = _cause(made[child.key])
-                    results.append(CompressionResult(self.parent.ref, child.method, False, self.gate.text,
-                                                     f"not made: {error}", {}, None, None, error))
-                    continue
-                rows = shared[:2] + ([shared[2]] if child.method == "onnx-int8" else [])
-                rows.append(shared[2] if child.method == "onnx" else self._compare(_subject(child, made[child.key])))
-                card = Card(self.parent.ref, child.method, child.params, rows,
-                            {"queries": len(self.texts[0]), "documents": len(self.texts[1])})
-                refusal = parity if m.export else None
-                results.append(self._settle(child, name or f"{self.parent.name}-{child.key}", made[child.key], card,
-                                            refusal, aliases, (history or {}).get(child.key, {})))
+            with self.phases.making():
+                made = make(paths)
+            with self.phases.measuring():  # never while a child is being made (pipelines)
+                for key, child in made.items():
+                    if isinstance(child, Exception):
+                        log.error("%s of %s failed: %s", key, self.parent.ref, _cause(child))
+                if all(isinstance(child, Exception) for child in made.values()):  # nothing to measure or register
+                    raise JobFailed("no child could be made: " + "; ".join(f"{k}: {_cause(e)}" for k, e in made.items())
+                                    + "; nothing was measured or registered", methods=[c.key for c in children])
+                # the measurements, one at a time (a fresh worker each: memory is measured from a clean start)
+                base, *parent_vectors = self._measure(Subject("parent fp32", paths["parent"], paths["tokenizer"]))
+                self.parent_vectors = parent_vectors
+                parity: str | None = None
+                if export:  # checked before anything else is spent on the export's children
+                    onnx, self.worst = self._compare(_subject(Child("onnx", "onnx", {}), paths["export"]), worst=True)
+                    if self.worst > tolerance:
+                        parity = (f"the ONNX export of {self.parent.ref} differs from it by up to {self.worst:.3g} "
+                                  f"(tolerance {tolerance:g}) on {sum(map(len, self.texts))} held-out texts")
+                        if all(METHODS.get(c.method, DISTILLED).export for c in children):
+                            raise ParityError(f"{parity}; nothing was registered", max_abs_diff=self.worst,
+                                              tolerance=tolerance)
+                bf16 = self._compare(Subject("parent bf16", paths["parent"], paths["tokenizer"], dtype="bfloat16"))
+                shared = [base, bf16] + ([onnx] if export else [])
+                results = []
+                for child in children:
+                    m = METHODS.get(child.method, DISTILLED)
+                    if isinstance(made[child.key], Exception):
+                        error = _cause(made[child.key])
+                        results.append(CompressionResult(self.parent.ref, child.method, False, self.gate.text,
+                                                         f"not made: {error}", {}, None, None, error))
+                        continue
+                    rows = shared[:2] + ([shared[2]] if child.method == "onnx-int8" else [])
+                    rows.append(shared[2] if child.method == "onnx"
+                                else self._compare(_subject(child, made[child.key])))
+                    card = Card(self.parent.ref, child.method, child.params, rows,
+                                {"queries": len(self.texts[0]), "documents": len(self.texts[1])})
+                    refusal = parity if m.export else None
+                    results.append(self._settle(child, name or f"{self.parent.name}-{child.key}", made[child.key], card,
+                                                refusal, aliases, (history or {}).get(child.key, {})))
         finally:
             ray.get(ray.remote(_cleanup).options(num_cpus=0, **self.pinned).remote(paths["work"]))
         return results

@@ -80,7 +80,8 @@ def ffn_scores(model, tokenizer, texts: list[str]) -> list[Any]:
     finally:
         for handle in handles:
             handle.remove()
-    return [s / counts[0] * layer.output.dense.weight.detach().norm(dim=0) for s, layer in zip(sums, model.encoder.layer)]
+    return [s / counts[0] * layer.output.dense.weight.detach().norm(dim=0)
+            for s, layer in zip(sums, model.encoder.layer)]
 
 
 def prune_structured(spec: dict[str, Any], state: dict[str, Any], tokenizer, texts: list[str], drop_layers: int,
@@ -152,7 +153,8 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
                 recover_epochs: int = 1, name: str | None = None, gate: str | None = None, lr: float = 5e-4,
                 batch_size: int = 32, max_length: int = 128, max_texts: int | None = None, workers: int = 2,
                 cpus_per_worker: float = 1.0, seed: int = 0, aliases: tuple[str, ...] = (),
-                threads: int | None = None, rounds: int = 3, address: str | None = None) -> list[CompressionResult]:
+                threads: int | None = None, rounds: int = 3, address: str | None = None,
+                phases=None) -> list[CompressionResult]:
     """Prune the registered encoder ``ref`` and register the child if it passes ``gate``.
 
     Structured (the default): ``drop_layers`` whole layers, then the ``ffn`` fraction (default 0.25 when no layer
@@ -164,7 +166,7 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
     ``<parent>-sparse``; its card shows that dense tensors keep their size and speed.
 
     Checked before any work: fractions in (0, 1), layers to drop fewer than the parent has, one kind of pruning at a
-    time, the gate, the parent (an encoder stored as an HF directory).
+    time, the gate, the parent (an encoder stored as an HF directory). ``phases``: as for ``run_compression``.
     """
     from mass.cluster import connect_ray, require
     from mass.compression.gate import Gate
@@ -195,14 +197,19 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
     texts = train_texts(max_texts, seed)
     calibration = train_texts(CALIBRATION_TEXTS, seed + 1)
     connect_ray(address)
-    job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds)
+    job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds, phases)
     report: dict[str, Any] = {}
     if sparsity is not None:
-        state, achieved = prune_magnitude(teacher.state_dict(), sparsity)
-        child = Child("sparse", "magnitude", {"sparsity": sparsity, "zeros": round(achieved, 4)},
-                      f"magnitude {sparsity:.0%} fp32", MAGNITUDE_HELP)
-        plans = [(child, lambda paths: (spec, state), False)]
-        log.info("magnitude pruning: %.1f%% of all parameters are now zero (dense tensors: same size)", achieved * 100)
+        params: dict[str, Any] = {"sparsity": sparsity}  # and, once made, the share of all parameters now zero
+        child = Child("sparse", "magnitude", params, f"magnitude {sparsity:.0%} fp32", MAGNITUDE_HELP)
+
+        def magnitude(paths: dict[str, str], state=teacher.state_dict()):
+            state, achieved = prune_magnitude(state, sparsity)
+            params["zeros"] = round(achieved, 4)
+            log.info("magnitude pruning: %.1f%% of all parameters are now zero (dense tensors: same size)",
+                     achieved * 100)
+            return spec, state
+        plans = [(child, magnitude, False)]
     else:
         if recover_epochs:
             require("CPU", workers * cpus_per_worker, f"workers={workers} x cpus_per_worker={cpus_per_worker}",

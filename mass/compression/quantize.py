@@ -30,4 +30,5 @@ def quantize_from_args(args, address: str | None = None) -> list[CompressionResu
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     return run_compression(args.ref, methods, name=args.name, gate=args.gate, tolerance=args.tolerance,
                            per_channel=not args.per_tensor, embeddings=not args.keep_embeddings,
-                           float_layers=args.float_layers, aliases=tuple(args.alias), threads=args.threads, rounds=args.rounds, address=address)
+                           float_layers=args.float_layers, aliases=tuple(args.alias), threads=args.threads,
+                           rounds=args.rounds, address=address)

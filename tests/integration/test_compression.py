@@ -341,3 +341,59 @@ def test_what_cannot_be_pruned_is_refused_before_any_work(gateway, kwargs, needl
     with pytest.raises(ConfigError, match=needle):
         run_pruning(**{"ref": "minilm-l6@production", **kwargs})
     assert len(registry.client.search_runs([registry.experiment_id()], max_results=1000)) == runs
+
+
+PIPELINE = """
+parent: minilm-l6@production
+rounds: 1
+threads: 2
+steps:
+  - id: student
+    kind: distill
+    options: {layers: ["2"], max_texts: 256, epochs: 1, max_length: 64, name: pipe-student,
+              gate: "quality >= 0.4 and speedup > 1.2"}
+  - id: student-int8
+    kind: quantize
+    after: student
+    options: {methods: [torch-int8], name: pipe-student-int8, gate: "quality >= 0.9"}
+  - id: int8
+    kind: quantize
+    options: {methods: [torch-int8], name: pipe-int8, gate: "quality >= 0.9"}
+  - id: sparse
+    kind: prune
+    options: {sparsity: 0.5, name: pipe-sparse, gate: "memory < 0.9"}
+  - id: after-sparse
+    kind: quantize
+    after: sparse
+    options: {methods: [torch-int8]}
+"""
+
+
+def test_a_pipeline_chains_steps_runs_independent_ones_side_by_side_and_never_measures_while_making(
+        gateway, ray_cluster, tmp_path):
+    """distill -> quantize the student, beside quantize the parent and a magnitude prune the gate refuses: the
+    student's int8 child descends from the student; the parent's int8 step worked while the student trained;
+    no card was measured while anything else was made or measured; the step after the refused one did not run."""
+    from mass.compression.pipeline import PipelineConfig, run_pipeline
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(PIPELINE)
+    steps, spans = run_pipeline(PipelineConfig.load(path), address=ray_cluster.gcs_address)
+    by_id = {s.id: s for s in steps}
+    assert by_id["student"].registered == ["pipe-student/1"], by_id["student"]
+    assert by_id["student-int8"].parent == "pipe-student/1" and by_id["student-int8"].registered == \
+        ["pipe-student-int8/1"], by_id["student-int8"]
+    assert ModelRegistry().resolve("pipe-student-int8/1").lineage["parent"] == "pipe-student/1"
+    assert by_id["int8"].registered == ["pipe-int8/1"] and by_id["int8"].parent == "minilm-l6@production"
+    assert by_id["sparse"].results and not by_id["sparse"].registered
+    assert by_id["after-sparse"].error == "not run: step 'sparse' gave it no parent (it registered no child)"
+    # side by side: the parent's int8 step was at work before the student was trained (in order, it would have
+    # waited for the student and the student's int8 child)
+    trained = max(b for label, phase, _, b in spans if label == "student" and phase == "make")
+    assert min(a for label, _, a, _ in spans if label == "int8") < trained, spans
+    # and every card was measured alone
+    measures = [(a, b) for _, phase, a, b in spans if phase == "measure"]
+    assert len(measures) == 4
+    for a, b in measures:
+        others = [(c, d) for _, _, c, d in spans if (c, d) != (a, b)]
+        assert not any(c < b and d > a for c, d in others), (a, b, spans)

@@ -1,0 +1,67 @@
+"""``Phases``, the pipeline's schedule of work: children are made side by side, a card is measured only while
+nothing else is made or measured, and a waiting measurement is not starved by makings that keep arriving."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from mass.compression.job import Phases
+
+
+def _overlap(a, b) -> bool:
+    return a[2] < b[3] and b[2] < a[3]
+
+
+def test_makings_overlap_and_measurements_run_alone():
+    phases = Phases()
+
+    def step(name: str, make_s: float) -> None:
+        phases.label(name)
+        with phases.making():
+            time.sleep(make_s)
+        with phases.measuring():
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=step, args=(f"s{i}", 0.1 + 0.05 * i)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    makes = [s for s in phases.spans if s[1] == "make"]
+    measures = [s for s in phases.spans if s[1] == "measure"]
+    assert len(makes) == 4 and len(measures) == 4
+    assert _overlap(makes[0], makes[1])  # made side by side
+    for m in measures:  # measured alone
+        assert not any(_overlap(m, other) for other in phases.spans if other is not m), phases.spans
+    assert {s[0] for s in phases.spans} == {"s0", "s1", "s2", "s3"}
+
+
+def test_a_waiting_measurement_goes_before_makings_that_arrive_after_it():
+    phases, order = Phases(), []
+    holding = threading.Event()
+
+    def long_making() -> None:
+        with phases.making():
+            holding.set()
+            time.sleep(0.2)
+
+    def measure() -> None:
+        with phases.measuring():
+            order.append("measure")
+
+    def late_making() -> None:
+        with phases.making():
+            order.append("late make")
+
+    first = threading.Thread(target=long_making)
+    first.start()
+    holding.wait()
+    waiting = threading.Thread(target=measure)
+    waiting.start()
+    time.sleep(0.05)  # the measurement is waiting for the long making
+    late = threading.Thread(target=late_making)
+    late.start()
+    for t in (first, waiting, late):
+        t.join()
+    assert order == ["measure", "late make"]
