@@ -79,29 +79,16 @@ def run_pipeline_job(argv: list[str]) -> int:
     step ran and registered what it made, 1 otherwise. Prints one JSON line per step."""
     from mass.compression.pipeline import add_pipeline_args, pipeline_from_args
 
-    parser = argparse.ArgumentParser(prog="jobs/compress.py", description="Run a compression pipeline: steps "
-                                     "chained by `after`, independent ones side by side, each child measured and "
-                                     "gated.")
-    add_pipeline_args(parser)
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
-    args = parser.parse_args(argv)
-
-    from mass.logs import setup_logging
-    from mass.settings import apply_offline_env, get_settings
-
-    apply_offline_env()
-    setup_logging(get_settings().log_level)
-    try:
-        steps = pipeline_from_args(args, address=args.address)
-    except MassError as exc:
-        return report_error(exc, as_json=True)
-    for step in steps:
-        print(json.dumps(step.to_dict(), default=str), flush=True)
-    return 0 if all(not s.error and s.results and all(r["registered"] for r in s.results) for s in steps) else 1
+    return _compression_job(argv, "jobs/compress.py", "Run a compression pipeline: steps chained by `after`, "
+                            "independent ones side by side, each child measured and gated.", add_pipeline_args,
+                            lambda args: pipeline_from_args(args, address=args.address),
+                            done=lambda step: step.complete)
 
 
-def _compression_job(argv: list[str], prog: str, description: str, add_args, run) -> int:
-    """Parse, run and print one JSON line per child (conversion: one line, as before)."""
+def _compression_job(argv: list[str], prog: str, description: str, add_args, run,
+                     done=lambda result: bool(result.registered)) -> int:
+    """Parse, run and print one JSON line per result (a child, or a pipeline's step); exit 1 unless each is
+    ``done`` (registered)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_args(parser)
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
@@ -118,4 +105,4 @@ def _compression_job(argv: list[str], prog: str, description: str, add_args, run
         return report_error(exc, as_json=True)
     for result in results:
         print(json.dumps(result.to_dict(), default=str), flush=True)
-    return 0 if all(r.registered for r in results) else 1
+    return 0 if all(done(r) for r in results) else 1

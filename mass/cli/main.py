@@ -626,37 +626,34 @@ def _compress_convert(args) -> int:
     return 0 if result.registered else 1  # a refused child is reported with its card, and fails the command
 
 
-@command("compress quantize")
-def _compress_quantize(args) -> int:
+def _emit_children(args, results) -> int:
+    """Print a compression job's children (cards and verdicts); exit 1 when one was refused or not made."""
     from mass.cli.output import emit
     from mass.compression.job import result_text
-    from mass.compression.quantize import quantize_from_args
 
-    results = quantize_from_args(args)
     emit(args.output, [r.to_dict() for r in results], "\n\n".join(result_text(r) for r in results))
     return 0 if all(r.registered for r in results) else 1
+
+
+@command("compress quantize")
+def _compress_quantize(args) -> int:
+    from mass.compression.quantize import quantize_from_args
+
+    return _emit_children(args, quantize_from_args(args))
 
 
 @command("compress distill")
 def _compress_distill(args) -> int:
-    from mass.cli.output import emit
     from mass.compression.distill import distill_from_args
-    from mass.compression.job import result_text
 
-    results = distill_from_args(args)
-    emit(args.output, [r.to_dict() for r in results], "\n\n".join(result_text(r) for r in results))
-    return 0 if all(r.registered for r in results) else 1
+    return _emit_children(args, distill_from_args(args))
 
 
 @command("compress prune")
 def _compress_prune(args) -> int:
-    from mass.cli.output import emit
-    from mass.compression.job import result_text
     from mass.compression.prune import prune_from_args
 
-    results = prune_from_args(args)
-    emit(args.output, [r.to_dict() for r in results], "\n\n".join(result_text(r) for r in results))
-    return 0 if all(r.registered for r in results) else 1
+    return _emit_children(args, prune_from_args(args))
 
 
 @command("compress pipeline")
@@ -666,7 +663,7 @@ def _compress_pipeline(args) -> int:
 
     steps = pipeline_from_args(args)
     emit(args.output, [s.to_dict() for s in steps], "\n\n".join(step_text(s) for s in steps))
-    return 0 if all(not s.error and s.results and all(r["registered"] for r in s.results) for s in steps) else 1
+    return 0 if all(s.complete for s in steps) else 1
 
 
 @command("demo")

@@ -102,6 +102,11 @@ class StepResult:
         """The versions this step registered."""
         return [r["registered"] for r in self.results if r.get("registered")]
 
+    @property
+    def complete(self) -> bool:
+        """The step ran and registered every child it made."""
+        return not self.error and bool(self.results) and all(r.get("registered") for r in self.results)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)

@@ -65,3 +65,21 @@ def test_a_waiting_measurement_goes_before_makings_that_arrive_after_it():
     for t in (first, waiting, late):
         t.join()
     assert order == ["measure", "late make"]
+
+
+def test_a_pipeline_that_cannot_run_fails_before_any_work_with_its_step_named(tmp_path, capsys):
+    """``jobs/compress.py``'s entry: a bad step is a one-line error naming it and a JSON error line, and exit 2
+    (a config error) — no Ray is started (a gate that does not parse is caught before connecting)."""
+    from mass.errors import ConfigError
+    from mass.jobs import run_pipeline_job
+
+    bad = tmp_path / "bad-pipeline.yaml"
+    bad.write_text("parent: minilm-l6@production\nsteps:\n  - {id: a, kind: quantize, options: {methods: [onnx],"
+                   " gate: 'quality >='}}\n  - {id: b, kind: distill, after: a, options: {layers: ['9']}}\n")
+    code = run_pipeline_job(["--config", str(bad)])
+    out, err = capsys.readouterr()
+    assert code == ConfigError.exit_code and "does not parse" in err.strip().splitlines()[-1]
+    assert '"error"' in out
+    bad.write_text("parent: x\nsteps:\n  - {id: a, kind: shrink}\n")
+    assert run_pipeline_job(["--config", str(bad)]) == ConfigError.exit_code
+    assert "steps.0.kind: Value error, unknown kind 'shrink'" in capsys.readouterr().err
