@@ -12,6 +12,7 @@ import hashlib
 import logging
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,6 +34,8 @@ from mass.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 _PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
+# MLflow's fluent URIs are process-wide: threads of one process (a pipeline's steps) take turns setting them
+_FLUENT = threading.RLock()
 
 
 class ModelRegistry:
@@ -109,22 +112,24 @@ class ModelRegistry:
     def _fluent_uris(self) -> Iterator[None]:
         """This registry's URI for MLflow's fluent API (``mlflow.transformers.log_model`` has no client form, and
         ``models:/`` sources resolve through the process's URIs), and the process's own URIs back exactly as
-        they were afterwards (unset stays unset): library code leaves no process-wide state behind."""
+        they were afterwards (unset stays unset): library code leaves no process-wide state behind. One thread of
+        the process at a time: another's restore would otherwise pull the URIs from under this one's download."""
         from mlflow.environment_variables import MLFLOW_REGISTRY_URI
         from mlflow.tracking._model_registry import utils as registry_utils
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-        registry_before, registry_env = registry_utils._registry_uri, MLFLOW_REGISTRY_URI.get_raw()
-        with _use_tracking_uri(self.tracking_uri):  # MLflow's own save-and-restore of the tracking URI
-            registry_utils.set_registry_uri(self.tracking_uri)
-            try:
-                yield
-            finally:
-                registry_utils._registry_uri = registry_before
-                if registry_env is None:
-                    MLFLOW_REGISTRY_URI.unset()
-                else:
-                    MLFLOW_REGISTRY_URI.set(registry_env)
+        with _FLUENT:
+            registry_before, registry_env = registry_utils._registry_uri, MLFLOW_REGISTRY_URI.get_raw()
+            with _use_tracking_uri(self.tracking_uri):  # MLflow's own save-and-restore of the tracking URI
+                registry_utils.set_registry_uri(self.tracking_uri)
+                try:
+                    yield
+                finally:
+                    registry_utils._registry_uri = registry_before
+                    if registry_env is None:
+                        MLFLOW_REGISTRY_URI.unset()
+                    else:
+                        MLFLOW_REGISTRY_URI.set(registry_env)
 
     def _safe_uri(self) -> str:
         # never leak a password embedded in a database URI

@@ -83,3 +83,33 @@ def test_a_pipeline_that_cannot_run_fails_before_any_work_with_its_step_named(tm
     bad.write_text("parent: x\nsteps:\n  - {id: a, kind: shrink}\n")
     assert run_pipeline_job(["--config", str(bad)]) == ConfigError.exit_code
     assert "steps.0.kind: Value error, unknown kind 'shrink'" in capsys.readouterr().err
+
+
+def test_threads_of_one_process_take_turns_with_mlflows_process_wide_uris(tmp_path):
+    """A pipeline's steps are threads of one driver, and MLflow's fluent URIs are process-wide: while one
+    registry's download runs under its URI, another thread's registry must not swap it (nor restore it)."""
+    import mlflow
+
+    from mass.registry import ModelRegistry
+
+    a = ModelRegistry(tracking_uri=f"sqlite:///{tmp_path}/a.db")
+    b = ModelRegistry(tracking_uri=f"sqlite:///{tmp_path}/b.db")
+    inside, seen = threading.Event(), []
+
+    def first() -> None:
+        with a._fluent_uris():
+            inside.set()
+            time.sleep(0.3)  # the other thread tries to take over meanwhile
+            seen.append(mlflow.get_tracking_uri())
+
+    def second() -> None:
+        inside.wait()
+        with b._fluent_uris():
+            seen.append(mlflow.get_tracking_uri())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [a.tracking_uri, b.tracking_uri]
