@@ -17,12 +17,16 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mass.errors import DataError
 
 log = logging.getLogger(__name__)
+# CPython's AST constructor is not thread-safe ("AST constructor recursion depth mismatch" when threads parse at
+# once, as a pipeline's steps do): one parse at a time per process
+AST_LOCK = threading.Lock()
 
 #: Standard-library packages present on every Python 3.11: several MB of well-written English.
 DEFAULT_PACKAGES = ("argparse", "asyncio", "collections", "concurrent", "email", "http", "importlib", "json",
@@ -63,20 +67,22 @@ def _package_files(name: str) -> list[Path]:
 
 def _docstrings(path: Path, module: str) -> list[tuple[str, str]]:
     """(qualified source, cleaned docstring) for the module, its classes and functions."""
-    try:
-        tree = ast.parse(path.read_text(encoding="utf-8", errors="replace"))
-    except (SyntaxError, ValueError):
-        return []
-    found = []
-    stack: list[tuple[ast.AST, str]] = [(tree, module)]
-    while stack:
-        node, qual = stack.pop(0)
-        doc = ast.get_docstring(node, clean=False)
-        if doc:
-            found.append((qual, inspect.cleandoc(doc)))
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                stack.append((child, f"{qual}.{child.name}"))
+    source = path.read_text(encoding="utf-8", errors="replace")
+    with AST_LOCK:
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            return []
+        found = []
+        stack: list[tuple[ast.AST, str]] = [(tree, module)]
+        while stack:
+            node, qual = stack.pop(0)
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                found.append((qual, inspect.cleandoc(doc)))
+            for child in ast.iter_child_nodes(node):
+                if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    stack.append((child, f"{qual}.{child.name}"))
     return found
 
 

@@ -82,3 +82,4 @@ def test_tokenizer_round_trips_and_is_deterministic(tmp_path):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path)(docs[0])["input_ids"] == ids
+
