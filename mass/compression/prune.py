@@ -22,22 +22,21 @@ MAGNITUDE_HELP = ("global magnitude pruning (the smallest weights of the encoder
 
 
 def _pooled(model, tokenizer, texts: list[str]):
+    """The normalised mean-pooled embeddings of ``texts`` (distillation's pooling, in batches of 32)."""
     import torch
 
-    out = []
+    from mass.compression.distill import _pooled as pooled
+
     with torch.inference_mode():
-        for i in range(0, len(texts), 32):
-            batch = tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
+        return torch.nn.functional.normalize(torch.cat([
+            pooled(model, tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128,
+                                    return_tensors="pt")) for i in range(0, len(texts), 32)]), dim=-1)
 
 
 def _build(spec: dict[str, Any], state: dict[str, Any]):
-    from transformers import AutoConfig, AutoModel
+    from mass.compression.distill import _build as build
 
-    model = AutoModel.from_config(AutoConfig.for_model(**spec))
+    model = build(spec)
     model.load_state_dict(state)
     return model.eval()
 
