@@ -130,9 +130,10 @@ def _fixed_precision(ref: str, what: str, dtype: str, quantization: str, device:
 
 
 def load_onnx_dir(directory: Path, tokenizer_dir: Path, ref: str, dtype: str = "auto", quantization: str = "none",
-                  device: str | None = None):
-    """(encoder, tokenizer) of an ONNX export: ``OnnxEncoder`` on ONNX Runtime's CPU provider. The weights'
-    precision is fixed by the export, so ``dtype`` and ``quantization`` must be left at their defaults."""
+                  device: str | None = None, task: str = "embedding"):
+    """(encoder, tokenizer) of an ONNX export: ``OnnxEncoder`` on ONNX Runtime's CPU provider (exports are of
+    encoders: ``task`` is always embedding). The weights' precision is fixed by the export, so ``dtype`` and
+    ``quantization`` must be left at their defaults."""
     from transformers import AutoTokenizer
 
     from mass.serving.engines.onnx_encoder import OnnxEncoder
@@ -142,17 +143,18 @@ def load_onnx_dir(directory: Path, tokenizer_dir: Path, ref: str, dtype: str = "
 
 
 def load_bnb_dir(directory: Path, tokenizer_dir: Path, ref: str, dtype: str = "auto", quantization: str = "none",
-                 device: str | None = None):
-    """(model, tokenizer) of a bitsandbytes copy: an HF directory whose config carries its quantization (CPU, or
-    the GPU ``device``); ``dtype`` and ``quantization`` must be left at their defaults."""
+                 device: str | None = None, task: str = "embedding"):
+    """(model, tokenizer) of a bitsandbytes copy of a ``task`` model: an HF directory whose config carries its
+    quantization (CPU, or the GPU ``device``); ``dtype`` and ``quantization`` must be left at their defaults."""
     _fixed_precision(ref, "a bitsandbytes model", dtype, quantization, device, cpu_only=False)
-    return load_hf_dir(directory, "embedding", tokenizer_dir=tokenizer_dir, device=device)
+    return load_hf_dir(directory, task, tokenizer_dir=tokenizer_dir, device=device)
 
 
 def load_torch_int8_dir(directory: Path, tokenizer_dir: Path, ref: str, dtype: str = "auto",
-                        quantization: str = "none", device: str | None = None):
-    """(encoder, tokenizer) of a PyTorch dynamic-int8 copy (``mass.compression.torch_int8``): int8 weights run by
-    PyTorch's quantized CPU kernels; ``dtype`` and ``quantization`` must be left at their defaults."""
+                        quantization: str = "none", device: str | None = None, task: str = "embedding"):
+    """(encoder, tokenizer) of a PyTorch dynamic-int8 copy (``mass.compression.torch_int8``; of encoders: ``task``
+    is always embedding): int8 weights run by PyTorch's quantized CPU kernels; ``dtype`` and ``quantization`` must
+    be left at their defaults."""
     from transformers import AutoTokenizer
 
     from mass.compression.torch_int8 import load_dir

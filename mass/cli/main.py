@@ -116,9 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mass.compression.quantize import add_quantize_args
 
     add_convert_args(convert)
-    add_quantize_args(compress.add_parser("quantize", help="quantize an encoder by several methods in parallel "
-                                          "(torch-int8, onnx-int8, bnb-int8, bnb-nf4), each child measured against "
-                                          "its parent and registered if it passes the gate"))
+    add_quantize_args(compress.add_parser("quantize", help="quantize an encoder (torch-int8, onnx-int8, bnb-int8, "
+                                          "bnb-nf4) or a causal LM (bnb-int8, bnb-nf4) by several methods in "
+                                          "parallel, each child measured against its parent and registered if it "
+                                          "passes the gate"))
     from mass.compression.distill import add_distill_args
 
     from mass.compression.prune import add_prune_args

@@ -20,18 +20,20 @@ def supported() -> str | None:
     return None
 
 
-def quantize_dir(model_dir: Path, tokenizer_dir: Path, out: Path, kind: str) -> Path:
-    """Load the HF encoder in ``model_dir`` through bitsandbytes (``kind``: int8 or nf4, linear layers only; the
-    embedding tables stay float) and save it with its tokenizer to ``out``; returns ``out``."""
+def quantize_dir(model_dir: Path, tokenizer_dir: Path, out: Path, kind: str, task: str = "embedding") -> Path:
+    """Load the HF ``task`` model in ``model_dir`` through bitsandbytes (``kind``: int8 or nf4, linear layers only;
+    the embedding tables, and a causal LM's output head, stay float) and save it with its tokenizer to ``out``;
+    returns ``out``."""
     import json
     import shutil
 
     from mass.models import QUANTIZATION_FILE, TOKENIZER_DIR, load_hf_dir
 
-    model, tokenizer = load_hf_dir(model_dir, "embedding", tokenizer_dir=tokenizer_dir, quantization=kind,
-                                   device="cpu")
+    model, tokenizer = load_hf_dir(model_dir, task, tokenizer_dir=tokenizer_dir, quantization=kind, device="cpu")
     out.mkdir(parents=True)
     try:
+        # saved before it ever runs: on its first CPU forward bitsandbytes repacks 4-bit weights for its kernel
+        # (block scales transposed to bfloat16), and a model saved after that reloads with the wrong scales
         model.save_pretrained(out)
         tokenizer.save_pretrained(out / TOKENIZER_DIR)
         (out / QUANTIZATION_FILE).write_text(json.dumps({"method": f"bnb-{kind}"}))
@@ -39,3 +41,4 @@ def quantize_dir(model_dir: Path, tokenizer_dir: Path, out: Path, kind: str) -> 
         shutil.rmtree(out, ignore_errors=True)
         raise
     return out
+

@@ -1,7 +1,8 @@
 """The card: a child and its parent measured on the same machine in the same run — bytes on disk, resident
 memory of the loaded model, latency at batch 1, throughput at batch 32, and quality against the parent — with
-the parent in bf16 as a reference row. Each model is measured by ``measure_encoder`` in a Ray task of its own,
-one after another (never two at once), so each starts from a fresh process's memory."""
+the parent in bf16 as a reference row. Each model is measured by ``measure_encoder`` (encoders: texts/s, cosine)
+or ``measure_causal`` (causal LMs: decoded tokens/s, perplexity) in a Ray task of its own, one after another
+(never two at once), so each starts from a fresh process's memory."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from typing import Any
 
 BATCH = 32
 LATENCY_SAMPLES = 32
+PROMPT_TOKENS, NEW_TOKENS = 16, 32  # causal LMs: each decode measurement's prompt and generated lengths
+PPL_BLOCK, PPL_BLOCKS = 128, 64  # causal LMs: perplexity over at most this many blocks of the test split
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,10 @@ class Row:
     latency_ms: float
     throughput: float  # texts/s at batch 32, median over rounds
     throughput_range: tuple[float, float]
-    quality: float | None = None
+    quality: float | None = None  # encoders: mean cosine to the parent; causal LMs: parent perplexity / this one's
     top10: float | None = None
+    perplexity: float | None = None  # causal LMs: on the corpus's test split
+    unit: str = "texts"  # what ``throughput`` counts: texts (encoders) or generated tokens (causal LMs)
 
 
 def eval_texts() -> tuple[list[str], list[str]]:
@@ -56,8 +61,15 @@ def eval_texts() -> tuple[list[str], list[str]]:
     return queries, documents
 
 
+def causal_texts() -> list[str]:
+    """The docstring corpus's test split (never trained on): what a causal LM's perplexity and prompts come from."""
+    from mass.data.corpus import collect_documents
+
+    return [d["text"] for d in collect_documents(progress=False) if d["split"] == "test"]
+
+
 def measure_encoder(subject: Subject, queries: list[str], documents: list[str], threads: int, rounds: int = 3):
-    """(``Row`` without quality, query vectors, document vectors) of ``subject``: resident memory grown by loading
+    """(``Row`` without quality, (query vectors, document vectors)) of ``subject``: resident memory grown by loading
     it and a warm-up pass (run it in a fresh process: Ray's ``max_calls=1``), the median latency of one-text
     requests, and texts/s over the queries in batches of 32 (median and range over ``rounds``)."""
     import numpy as np
@@ -104,7 +116,71 @@ def measure_encoder(subject: Subject, queries: list[str], documents: list[str], 
     vectors = [np.asarray(engine.embed(texts)[0], dtype=np.float32) for texts in (queries, documents)]
     row = Row(subject.label, subject.runtime, subject.dtype, disk, weights, rss, round(statistics.median(latencies), 3),
               round(statistics.median(speeds), 1), (round(min(speeds), 1), round(max(speeds), 1)))
-    return row, vectors[0], vectors[1]
+    return row, (vectors[0], vectors[1])
+
+
+def measure_causal(subject: Subject, texts: list[str], threads: int, rounds: int = 3):
+    """(``Row``, None) of the causal LM ``subject``: resident memory grown by loading it and a warm-up pass (run it in
+    a fresh process: Ray's ``max_calls=1``), perplexity on ``texts`` (packed into blocks of ``PPL_BLOCK`` tokens
+    joined by EOS), the median time per generated token of one request, and generated tokens/s of 32 requests
+    decoded together (greedy, ``NEW_TOKENS`` each, EOS ignored; median and range over ``rounds``)."""
+    import math
+
+    import psutil
+    import torch
+
+    from mass.models import load_bnb_dir, load_hf_dir, weights_bytes
+    from mass.training.prep import pack
+
+    torch.set_num_threads(threads)
+    process = psutil.Process()
+    before = _settled_rss(process)
+    path = Path(subject.path)
+    if subject.runtime == "bnb":
+        model, tokenizer = load_bnb_dir(path, Path(subject.tokenizer), subject.label, task="text-generation")
+    elif subject.runtime == "torch":
+        model, tokenizer = load_hf_dir(path, "text-generation", tokenizer_dir=Path(subject.tokenizer),
+                                       dtype=subject.dtype)
+    else:
+        raise ValueError(f"{subject.label}: causal LMs are measured in torch or bitsandbytes, not {subject.runtime}")
+    disk = sum(f.stat().st_size for f in path.iterdir() if f.suffix in (".safetensors", ".bin"))
+    width = min(PPL_BLOCK, getattr(model.config, "n_positions", None) or model.config.max_position_embeddings)
+    blocks = torch.as_tensor(pack(texts, tokenizer, width)[:PPL_BLOCKS], dtype=torch.long)
+    prompts = [ids for ids in tokenizer(texts, add_special_tokens=False, truncation=True, max_length=PROMPT_TOKENS,
+                                        verbose=False)["input_ids"]
+               if len(ids) >= PROMPT_TOKENS][:BATCH]
+    if len(blocks) < 1 or len(prompts) < BATCH:
+        raise ValueError(f"the test split is too small to measure {subject.label}: {len(blocks)} blocks of {width} "
+                         f"tokens, {len(prompts)} prompts of {PROMPT_TOKENS} (need {BATCH})")
+    pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    def decode(batch: list[list[int]], new: int = NEW_TOKENS) -> None:
+        ids = torch.tensor(batch, dtype=torch.long)
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, pad_token_id=pad)
+
+    with torch.inference_mode():
+        decode(prompts[:1])  # warm-up: both batch shapes once
+        decode(prompts)
+        rss = _settled_rss(process) - before
+        losses = [model(input_ids=blocks[i:i + 8], labels=blocks[i:i + 8]).loss.item()
+                  for i in range(0, len(blocks), 8)]
+        sizes = [len(blocks[i:i + 8]) for i in range(0, len(blocks), 8)]
+        perplexity = math.exp(sum(loss * n for loss, n in zip(losses, sizes)) / sum(sizes))
+        latencies = []
+        for prompt in prompts[:8]:
+            start = time.perf_counter()
+            decode([prompt], 16)
+            latencies.append((time.perf_counter() - start) * 1000 / 16)
+        speeds = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            decode(prompts)
+            speeds.append(len(prompts) * NEW_TOKENS / (time.perf_counter() - start))
+    row = Row(subject.label, subject.runtime, subject.dtype, disk, weights_bytes(model), rss,
+              round(statistics.median(latencies), 3), round(statistics.median(speeds), 1),
+              (round(min(speeds), 1), round(max(speeds), 1)), perplexity=round(perplexity, 4), unit="tokens")
+    return row, None
 
 
 def _settled_rss(process) -> int:
@@ -149,10 +225,11 @@ class Card:
 
     @property
     def figures(self) -> dict[str, float]:
-        """``quality``, ``top10``, ``speedup``, ``latency``, ``memory``, ``size`` of the child against the parent
-        (fp32, the first row)."""
+        """``quality``, ``top10``, ``perplexity``, ``speedup``, ``latency``, ``memory``, ``rss``, ``size`` of the child
+        against the parent (fp32, the first row); ``gate.FIGURES`` says what each means."""
         parent, child = self.rows[0], self.rows[-1]
-        return {"quality": child.quality, "top10": child.top10,
+        perplexity = round(child.perplexity / parent.perplexity, 4) if child.perplexity and parent.perplexity else None
+        return {"quality": child.quality, "top10": child.top10, "perplexity": perplexity,
                 "speedup": round(child.throughput / parent.throughput, 3),
                 "latency": round(child.latency_ms / parent.latency_ms, 3),
                 "memory": round(child.weight_bytes / max(parent.weight_bytes, 1), 3),
@@ -173,16 +250,21 @@ class Card:
     def table(self) -> str:
         """The card as a markdown table."""
         parent = self.rows[0]
-        lines = ["| model | runtime | on disk | weights in memory | RSS growth | latency, batch 1 | "
-                 "throughput, batch 32 | speed-up | cosine to parent | top-10 overlap |",
+        causal = parent.unit == "tokens"
+        lines = ["| model | runtime | on disk | weights in memory | RSS growth | "
+                 + ("latency per token, batch 1 | decode, batch 32 | speed-up | perplexity | parent ppl / ppl |"
+                    if causal else "latency, batch 1 | throughput, batch 32 | speed-up | cosine to parent | "
+                                   "top-10 overlap |"),
                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             lines.append(f"| {r.label} | {r.runtime.removesuffix('-' + r.dtype)} {r.dtype} | {r.disk_bytes / 1e6:.1f} MB "
                          f"({r.disk_bytes / parent.disk_bytes:.2f}x) | {r.weight_bytes / 1e6:.1f} MB "
                          f"({r.weight_bytes / max(parent.weight_bytes, 1):.2f}x) | {r.rss_bytes / 1e6:.0f} MB | "
                          f"{r.latency_ms:.2f} ms | "
-                         f"{r.throughput:.0f} texts/s ({r.throughput_range[0]:.0f}–{r.throughput_range[1]:.0f}) | "
-                         f"{r.throughput / parent.throughput:.2f}x | {_opt(r.quality)} | {_opt(r.top10)} |")
+                         f"{r.throughput:.0f} {r.unit}/s ({r.throughput_range[0]:.0f}–{r.throughput_range[1]:.0f}) | "
+                         f"{r.throughput / parent.throughput:.2f}x | "
+                         + (f"{_opt(r.perplexity, 2)} | {_opt(r.quality)} |" if causal
+                            else f"{_opt(r.quality)} | {_opt(r.top10)} |"))
         return "\n".join(lines)
 
     def plot(self, path: Path) -> Path:
@@ -193,9 +275,11 @@ class Card:
         import matplotlib.pyplot as plt
 
         labels = [r.label for r in self.rows]
-        panels = [("throughput, batch 32 (texts/s)", [r.throughput for r in self.rows]),
+        unit = self.rows[0].unit
+        panels = [(f"throughput, batch 32 ({unit}/s)", [r.throughput for r in self.rows]),
                   ("weights in memory (MB)", [r.weight_bytes / 1e6 for r in self.rows]),
-                  ("cosine to parent fp32", [r.quality if r.quality is not None else 0 for r in self.rows])]
+                  ("perplexity (test split)" if unit == "tokens" else "cosine to parent fp32",
+                   [(r.perplexity if unit == "tokens" else r.quality) or 0 for r in self.rows])]
         figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         for ax, (title, values) in zip(axes, panels):
             ax.bar(labels, values, color=["#7f7f7f", "#bcbcbc"] + ["#1f77b4"] * (len(labels) - 2))
@@ -208,5 +292,5 @@ class Card:
         return path
 
 
-def _opt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
+def _opt(value: float | None, digits: int = 4) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"

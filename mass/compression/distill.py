@@ -242,7 +242,7 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
         raise ConfigError("--alias needs a single student (each registers a model of its own)", field="alias")
     checked = Gate.parse(gate)
     registry = ModelRegistry()
-    parent = check_parent(registry, ref)
+    parent = check_parent(registry, ref, what="distillation")
     teacher, tokenizer, _ = registry.load(parent.ref)
     teacher_spec, total = teacher.config.to_dict(), teacher.config.num_hidden_layers
     common = {"loss": loss, "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,

@@ -12,8 +12,10 @@ from mass.errors import ConfigError
 
 #: the card figures a gate may name, with what they mean
 FIGURES = {
-    "quality": "the child's quality relative to its parent (encoders: mean cosine to the parent's embeddings)",
+    "quality": "the child's quality relative to its parent (encoders: mean cosine to the parent's embeddings; causal "
+               "LMs: the parent's perplexity / the child's, so 0.98 is about 2% worse)",
     "top10": "encoders: mean overlap of the top-10 retrieved documents with the parent's (0-1)",
+    "perplexity": "causal LMs: child perplexity on the corpus's test split / parent's (1.05 is 5% worse)",
     "speedup": "child throughput at batch 32 / parent's (fp32)",
     "latency": "child latency at batch 1 / parent's (below 1 is faster)",
     "memory": "child weights in memory / parent's (ONNX Runtime: the size of the graph's weights)",

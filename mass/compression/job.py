@@ -1,6 +1,7 @@
-"""The compression job that conversion and quantization share: children of a registered encoder made by one or more
-methods as parallel Ray tasks on one node, then measured one at a time against the parent (whose rows are measured
-once), each on its own card, gated, and registered with its lineage only if it passes."""
+"""The compression job that conversion, quantization, distillation and pruning share: children of a registered
+encoder or causal LM made by one or more methods as parallel Ray tasks on one node, then measured one at a time
+against the parent (whose rows are measured once), each on its own card, gated, and registered with its lineage only
+if it passes."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mass.compression.card import Card, Row, Subject, agreement, eval_texts, measure_encoder
+from mass.compression.card import (Card, Row, Subject, agreement, causal_texts, eval_texts, measure_causal,
+                                   measure_encoder)
 from mass.compression.gate import Gate
 from mass.errors import ConfigError, JobFailed, MassError, ParityError
 
@@ -22,13 +24,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Method:
     """A way to make a child: what it does, the runtime and precision it runs in, whether it is made from the ONNX
-    export (whose parity with the parent is checked first), and which job options it reads."""
+    export (whose parity with the parent is checked first), which job options it reads, and the parents' tasks it
+    compresses."""
 
     help: str
     runtime: str  # Subject.runtime: torch | onnx | torch-int8 | bnb
     precision: str  # what the card's row says (and bitsandbytes' kind)
     export: bool = False
     options: tuple[str, ...] = ()  # of per_channel, embeddings, float_layers
+    tasks: tuple[str, ...] = ("embedding",)
 
     def params(self, tolerance: float, **chosen: Any) -> dict[str, Any]:
         """The parameters recorded in the child's lineage (``chosen``: every option's value)."""
@@ -45,10 +49,15 @@ METHODS = {
                          "call, a scale per output channel; the word embedding table too unless --keep-embeddings; "
                          "layers matching --float-layers stay float (default: the FFN output projections)",
                          "torch-int8", "int8", options=("embeddings", "float_layers")),
-    "bnb-int8": Method("bitsandbytes LLM.int8 linear layers (memory; no speed promised)", "bnb", "int8"),
-    "bnb-nf4": Method("bitsandbytes 4-bit NormalFloat linear layers (memory; no speed promised)", "bnb", "nf4"),
+    "bnb-int8": Method("bitsandbytes LLM.int8 linear layers (memory; no speed promised)", "bnb", "int8",
+                       tasks=("embedding", "text-generation")),
+    "bnb-nf4": Method("bitsandbytes 4-bit NormalFloat linear layers (memory; no speed promised)", "bnb", "nf4",
+                      tasks=("embedding", "text-generation")),
 }
 
+
+#: the methods a quantization job runs when none are named, by the parent's task
+DEFAULT_METHODS = {"embedding": ("torch-int8", "onnx-int8"), "text-generation": ("bnb-nf4", "bnb-int8")}
 
 #: how a distilled student is run and measured (it is made by ``mass.compression.distill``, not by a task here)
 DISTILLED = Method("a smaller encoder trained to reproduce its teacher's embeddings (Ray Train)", "torch", "float32")
@@ -138,7 +147,7 @@ def _make(method: str, paths: dict[str, str], options: dict[str, Any]) -> str:
                                 options["embeddings"], options["float_layers"]))
     from mass.compression.bnb import quantize_dir
     return str(quantize_dir(Path(paths["parent"]), Path(paths["tokenizer"]), work / method,
-                            METHODS[method].precision))
+                            METHODS[method].precision, options["task"]))
 
 
 def _subject(child: Child, path: str) -> Subject:
@@ -150,12 +159,12 @@ def _subject(child: Child, path: str) -> Subject:
                    tokenizer, runtime=m.runtime, dtype=m.precision)
 
 
-def _register(path: str, name: str, run_id: str, metrics: dict[str, float], lineage: dict[str, str],
+def _register(path: str, name: str, task: str, run_id: str, metrics: dict[str, float], lineage: dict[str, str],
               config: dict[str, Any], aliases: list[str], description: str) -> str:
-    """Register the child (its files are on this node) — a Ray task; its ``name/version``."""
+    """Register the child, a ``task`` model (its files are on this node) — a Ray task; its ``name/version``."""
     from mass.registry import ModelRegistry
 
-    return ModelRegistry().register(path, name, "embedding", metrics=metrics, lineage=lineage, config=config,
+    return ModelRegistry().register(path, name, task, metrics=metrics, lineage=lineage, config=config,
                                     run_id=run_id, aliases=aliases, description=description).ref
 
 
@@ -165,17 +174,19 @@ def _cleanup(work: str) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def run_compression(ref: str, methods: list[str] | tuple[str, ...], name: str | None = None,
+def run_compression(ref: str, methods: list[str] | tuple[str, ...] | None, name: str | None = None,
                     gate: str | None = None, tolerance: float = 1e-4, per_channel: bool = True,
                     embeddings: bool = True, float_layers: str | None = None, aliases: tuple[str, ...] = (),
                     threads: int | None = None, rounds: int = 3, address: str | None = None,
                     phases: "Phases | None" = None) -> list[CompressionResult]:
-    """Make a child of the registered encoder ``ref`` by each of ``methods`` (``METHODS``) and register each that
+    """Make a child of the registered encoder or causal LM ``ref`` by each of ``methods`` (``METHODS``) and register each that
     passes ``gate`` (``mass.compression.gate``) as a new version of ``name`` (default: ``<parent>-<method>``).
+    ``methods`` None: ``DEFAULT_METHODS`` of the parent's task.
 
     Everything that can be refused is checked before any work: the methods (known, runnable on this node), the
     gate expression, the tolerance, the ``float_layers`` pattern (torch-int8; default
-    ``torch_int8.FLOAT_LAYERS``), the parent (an embedding model stored as an HF directory). Children are made in
+    ``torch_int8.FLOAT_LAYERS``), the parent (an HF directory of a task every method compresses: bitsandbytes
+    compresses causal LMs too, the others encoders only). Children are made in
     parallel (one task each); measurements then run one at a time, each in a fresh worker, so none shares the
     CPUs with another. An ONNX export must match the parent within ``tolerance`` (max absolute difference of the
     embeddings on held-out texts), or its methods are refused; when every method is, this raises
@@ -187,6 +198,9 @@ def run_compression(ref: str, methods: list[str] | tuple[str, ...], name: str | 
     from mass.cluster import connect_ray
     from mass.registry import ModelRegistry
 
+    registry = ModelRegistry()
+    if methods is None:
+        methods = DEFAULT_METHODS.get(registry.resolve(ref).task, DEFAULT_METHODS["embedding"])
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise ConfigError("no method given; methods: " + ", ".join(METHODS), field="methods")
@@ -205,23 +219,31 @@ def run_compression(ref: str, methods: list[str] | tuple[str, ...], name: str | 
     check_float_layers(float_layers)
     if not 0 < tolerance < 1:
         raise ConfigError(f"tolerance must be in (0, 1), got {tolerance!r}", field="tolerance")
-    registry = ModelRegistry()
-    parent = check_parent(registry, ref)
+    parent = check_parent(registry, ref, tasks=("embedding", "text-generation"))
+    wrong = [m for m in methods if parent.task not in METHODS[m].tasks]
+    if wrong:
+        fits = [m for m, method in METHODS.items() if parent.task in method.tasks]
+        raise ConfigError(f"{parent.ref} is a {parent.task} model, which {', '.join(wrong)} cannot compress (ONNX "
+                          f"export and PyTorch dynamic int8 serve encoders only); methods for it: {', '.join(fits)}",
+                          field="methods")
     connect_ray(address)
     job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds, phases)
-    options = {"per_channel": per_channel, "embeddings": embeddings, "float_layers": float_layers}
+    options = {"per_channel": per_channel, "embeddings": embeddings, "float_layers": float_layers,
+               "task": parent.task}
     children = [Child(m, m, METHODS[m].params(tolerance, **options)) for m in methods]
     return job.run(children, name, aliases, lambda paths: _make_in_tasks(job, children, paths, options),
                    tolerance)
 
 
-def check_parent(registry, ref: str):
-    """The parent's version, when it is an encoder stored as an HF directory (not already compressed);
-    ``ConfigError`` naming what to compress instead otherwise."""
+def check_parent(registry, ref: str, tasks: tuple[str, ...] = ("embedding",), what: str = "this job"):
+    """The parent's version, when it is a model of one of ``tasks`` stored as an HF directory (not already
+    compressed); ``ConfigError`` naming what to compress instead otherwise (``what``: the job, for the message)."""
     parent = registry.resolve(ref)
-    if parent.task != "embedding":
-        raise ConfigError(f"{parent.ref} is a {parent.task} model; compression serves encoders (embedding models) "
-                          "for now", field="ref")
+    if parent.task not in tasks:
+        hint = " (a causal LM's methods: quantization with bnb-int8 or bnb-nf4)" \
+            if parent.task == "text-generation" else ""
+        raise ConfigError(f"{parent.ref} is a {parent.task} model; {what} compresses "
+                          f"{' and '.join(t + ' models' for t in tasks)} only{hint}", field="ref")
     if parent.format != "transformers" or parent.lineage.get("method") in METHODS:
         raise ConfigError(f"{parent.ref} is already a compressed model ({parent.lineage.get('method', parent.format)})"
                           f"; compress its source "
@@ -309,7 +331,9 @@ class _Job:
     def __init__(self, registry, parent, gate: Gate, threads: int, rounds: int, phases=None) -> None:
         self.registry, self.parent, self.gate = registry, parent, gate
         self.phases = phases or Phases()
-        self.texts = eval_texts()
+        self.causal = parent.task == "text-generation"
+        # encoders: (queries, documents); causal LMs: (the test split's documents,)
+        self.texts = (causal_texts(),) if self.causal else eval_texts()
         self.threads, self.rounds = threads, rounds
 
     def run(self, children: list[Child], name: str | None, aliases: tuple[str, ...], make,
@@ -341,8 +365,10 @@ class _Job:
                     raise JobFailed("no child could be made: " + "; ".join(f"{k}: {_cause(e)}" for k, e in made.items())
                                     + "; nothing was measured or registered", methods=[c.key for c in children])
                 # the measurements, one at a time (a fresh worker each: memory is measured from a clean start)
-                base, *parent_vectors = self._measure(Subject("parent fp32", paths["parent"], paths["tokenizer"]))
-                self.parent_vectors = parent_vectors
+                base, self.parent_out = self._measure(Subject("parent fp32", paths["parent"], paths["tokenizer"]))
+                self.parent_perplexity = base.perplexity  # causal LMs
+                if self.causal:
+                    base.quality = 1.0
                 parity: str | None = None
                 if export:  # checked before anything else is spent on the export's children
                     onnx, self.worst = self._compare(_subject(Child("onnx", "onnx", {}), paths["export"]), worst=True)
@@ -366,6 +392,7 @@ class _Job:
                     rows.append(shared[2] if child.method == "onnx"
                                 else self._compare(_subject(child, made[child.key])))
                     card = Card(self.parent.ref, child.method, child.params, rows,
+                                {"documents": len(self.texts[0])} if self.causal else
                                 {"queries": len(self.texts[0]), "documents": len(self.texts[1])})
                     refusal = parity if m.export else None
                     results.append(self._settle(child, name or f"{self.parent.name}-{child.key}", made[child.key], card,
@@ -374,19 +401,25 @@ class _Job:
             ray.get(ray.remote(_cleanup).options(num_cpus=0, **self.pinned).remote(paths["work"]))
         return results
 
-    def _measure(self, subject: Subject) -> tuple[Row, Any, Any]:
+    def _measure(self, subject: Subject) -> tuple[Row, Any]:
+        """(``subject``'s row, its outputs on the held-out texts: an encoder's vectors, None for a causal LM)."""
         import ray
 
         log.info("measuring %s", subject.label)
-        measure = ray.remote(max_calls=1)(measure_encoder).options(num_cpus=1, max_retries=0, **self.pinned)
+        measure = ray.remote(max_calls=1)(measure_causal if self.causal else measure_encoder).options(
+            num_cpus=1, max_retries=0, **self.pinned)
         return ray.get(measure.remote(subject, *self.texts, self.threads, self.rounds))
 
     def _compare(self, subject: Subject, worst: bool = False):
-        """``subject``'s row with its quality against the parent (and, ``worst``, the largest difference)."""
-        row, *vectors = self._measure(subject)
-        row.quality, row.top10 = agreement(self.parent_vectors, vectors)
+        """``subject``'s row with its quality against the parent (encoders, ``worst``: and the largest
+        difference of its vectors from the parent's)."""
+        row, vectors = self._measure(subject)
+        if self.causal:
+            row.quality = round(self.parent_perplexity / row.perplexity, 4)
+            return row
+        row.quality, row.top10 = agreement(self.parent_out, vectors)
         if worst:
-            return row, max(float(abs(p - c).max()) for p, c in zip(self.parent_vectors, vectors))
+            return row, max(float(abs(p - c).max()) for p, c in zip(self.parent_out, vectors))
         return row
 
     def _settle(self, child: Child, name: str, path: str, card: Card, refusal: str | None,
@@ -408,7 +441,7 @@ class _Job:
                 lineage = {"parent": self.parent.ref, "method": child.method,
                            "params": json.dumps(child.params, sort_keys=True), "source_run": run_id}
                 registered = ray.get(ray.remote(_register).options(num_cpus=0, max_retries=0, **self.pinned).remote(
-                    path, name, run_id, {k: v for k, v in figures.items() if v is not None}, lineage,
+                    path, name, self.parent.task, run_id, {k: v for k, v in figures.items() if v is not None}, lineage,
                     {"card": card.to_dict(), "gate": self.gate.text}, list(aliases),
                     f"{child.help or METHODS.get(child.method, DISTILLED).help} of {self.parent.ref}; {why}"))
         self.registry.announce("compression.completed", {

@@ -187,7 +187,7 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
         raise ConfigError(f"recover_epochs must be 0 or more, got {recover_epochs!r}", field="recover_epochs")
     checked = Gate.parse(gate)
     registry = ModelRegistry()
-    parent = check_parent(registry, ref)
+    parent = check_parent(registry, ref, what="pruning")
     teacher, tokenizer, _ = registry.load(parent.ref)
     spec, total = teacher.config.to_dict(), teacher.config.num_hidden_layers
     if not 0 <= drop_layers < total:

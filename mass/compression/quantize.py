@@ -1,11 +1,12 @@
-"""``mass compress quantize`` / ``jobs/quantize.py``: a registered encoder quantized by several methods at once
-(each a Ray task, in parallel), every child measured against the parent on its own card, gated and registered."""
+"""``mass compress quantize`` / ``jobs/quantize.py``: a registered encoder or causal LM quantized by several methods
+at once (each a Ray task, in parallel), every child measured against the parent on its own card, gated and
+registered."""
 
 from __future__ import annotations
 
 from mass.compression.job import METHODS, CompressionResult, run_compression
 
-DEFAULT_METHODS = "torch-int8,onnx-int8"
+from mass.compression.job import DEFAULT_METHODS
 
 
 def add_quantize_args(parser) -> None:
@@ -13,9 +14,10 @@ def add_quantize_args(parser) -> None:
     from mass.compression.convert import add_common_args
 
     add_common_args(parser)
-    parser.add_argument("--methods", default=DEFAULT_METHODS,
-                        help="comma-separated, made in parallel; " + "; ".join(f"{k}: {m.help}"
-                                                                               for k, m in METHODS.items()))
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated, made in parallel (default: "
+                             + "; ".join(f"{t} models: {','.join(m)}" for t, m in DEFAULT_METHODS.items()) + "); "
+                             + "; ".join(f"{k}: {m.help}" for k, m in METHODS.items()))
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="onnx methods: largest difference allowed between the export's embeddings and the "
                              "parent's")
@@ -27,7 +29,7 @@ def add_quantize_args(parser) -> None:
 
 def quantize_from_args(args, address: str | None = None) -> list[CompressionResult]:
     """Run ``run_compression`` with parsed ``add_quantize_args`` options."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     return run_compression(args.ref, methods, name=args.name, gate=args.gate, tolerance=args.tolerance,
                            per_channel=not args.per_tensor, embeddings=not args.keep_embeddings,
                            float_layers=args.float_layers, aliases=tuple(args.alias), threads=args.threads,

@@ -276,8 +276,8 @@ class ModelRegistry:
         """Logs a quantized copy as its files (a PyTorch dynamic-int8 copy: config, quantized state dict; a
         bitsandbytes one: its HF directory; both with ``quantization.json`` and ``tokenizer/``) as a logged model
         whose MLmodel names the MASS format; the tokenizer goes under ``components/tokenizer`` as the other flavours
-        keep it (inside an active run)."""
-        if task != "embedding":
+        keep it (inside an active run). A bitsandbytes copy may be of a causal LM; a torch-int8 one is of an encoder."""
+        if task != "embedding" and fmt != "bnb":
             raise ConfigError(f"a {fmt} model serves as an embedding model only (got task {task!r})", field="task")
         if not (directory / TOKENIZER_DIR).is_dir():
             raise ConfigError(f"{directory} has no {TOKENIZER_DIR}/", field="model_dir")
@@ -457,7 +457,7 @@ class ModelRegistry:
         loaders = {"onnx": load_onnx_dir, "torch-int8": load_torch_int8_dir, "bnb": load_bnb_dir}
         if info.format in loaders:
             return loaders[info.format](path, path / "components" / "tokenizer", info.ref, dtype, quantization,
-                                        device) + (info,)
+                                        device, task=info.task) + (info,)
         model, tokenizer = load_hf_dir(path / "model", info.task, tokenizer_dir=path / "components" / "tokenizer",
                                        dtype=dtype, quantization=quantization, device=device)
         return model, tokenizer, info

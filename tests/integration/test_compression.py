@@ -1,6 +1,7 @@
-"""Conversion of the pretrained MiniLM on the session's Ray cluster: exported to ONNX and quantized to int8,
-measured against its parent on one card, gated, registered with its lineage, and served through the gateway;
-and every way it can be refused (before any work, at the parity check, at the gate)."""
+"""Compression on the session's Ray cluster: the pretrained MiniLM exported to ONNX, quantized, distilled and pruned,
+the trained tiny-gpt quantized on a perplexity card; each child measured against its parent on one card, gated,
+registered with its lineage, and served through the gateway; and every way it can be refused (before any work, at
+the parity check, at the gate)."""
 
 from __future__ import annotations
 
@@ -162,6 +163,54 @@ def test_quantized_children_reload_without_their_source_and_serve_through_the_ga
             assert child.shape == parent.shape and (child * parent).sum(1).min() >= floor, name
     finally:
         serve.delete("mass-quantized")
+
+
+@pytest.fixture(scope="module")
+def causal(gateway, ray_cluster):
+    """tiny-gpt/1 (the causal LM the session's training job trained) quantized by bitsandbytes nf4 and int8 in one
+    job, gated on perplexity; by method."""
+    results = run_compression("tiny-gpt/1", ["bnb-nf4", "bnb-int8"], threads=2, rounds=1, gate="perplexity <= 1.05",
+                              address=ray_cluster.gcs_address)
+    return {r.method: r for r in results}
+
+
+def test_a_causal_lm_is_quantized_on_a_perplexity_card_and_serves_through_the_gateway(causal, gateway, api_key):
+    """Each child's card measures decoding (tokens/s) and perplexity on the corpus's test split against the parent;
+    the nf4 child, registered as a text-generation model, generates through the gateway with the official client."""
+    import openai
+    from ray import serve
+
+    from mass.app import build_app, wait_ready
+
+    for method, result in causal.items():
+        kind = method.removeprefix("bnb-")
+        assert result.passed and result.registered == f"tiny-gpt-{method}/1", result.why
+        rows = result.card["rows"]
+        assert [r["label"] for r in rows] == ["parent fp32", "parent bf16", f"bnb {kind}"]
+        assert all(r["unit"] == "tokens" and r["perplexity"] > 1 and r["throughput"] > 0 for r in rows), rows
+        figures = result.card["figures"]
+        assert figures["perplexity"] == round(rows[-1]["perplexity"] / rows[0]["perplexity"], 4) <= 1.05
+        assert figures["quality"] == round(rows[0]["perplexity"] / rows[-1]["perplexity"], 4)
+        assert figures["top10"] is None and figures["memory"] < (0.6 if kind == "nf4" else 0.8), figures
+        info = ModelRegistry().resolve(result.registered)
+        assert (info.task, info.format, info.lineage["parent"], info.lineage["method"]) == \
+            ("text-generation", "bnb", "tiny-gpt/1", method)
+    args = {"models": [{"name": "nf4", "ref": "tiny-gpt-bnb-nf4/1", "engine": "llm", "num_cpus": 0.25}],
+            "gateway": {"num_cpus": 0.25, "ledger": False}}
+    serve.run(build_app(args), name="mass-causal", route_prefix="/causal")
+    try:
+        wait_ready(f"{gateway}/causal", timeout=180)
+        client = openai.OpenAI(base_url=f"{gateway}/causal/v1", api_key=api_key)
+        out = client.completions.create(model="nf4", prompt="Return the", max_tokens=8, temperature=0)
+        assert out.usage.completion_tokens > 0 and isinstance(out.choices[0].text, str)
+    finally:
+        serve.delete("mass-causal")
+
+
+def test_a_causal_lm_is_refused_by_the_methods_that_serve_encoders_only(gateway):
+    with pytest.raises(ConfigError, match=r"tiny-gpt/1 is a text-generation model, which torch-int8, onnx-int8 "
+                                          r"cannot compress .*methods for it: bnb-int8, bnb-nf4"):
+        run_compression("tiny-gpt/1", ["torch-int8", "onnx-int8"])
 
 
 def test_a_task_killed_mid_way_leaves_no_version_and_says_which_method(gateway, ray_cluster):

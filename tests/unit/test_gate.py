@@ -37,3 +37,25 @@ def test_a_custom_gate_chains_comparisons_and_a_missing_figure_fails():
 def test_a_gate_that_does_not_parse_is_refused_naming_the_problem(text, needle):
     with pytest.raises(ConfigError, match=needle):
         Gate.parse(text)
+
+
+def test_a_causal_card_reads_perplexity_as_quality_and_its_gate_can_name_it():
+    """A causal LM's card: quality is the parent's perplexity over the child's, ``perplexity`` their ratio, the
+    table speaks of tokens and perplexity, and a gate on perplexity decides."""
+    from mass.compression.card import Card, Row
+
+    def row(label, ppl, speed, weights):
+        return Row(label, "torch", "float32", weights, weights, 10_000_000, 1.0, speed, (speed, speed),
+                   quality=round(100.0 / ppl, 4), perplexity=ppl, unit="tokens")
+
+    card = Card("tiny-gpt/1", "bnb-nf4", {}, [row("parent fp32", 100.0, 1000.0, 4_000_000),
+                                               row("parent bf16", 100.1, 900.0, 2_000_000),
+                                               row("bnb nf4", 104.0, 700.0, 1_500_000)])
+    figures = card.figures
+    assert figures["perplexity"] == 1.04 and figures["quality"] == 0.9615 and figures["top10"] is None
+    assert figures["speedup"] == 0.7 and figures["memory"] == 0.375
+    table = card.table()
+    assert "decode, batch 32" in table and "700 tokens/s" in table and "| 104.00 | 0.9615 |" in table
+    assert Gate.parse("perplexity <= 1.05 and memory < 0.5").check(figures)[0]
+    assert not Gate.parse("perplexity <= 1.03").check(figures)[0]
+    assert not Gate.parse(None).check(figures)[0]  # the default asks for quality >= 0.98: 4% worse fails

@@ -78,6 +78,29 @@ def test_a_bitsandbytes_copy_reloads_quantized_from_its_config(parent, tmp_path)
         load_bnb_dir(out, out / "tokenizer", "m/1", quantization="int8")
 
 
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_bitsandbytes_gpt2_reloads_to_the_model_it_quantized(tmp_path, kind):
+    """A causal LM's copy (GPT-2: Conv1D layers) reloads to what the model quantized in memory computes (a 4-bit
+    model saved after a CPU forward would not: bitsandbytes repacks its weights for its kernel then)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from mass.compression.bnb import quantize_dir
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=64, n_embd=128, n_layer=2, n_head=4)).save_pretrained(
+        tmp_path / "gpt")
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+                            eos_token="[UNK]").save_pretrained(tmp_path / "gpt")
+    out = quantize_dir(tmp_path / "gpt", tmp_path / "gpt", tmp_path / kind, kind, task="text-generation")
+    held, _ = load_hf_dir(tmp_path / "gpt", "text-generation", quantization=kind, device="cpu")
+    child, _ = load_bnb_dir(out, out / "tokenizer", "m/1", task="text-generation")
+    assert type(child.transformer.h[0].attn.c_attn).__name__ == ("Linear4bit" if kind == "nf4" else "Linear8bitLt")
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(child(ids).logits, held(ids).logits)
+
+
 def test_a_method_this_machine_cannot_run_is_refused_by_name_before_any_work(monkeypatch):
     """bitsandbytes made unimportable (as on a node without it): the job refuses before it resolves the parent."""
     from mass.compression.job import run_compression, unsupported
