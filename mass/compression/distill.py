@@ -1,7 +1,8 @@
-"""Distillation of an encoder (``mass compress distill`` / ``jobs/distill.py``): a student — a subset of the
-teacher's layers, or a smaller registered encoder with the same tokenizer — is trained by a Ray Train job (DDP) to
-reproduce the teacher's sentence embeddings on the corpus's training texts, then measured against the teacher on
-its own card, gated and registered like every compressed child (``mass.compression.job``)."""
+"""Distillation (``mass compress distill`` / ``jobs/distill.py``): a student — a subset of the teacher's layers, or
+a smaller registered model with the same tokenizer — is trained by a Ray Train job (DDP) on the corpus's training
+split to reproduce the teacher: an encoder's sentence embeddings (cosine or MSE), a causal LM's next-token
+distributions (KL divergence at a temperature). Then it is measured against the teacher on its own card, gated and
+registered like every compressed child (``mass.compression.job``)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import os
 import time
 from typing import Any
 
+from mass.compression.arch import ENCODER, GPT2, Arch, arch_of, build
 from mass.compression.job import Child, CompressionResult, _cause, check_parent
 from mass.errors import ConfigError, JobFailed
 
 log = logging.getLogger(__name__)
 
-LOSSES = {"cosine": "1 - cosine between the student's and the teacher's normalised mean-pooled embeddings",
-          "mse": "mean squared error between the (unnormalised) mean-pooled embeddings"}
+LOSSES = {"cosine": "encoders: 1 - cosine between the student's and the teacher's normalised mean-pooled embeddings",
+          "mse": "encoders: mean squared error between the (unnormalised) mean-pooled embeddings",
+          "kl": "causal LMs: KL divergence from the teacher's next-token distribution to the student's, both softened "
+                "by --temperature, times its square (Hinton et al.)"}
 STATE_FILE = "student.pt"
 
 
@@ -45,19 +49,19 @@ def pick_layers(total: int, spec: str) -> list[int]:
     return picked
 
 
-def student_state(teacher_state: dict[str, Any], layers: list[int]) -> dict[str, Any]:
-    """The teacher's weights for a student of ``layers``: embeddings and pooler as they are, layer ``layers[j]``
-    as the student's layer ``j``."""
+def student_state(teacher_state: dict[str, Any], layers: list[int], arch: Arch | None = None) -> dict[str, Any]:
+    """The teacher's weights for a student of ``layers``: embeddings, pooler or LM head as they are, layer
+    ``layers[j]`` as the student's layer ``j`` (``arch``: the family, by default told from the keys)."""
+    arch = arch or (GPT2 if any(k.startswith(GPT2.prefix + ".") for k in teacher_state) else ENCODER)
+    prefix = arch.prefix + "."
     out = {}
     for key, value in teacher_state.items():
-        parts = key.split(".")
-        if "layer" in parts and parts[parts.index("layer") + 1].isdigit() and "encoder" in parts:
-            at = parts.index("layer") + 1
-            index = int(parts[at])
-            if index not in layers:
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            if int(index) not in layers:
                 continue
-            parts[at] = str(layers.index(index))
-        out[".".join(parts)] = value
+            key = f"{prefix}{layers.index(int(index))}.{rest}"
+        out[key] = value
     return out
 
 
@@ -74,10 +78,22 @@ def train_texts(limit: int | None = None, seed: int = 0) -> list[str]:
     return texts[:limit] if limit else texts
 
 
-def _build(spec: dict[str, Any]):
-    from transformers import AutoConfig, AutoModel
+def train_blocks(tokenizer, block: int, limit: int | None = None, seed: int = 0):
+    """A causal LM's training data: the corpus's train split documents (shuffled) joined by EOS and cut into blocks
+    of ``block`` tokens (int32 array [n, block]), at most ``limit`` blocks."""
+    import random
 
-    return AutoModel.from_config(AutoConfig.for_model(**spec))
+    from mass.data.corpus import collect_documents
+    from mass.training.prep import pack
+
+    docs = [d["text"] for d in collect_documents(progress=False) if d["split"] == "train"]
+    random.Random(seed).shuffle(docs)
+    blocks = pack(docs, tokenizer, block)
+    return blocks[:limit] if limit else blocks
+
+
+def _build(spec: dict[str, Any]):
+    return build(spec)
 
 
 def _pooled(model, batch):
@@ -87,14 +103,17 @@ def _pooled(model, batch):
 
 
 def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """One Ray Train worker: the teacher's embeddings of this worker's share of the texts, then the student
-    trained data-parallel to reproduce them; rank 0 reports the loss per epoch and, after the last, the student."""
+    """One Ray Train worker: the student trained data-parallel on this worker's share of the data to reproduce the
+    teacher — an encoder's embeddings (computed once, before training), or a causal LM's softened next-token
+    distributions (the teacher runs beside the student on each batch); rank 0 reports the loss per epoch and,
+    after the last, the student."""
     import tempfile
 
     import numpy as np
     import ray
     import ray.train
     import torch
+    import torch.nn.functional as F
     from ray.train import Checkpoint
     from ray.train.torch import get_device, prepare_model
 
@@ -106,9 +125,9 @@ def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.set_num_threads(cfg["threads"])
     device = get_device()
     tokenizer = ray.get(cfg["tokenizer"])
-    texts = ray.get(cfg["texts"])
-    mine = texts[: len(texts) // world * world][rank::world]  # equal shares: equal steps on every rank
-    batch, max_length = cfg["batch_size"], cfg["max_length"]
+    data = ray.get(cfg["texts"])  # encoders: texts; causal LMs: token blocks [n, block]
+    mine = data[: len(data) // world * world][rank::world]  # equal shares: equal steps on every rank
+    batch, max_length, causal = cfg["batch_size"], cfg["max_length"], cfg["loss"] == "kl"
 
     def tokens(chunk):
         return {k: v.to(device) for k, v in tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
@@ -117,11 +136,24 @@ def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
     teacher = _build(cfg["teacher_spec"])
     teacher.load_state_dict(ray.get(cfg["teacher_state"]))
     teacher.to(device).eval()
-    with torch.inference_mode():
-        targets = torch.cat([_pooled(teacher, tokens(mine[i:i + 64])) for i in range(0, len(mine), 64)])
-    del teacher
-    if rank == 0:
-        say(f"teacher embeddings of {len(mine) * world} training texts ready")
+    if not causal:
+        with torch.inference_mode():
+            targets = torch.cat([_pooled(teacher, tokens(mine[i:i + 64])) for i in range(0, len(mine), 64)])
+        del teacher
+        if rank == 0:
+            say(f"teacher embeddings of {len(mine) * world} training texts ready")
+
+    def objective(model, idx):
+        if causal:  # KL(teacher || student) per token, both softened by the temperature, times its square
+            ids = torch.as_tensor(mine[idx], dtype=torch.long, device=device)
+            with torch.no_grad():
+                soft = F.log_softmax(teacher(input_ids=ids).logits / cfg["temperature"], dim=-1).flatten(0, 1)
+            mine_soft = F.log_softmax(model(input_ids=ids).logits / cfg["temperature"], dim=-1).flatten(0, 1)
+            return F.kl_div(mine_soft, soft, log_target=True, reduction="batchmean") * cfg["temperature"] ** 2
+        pooled, target = _pooled(model, tokens([mine[j] for j in idx])), targets[idx]
+        if cfg["loss"] == "cosine":
+            return (1 - F.cosine_similarity(pooled, target, dim=-1)).mean()
+        return ((pooled - target) ** 2).sum(-1).mean()
 
     student = _build(cfg["student_spec"])
     student.load_state_dict(ray.get(cfg["student_state"]))
@@ -140,12 +172,7 @@ def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
         order = np.random.default_rng(cfg["seed"] + epoch).permutation(len(mine))
         started, running = time.perf_counter(), 0.0
         for i in range(steps_per_epoch):
-            idx = order[i * batch:(i + 1) * batch]
-            pooled, target = _pooled(model, tokens([mine[j] for j in idx])), targets[idx]
-            if cfg["loss"] == "cosine":
-                loss = (1 - torch.nn.functional.cosine_similarity(pooled, target, dim=-1)).mean()
-            else:
-                loss = ((pooled - target) ** 2).sum(-1).mean()
+            loss = objective(model, order[i * batch:(i + 1) * batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -181,13 +208,14 @@ def _save_student(work: str, key: str, spec: dict[str, Any], state: dict[str, An
     return str(out)
 
 
-def _student_model(registry, ref: str, teacher, teacher_tokenizer):
-    """(config dict, state) of a registered encoder to start the student from, when it can learn from the teacher:
-    an embedding model, smaller, with the same tokenizer and embedding width; ``ConfigError`` otherwise."""
+def _student_model(registry, ref: str, teacher, teacher_tokenizer, task: str = "embedding"):
+    """(config dict, state) of a registered model to start the student from, when it can learn from the teacher:
+    a model of the teacher's ``task``, smaller, with the same tokenizer (and, encoders, the same embedding width);
+    ``ConfigError`` otherwise."""
     info = registry.resolve(ref)
-    if info.task != "embedding" or info.format != "transformers":
-        raise ConfigError(f"student {info.ref} is a {info.task} model stored as {info.format}; a student is an "
-                          "encoder stored as an HF directory", field="student")
+    if info.task != task or info.format != "transformers":
+        raise ConfigError(f"student {info.ref} is a {info.task} model stored as {info.format}; a student of this "
+                          f"teacher is a {task} model stored as an HF directory", field="student")
     model, tokenizer, _ = registry.load(info.ref)
     if tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise ConfigError(f"student {info.ref}'s tokenizer ({len(tokenizer)} tokens) differs from the teacher's "
@@ -197,28 +225,31 @@ def _student_model(registry, ref: str, teacher, teacher_tokenizer):
     if sizes[0] >= sizes[1]:
         raise ConfigError(f"student {info.ref} ({sizes[0]:,} parameters) is not smaller than its teacher "
                           f"({sizes[1]:,})", field="student")
-    if model.config.hidden_size != teacher.config.hidden_size:
+    if task == "embedding" and model.config.hidden_size != teacher.config.hidden_size:
         raise ConfigError(f"student {info.ref} embeds in {model.config.hidden_size} dimensions, its teacher in "
                           f"{teacher.config.hidden_size}; they must match to replace it", field="student")
     return info, model.config.to_dict(), model.state_dict()
 
 
 def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None, student: str | None = None,
-                     name: str | None = None, gate: str | None = None, loss: str = "cosine", epochs: int = 2,
+                     name: str | None = None, gate: str | None = None, loss: str | None = None,
+                     temperature: float = 2.0, epochs: int = 2,
                      lr: float = 5e-4, batch_size: int = 32, max_length: int = 128, max_texts: int | None = None,
                      workers: int = 2, cpus_per_worker: float = 1.0, seed: int = 0, log_every: int = 20,
                      aliases: tuple[str, ...] = (), threads: int | None = None, rounds: int = 3,
                      address: str | None = None, phases=None) -> list[CompressionResult]:
-    """Distil the registered encoder ``ref`` into one student per ``layers`` entry (a count or teacher layer
-    indices, see ``pick_layers``; default one of 3 layers) — or into the registered encoder ``student`` — and
-    register each that passes ``gate`` as a new version of ``name`` (default ``<parent>-distill-<N>l``), lineage
-    ``method: distill``.
+    """Distil the registered encoder or causal LM ``ref`` into one student per ``layers`` entry (a count or
+    teacher layer indices, see ``pick_layers``; default one of 3 layers) — or into the registered model
+    ``student`` — and register each that passes ``gate`` as a new version of ``name`` (default
+    ``<parent>-distill-<N>l``), lineage ``method: distill``. ``loss`` (``LOSSES``) defaults to cosine for an
+    encoder and kl (at ``temperature``) for a causal LM.
 
-    Checked before any work: the options, the gate, the parent (an encoder stored as an HF directory), that every
-    student is smaller than the teacher and (``student``) reads the same tokenizer, and that the cluster can
-    hold ``workers`` x ``cpus_per_worker``. Students are trained one after another, each by a Ray Train job of
-    ``workers`` DDP workers for ``epochs`` over the corpus's training texts (``max_texts`` caps them); then
-    each is measured against the teacher on its card (as ``run_compression`` does). A student whose training
+    Checked before any work: the options, the gate, the parent (an HF directory), that every student is smaller
+    than the teacher and (``student``) reads the same tokenizer, and that the cluster can hold ``workers`` x
+    ``cpus_per_worker``. Students are trained one after another, each by a Ray Train job of ``workers`` DDP workers
+    for ``epochs`` over the corpus's training split (encoders: texts, ``max_texts`` at most; causal LMs: blocks of
+    ``max_length`` tokens, ``max_texts`` blocks at most); then each is measured against the teacher on its card (as
+    ``run_compression`` does). A student whose training
     fails is reported with its error; when none could be trained this raises ``JobFailed``. ``phases``: as for
     ``run_compression``.
     """
@@ -227,8 +258,10 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
     from mass.compression.job import _Job
     from mass.registry import ModelRegistry
 
-    if loss not in LOSSES:
+    if loss is not None and loss not in LOSSES:
         raise ConfigError(f"unknown loss {loss!r}; losses: {', '.join(LOSSES)}", field="loss")
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be above 0, got {temperature!r}", field="temperature")
     for field, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("workers", workers, 1),
                               ("max_length", max_length, 8)):
         if int(value) < low:
@@ -242,17 +275,24 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
         raise ConfigError("--alias needs a single student (each registers a model of its own)", field="alias")
     checked = Gate.parse(gate)
     registry = ModelRegistry()
-    parent = check_parent(registry, ref, what="distillation")
+    parent = check_parent(registry, ref, tasks=("embedding", "text-generation"), what="distillation")
+    causal = parent.task == "text-generation"
+    loss = loss or ("kl" if causal else "cosine")
+    if (loss == "kl") != causal:
+        raise ConfigError(f"loss {loss!r} is for {'encoders' if causal else 'causal LMs'}; {parent.ref} is a "
+                          f"{parent.task} model: use {'kl' if causal else 'cosine or mse'}", field="loss")
     teacher, tokenizer, _ = registry.load(parent.ref)
-    teacher_spec, total = teacher.config.to_dict(), teacher.config.num_hidden_layers
+    teacher_spec = teacher.config.to_dict()
+    arch, total = arch_of(teacher_spec), teacher.config.num_hidden_layers
     common = {"loss": loss, "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
-              "workers": workers, "seed": seed}
+              "workers": workers, "seed": seed, **({"temperature": temperature} if causal else {})}
     students: list[tuple[Child, dict[str, Any], dict[str, Any]]] = []
     if student:
-        info, spec, state = _student_model(registry, student, teacher, tokenizer)
-        key = f"distill-{spec['num_hidden_layers']}l"
-        students.append((Child(key, "distill", {**common, "student": info.ref},
-                               f"student {spec['num_hidden_layers']}L fp32"), spec, state))
+        info, spec, state = _student_model(registry, student, teacher, tokenizer, parent.task)
+        depth = spec[arch_of(spec).layers_key]
+        key = f"distill-{depth}l"
+        students.append((Child(key, "distill", {**common, "student": info.ref}, f"student {depth}L fp32"), spec,
+                         state))
     else:
         teacher_state = teacher.state_dict()
         for text in specs:
@@ -261,12 +301,16 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
             if any(c.key == key for c, _, _ in students):
                 raise ConfigError(f"two students of {len(picked)} layers; each needs its own layer count",
                                   field="layers")
-            spec = {**teacher_spec, "num_hidden_layers": len(picked)}
-            students.append((Child(key, "distill", {**common, "layers": picked},
-                                   f"student {len(picked)}L fp32"), spec, student_state(teacher_state, picked)))
-    texts = train_texts(max_texts, seed)
+            spec = {**teacher_spec, arch.layers_key: len(picked)}
+            students.append((Child(key, "distill", {**common, "layers": picked}, f"student {len(picked)}L fp32"),
+                             spec, student_state(teacher_state, picked, arch)))
+    if causal:
+        texts = train_blocks(tokenizer, min(max_length, teacher.config.max_position_embeddings), max_texts, seed)
+    else:
+        texts = train_texts(max_texts, seed)
     if len(texts) < workers * batch_size:
-        raise ConfigError(f"{len(texts)} training texts cannot fill one batch of {batch_size} on each of {workers} "
+        what = f"blocks of {texts.shape[1]} tokens" if causal else "texts"
+        raise ConfigError(f"{len(texts)} training {what} cannot fill one batch of {batch_size} on each of {workers} "
                           "workers; lower batch_size or raise max_texts", field="max_texts")
     connect_ray(address)
     require("CPU", workers * cpus_per_worker, f"workers={workers} x cpus_per_worker={cpus_per_worker}",
@@ -362,15 +406,21 @@ def add_distill_args(parser) -> None:
                         help="a student of N of the teacher's layers (evenly spaced, the last kept) or of those "
                              "layers; repeat for several students, trained one after another (default: 3)")
     parser.add_argument("--student", default=None, metavar="REF",
-                        help="start from this registered encoder instead (smaller, same tokenizer and width)")
-    parser.add_argument("--loss", default="cosine", choices=list(LOSSES),
-                        help="; ".join(f"{k}: {v}" for k, v in LOSSES.items()))
+                        help="start from this registered model instead (smaller, same task and tokenizer; encoders: "
+                             "same width)")
+    parser.add_argument("--loss", default=None, choices=list(LOSSES),
+                        help="default: cosine for an encoder, kl for a causal LM; "
+                             + "; ".join(f"{k}: {v}" for k, v in LOSSES.items()))
+    parser.add_argument("--temperature", type=float, default=2.0,
+                        help="kl: the temperature both distributions are softened by (default 2)")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the training texts")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warm-up, linear decay)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per worker per step")
-    parser.add_argument("--max-length", type=int, default=128, help="tokens per training text (longer are cut)")
+    parser.add_argument("--max-length", type=int, default=128,
+                        help="tokens per training text (longer are cut); causal LMs: tokens per training block")
     parser.add_argument("--max-texts", type=int, default=None,
-                        help="train on at most this many texts (default: all of the corpus's train split)")
+                        help="train on at most this many texts, or causal LMs' blocks (default: all of the corpus's "
+                             "train split)")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP processes)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
     parser.add_argument("--seed", type=int, default=0, help="seed for the student's training order")
@@ -379,7 +429,7 @@ def add_distill_args(parser) -> None:
 def distill_from_args(args, address: str | None = None) -> list[CompressionResult]:
     """Run ``run_distillation`` with parsed ``add_distill_args`` options."""
     return run_distillation(args.ref, layers=args.layers, student=args.student, name=args.name, gate=args.gate,
-                            loss=args.loss, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                            max_length=args.max_length, max_texts=args.max_texts, workers=args.workers,
+                            loss=args.loss, temperature=args.temperature, epochs=args.epochs, lr=args.lr,
+                            batch_size=args.batch_size, max_length=args.max_length, max_texts=args.max_texts, workers=args.workers,
                             cpus_per_worker=args.cpus_per_worker, seed=args.seed, aliases=tuple(args.alias),
                             threads=args.threads, rounds=args.rounds, address=address)

@@ -213,6 +213,56 @@ def test_a_causal_lm_is_refused_by_the_methods_that_serve_encoders_only(gateway)
         run_compression("tiny-gpt/1", ["torch-int8", "onnx-int8"])
 
 
+@pytest.fixture(scope="module")
+def causal_students(gateway, ray_cluster):
+    """tiny-gpt/1 (2 layers) distilled into a 1-layer student by logit distillation, and pruned of a quarter of its
+    FFN channels with a recovery epoch: short Ray Train runs (2 DDP workers, 256 blocks of 64 tokens)."""
+    from mass.compression.distill import run_distillation
+    from mass.compression.prune import run_pruning
+
+    common = {"max_texts": 256, "max_length": 64, "threads": 2, "rounds": 1, "address": ray_cluster.gcs_address}
+    student = run_distillation("tiny-gpt/1", layers=["1"], epochs=2, gate="perplexity < 10", **common)
+    pruned = run_pruning("tiny-gpt/1", ffn=0.25, gate="perplexity <= 1.5", **common)
+    return student[0], pruned[0]
+
+
+def test_a_causal_lm_is_distilled_by_its_logits_and_pruned_each_on_a_perplexity_card(causal_students):
+    """The student learns from its teacher (its perplexity ends far below the untrained 1-layer subset's, and its
+    loss falls epoch to epoch); the pruned child's FFN is really narrower; both register as causal LMs."""
+    import json
+    import math
+
+    import torch
+
+    from mass.compression.card import PPL_BLOCK, PPL_BLOCKS, causal_texts
+    from mass.compression.distill import student_state
+    from mass.compression.prune import _build, _loss
+    from mass.training.prep import pack
+
+    registry = ModelRegistry()
+    student, pruned = causal_students
+    for result, label in ((student, "student 1L fp32"), (pruned, "pruned fp32")):
+        assert result.passed, result.why
+        assert [r["label"] for r in result.card["rows"]] == ["parent fp32", "parent bf16", label]
+        assert result.card["rows"][-1]["unit"] == "tokens" and result.card["figures"]["perplexity"] is not None
+    info = registry.resolve(student.registered)
+    assert (info.task, info.lineage["method"]) == ("text-generation", "distill")
+    params = json.loads(info.lineage["params"])
+    assert params["loss"] == "kl" and params["temperature"] == 2.0 and params["layers"] == [1]
+    losses = [m.value for m in registry.client.get_metric_history(student.run_id, "distill_loss")]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    teacher, tokenizer, _ = registry.load("tiny-gpt/1")
+    spec = teacher.config.to_dict()
+    untrained = _build({**spec, "n_layer": 1}, student_state(teacher.state_dict(), [1]))
+    blocks = pack(causal_texts(), tokenizer, PPL_BLOCK)[:PPL_BLOCKS]  # what the card measured on
+    assert student.card["rows"][-1]["perplexity"] < 0.5 * math.exp(_loss(untrained, blocks))
+    model, _, _ = registry.load(pruned.registered)
+    assert model.config.n_inner == 384 and model.transformer.h[0].mlp.c_fc.weight.shape == (128, 384)
+    assert json.loads(registry.resolve(pruned.registered).lineage["params"])["removed"] == {
+        "ffn_channels": "128 of 512 per layer"}
+    assert isinstance(model, torch.nn.Module) and type(model).__name__ == "GPT2LMHeadModel"
+
+
 def test_a_task_killed_mid_way_leaves_no_version_and_says_which_method(gateway, ray_cluster):
     """The worker making the only child is killed (SIGKILL, as the OOM killer would): the job fails naming the
     method and the cause, before measuring anything; no model, version or work directory is left behind."""
@@ -380,7 +430,7 @@ def test_magnitude_pruning_is_reported_as_it_is_and_a_gate_asking_for_savings_re
     ({"ffn": 1.0}, r"ffn \(the fraction of FFN channels removed\) must be in \(0, 1\)"),
     ({"drop_layers": 6}, r"drop_layers must be in 0..5 \(the parent has 6 layers\)"),
     ({"recover_epochs": -1}, "recover_epochs must be 0 or more"),
-    ({"ref": "tiny-gpt/1"}, "is a text-generation model"),
+    ({"ref": "tiny-gpt/1", "drop_layers": 2}, r"drop_layers must be in 0..1 \(the parent has 2 layers\)"),
 ])
 def test_what_cannot_be_pruned_is_refused_before_any_work(gateway, kwargs, needle):
     from mass.compression.prune import run_pruning

@@ -57,3 +57,18 @@ def test_a_train_worker_error_is_named_by_its_own_line_not_ray_trains_wrapper():
                            "torch.OutOfMemoryError: cannot allocate 2 GB\n")
     assert _worker_error(wrapped) == "torch.OutOfMemoryError: cannot allocate 2 GB"
     assert _worker_error(ValueError("plain")) == "plain"
+
+
+def test_a_causal_students_layers_are_its_teachers_and_its_head_stays_tied():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mass.compression.arch import build
+
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=4, n_head=4)).eval()
+    student = build({**teacher.config.to_dict(), "n_layer": 2}).eval()
+    assert type(student).__name__ == "GPT2LMHeadModel" and len(student.transformer.h) == 2
+    student.load_state_dict(student_state(teacher.state_dict(), [1, 3]), strict=True)
+    assert torch.equal(student.transformer.h[0].mlp.c_fc.weight, teacher.transformer.h[1].mlp.c_fc.weight)
+    assert torch.equal(student.transformer.h[1].attn.c_attn.weight, teacher.transformer.h[3].attn.c_attn.weight)
+    assert student.lm_head.weight.data_ptr() == student.transformer.wte.weight.data_ptr()
