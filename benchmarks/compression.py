@@ -7,6 +7,10 @@ The parent in bf16 is the reference row (nearly free on CPUs with AVX-512 BF16).
 parent are served through the gateway in turns (the served speed-up); ``mass compress distill`` trains a 3-layer and
 a 2-layer student (Ray Train, 2 workers, the corpus's training split) and ``mass compress prune`` removes a quarter
 of the FFN channels with a recovery run, each job on a card of its own (its parent rows measured again in it).
+The causal part trains tiny-gpt by the smoke recipe (at ``--causal-shape``) in the run, then quantizes it
+(bitsandbytes nf4 and int8), prunes a quarter of its FFN channels with recovery and distils it into a student of
+half its layers (logit distillation), each on a perplexity card. ``--part encoder|causal`` runs one part and keeps
+the other from the saved JSON when that ran on the same machine line.
 
 Prints a table and one JSON line; ``--json PATH`` saves the JSON (and the card's chart beside it as PNG) and
 ``--readme README.md`` rewrites the README's compression table.
@@ -22,12 +26,37 @@ README_START, README_END = "<!-- benchmark:compression -->", "<!-- /benchmark:co
 GOAL_SPEEDUP, GOAL_QUALITY, GOAL_TOP10 = 2.5, 0.98, 0.90
 GOAL_MEMORY, GOAL_MEMORY_QUALITY = 0.30, 0.99
 GOAL_DISTILL_SPEEDUP, GOAL_DISTILL_QUALITY = 1.9, 0.97  # the 3-layer student
+GOAL_NF4_MEMORY, GOAL_CAUSAL_PPL = 0.35, 1.05  # tiny-gpt: nf4 weights, and nf4's and pruning's perplexity ratio
+SMOKE = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tiny-gpt-smoke.yaml"
 
 
 INT8 = ("onnx-int8", "torch-int8")  # the goal's candidates
 
 
 def run(args) -> dict:
+    """The parts ``--part`` names (the other kept from the saved JSON when it ran on this machine line)."""
+    out: dict = {}
+    if args.part in ("all", "encoder"):
+        out.update(encoder(args))
+    if args.part in ("all", "causal"):
+        out["causal"] = causal(args)
+    if args.part != "all" and args.json and Path(args.json).exists():
+        import json
+
+        from serving import machine_line
+
+        saved = json.loads(Path(args.json).read_text())
+        if saved.get("machine") == machine_line():
+            # the encoder part's date and rounds are the top level's; the causal part carries its own
+            kept = {"causal": saved["causal"]} if args.part == "encoder" and "causal" in saved else \
+                {k: v for k, v in saved.items() if k not in ("machine", "causal")}
+            out = {**kept, **out}
+        else:
+            print(f"not merging {args.json}: it ran on {saved.get('machine')!r}")
+    return out
+
+
+def encoder(args) -> dict:
     """Import MiniLM into the private registry, quantize it by every method in one job on a local Ray, return
     the cards (one per method, and all rows in one) and the verdicts."""
     from mass.compression.card import Card
@@ -55,6 +84,40 @@ def run(args) -> dict:
     if args.prune_ffn:
         out["pruning"] = prune(args)
     return out
+
+
+def causal(args) -> dict:
+    """tiny-gpt trained in this run (the smoke recipe at ``--causal-shape``), then one job each: bitsandbytes nf4
+    and int8, 25% of its FFN channels pruned with ``--causal-epochs`` of recovery, and a student of half its
+    layers distilled by its logits for ``--causal-epochs``; each child on its own perplexity card."""
+    from mass.compression.distill import run_distillation
+    from mass.compression.job import run_compression
+    from mass.compression.prune import run_pruning
+    from mass.training.config import TrainConfig
+    from mass.training.job import run_training
+
+    from mass.data.corpus import build_corpus
+
+    build_corpus(progress=False)  # the recipe's data, in this run's private MASS_HOME
+    layers, width = (int(x) for x in args.causal_shape.split("x"))
+    trained = run_training(TrainConfig.load(SMOKE, [f"model.arch.n_layer={layers}", f"model.arch.n_embd={width}",
+                                                    "registration.aliases=[]"]))
+    ref = trained.model_ref
+    common = {"threads": args.threads, "rounds": args.rounds}
+    results = {r.method: r for r in run_compression(ref, ["bnb-nf4", "bnb-int8"], **common)}
+    results["prune"] = run_pruning(ref, ffn=0.25, recover_epochs=args.causal_epochs, **common)[0]
+    results["distill"] = run_distillation(ref, layers=[str(layers // 2)], epochs=args.causal_epochs, **common)[0]
+    import time
+
+    from mass.compression.card import DECODES_PER_ROUND, NEW_TOKENS, PPL_BLOCK, PPL_BLOCKS, PROMPT_TOKENS
+
+    return {"model": ref, "shape": args.causal_shape, "train_metrics": trained.metrics, "rounds": args.rounds,
+            "date": time.strftime("%Y-%m-%d"), "measure": {"prompt": PROMPT_TOKENS, "new": NEW_TOKENS,
+                                                            "decodes": DECODES_PER_ROUND, "ppl_block": PPL_BLOCK,
+                                                            "ppl_blocks": PPL_BLOCKS},
+            "epochs": args.causal_epochs, "cards": {k: r.card for k, r in results.items()},
+            "gates": {k: r.why for k, r in results.items()}, "registered": {k: r.registered for k, r in results.items()},
+            "errors": {k: r.error for k, r in results.items() if r.error}}
 
 
 def prune(args) -> dict:
@@ -145,6 +208,8 @@ def distill(args) -> dict:
 
 def render_table(result: dict) -> str:
     """The README's compression block (markdown) from one run's JSON; the README test checks they agree."""
+    if "card" not in result:  # a causal-only run
+        return f"Run on {result['machine']}.\n" + "\n".join(causal_table(result.get("causal")))
     from mass.compression.card import Card
 
     card = result["card"]
@@ -172,7 +237,55 @@ def render_table(result: dict) -> str:
         f"overlap ≥ {GOAL_TOP10}: {'; '.join(verdicts)}.", "",
         f"Goal (int8 with its embeddings, weights in memory against the fp32 parent): ≤ {GOAL_MEMORY}x at cosine ≥ "
         f"{GOAL_MEMORY_QUALITY}: {'; '.join(memory)}.", "", f"Default gate, per child: {gates}.",
-        *served_lines(result), *distill_table(result.get("distillation")), *prune_table(result.get("pruning"))])
+        *served_lines(result), *distill_table(result.get("distillation")), *prune_table(result.get("pruning")),
+        *causal_table(result.get("causal"))])
+
+
+def causal_table(part: dict | None) -> list[str]:
+    """The causal part's lines of the README block: one card per job (quantization, pruning, distillation, each
+    measuring its parent again) and the goals' verdicts."""
+    from mass.compression.card import Card
+
+    if not part:
+        return []
+    cards, lines = part["cards"], []
+    quantized = [k for k in ("bnb-nf4", "bnb-int8") if cards.get(k)]
+    if quantized:
+        rows = []
+        for key in quantized:
+            rows += [r for r in cards[key]["rows"] if r not in rows]
+        lines += ["", f"Quantization of {part['model']} (one job):", "",
+                  Card.from_dict({**cards[quantized[0]], "rows": rows}).table()]
+    for key, what in (("prune", f"25% of the FFN channels pruned, {part['epochs']} recovery epochs (logit "
+                                "distillation from the unpruned parent)"),
+                      ("distill", f"a student of half the layers, {part['epochs']} epochs of logit distillation")):
+        if cards.get(key):
+            lines += ["", f"{what.capitalize()} (a job of its own):", "", Card.from_dict(cards[key]).table()]
+    verdicts = []
+    if cards.get("bnb-nf4"):
+        f = cards["bnb-nf4"]["figures"]
+        met = f["memory"] <= GOAL_NF4_MEMORY and f["perplexity"] <= GOAL_CAUSAL_PPL
+        verdicts.append(f"nf4 ≤ {GOAL_NF4_MEMORY}x weights at ≤ {GOAL_CAUSAL_PPL:.2f}x perplexity: **{f['memory']}x "
+                        f"at {f['perplexity']}x** ({'met' if met else 'not met'})")
+    if cards.get("prune"):
+        f, rows = cards["prune"]["figures"], cards["prune"]["rows"]
+        # a measured speed-up: the child's slowest round faster than the parent's fastest, not a ratio within noise
+        clear = rows[-1]["throughput_range"][0] > rows[0]["throughput_range"][1]
+        met = f["perplexity"] <= GOAL_CAUSAL_PPL and clear
+        verdicts.append(f"pruning 25% of the FFN with recovery, perplexity within {GOAL_CAUSAL_PPL - 1:.0%} and a "
+                        f"measured speed-up (every round of the child faster than every round of the parent): "
+                        f"**{f['perplexity']}x perplexity, {f['speedup']}x decode"
+                        f"{'' if clear else ', within the rounds’ spread'}** ({'met' if met else 'not met'})")
+    gates = "; ".join(f"{k}: {'registered' if part['registered'].get(k) else 'refused'} ({why})"
+                      for k, why in part["gates"].items())
+    train, m = part.get("train_metrics", {}), part["measure"]
+    return ["", f"Causal LM (run of {part['date']}, same machine): {part['model']}, the smoke recipe at "
+                f"{part['shape']} (layers x width) trained in this run (test perplexity "
+                f"{train.get('test_perplexity', float('nan')):.1f}); perplexity over up to {m['ppl_blocks']} blocks "
+                f"of {m['ppl_block']} tokens of the corpus's test split; decode: 32 prompts of {m['prompt']} tokens "
+                f"decoded together, {m['new']} new tokens each (greedy, EOS ignored), {m['decodes']} such batches a "
+                f"round, tokens/s median (range) over {part['rounds']} rounds; latency: ms per token of one request.",
+            *lines, "", f"Goals: {'; '.join(verdicts)}.", "", f"Default gate, per child: {gates}."]
 
 
 def served_lines(result: dict) -> list[str]:
@@ -251,6 +364,11 @@ def main(argv=None) -> int:
                                                                "recovery epochs)")
     parser.add_argument("--prune-ffn", type=float, default=0.25, help="fraction of FFN channels the pruning job "
                                                                       "removes (0 skips pruning)")
+    parser.add_argument("--part", choices=("all", "encoder", "causal"), default="all",
+                        help="encoder: MiniLM; causal: tiny-gpt (the other part is kept from --json's saved result "
+                             "when it ran on this machine line)")
+    parser.add_argument("--causal-shape", default="4x256", help="tiny-gpt's layers x width for the causal part")
+    parser.add_argument("--causal-epochs", type=int, default=3, help="causal part: recovery and distillation epochs")
     parser.add_argument("--json", help="also write the JSON result to this file (and the chart beside it)")
     parser.add_argument("--readme", help="rewrite this README's compression table from the result")
     args = parser.parse_args(argv)
@@ -262,7 +380,9 @@ def main(argv=None) -> int:
 
         from mass.compression.card import Card
 
-        Card.from_dict(json.loads(Path(args.json).read_text())["card"]).plot(Path(args.json).with_suffix(".png"))
+        saved = json.loads(Path(args.json).read_text())
+        if "card" in saved:
+            Card.from_dict(saved["card"]).plot(Path(args.json).with_suffix(".png"))
     return code
 
 

@@ -14,7 +14,8 @@ from typing import Any
 
 BATCH = 32
 LATENCY_SAMPLES = 32
-PROMPT_TOKENS, NEW_TOKENS = 16, 32  # causal LMs: each decode measurement's prompt and generated lengths
+PROMPT_TOKENS, NEW_TOKENS = 16, 64  # causal LMs: each decode measurement's prompt and generated lengths
+DECODES_PER_ROUND = 2  # causal LMs: batches of 32 decoded per throughput round (a round of about a second here)
 PPL_BLOCK, PPL_BLOCKS = 128, 64  # causal LMs: perplexity over at most this many blocks of the test split
 
 
@@ -123,7 +124,8 @@ def measure_causal(subject: Subject, texts: list[str], threads: int, rounds: int
     """(``Row``, None) of the causal LM ``subject``: resident memory grown by loading it and a warm-up pass (run it in
     a fresh process: Ray's ``max_calls=1``), perplexity on ``texts`` (packed into blocks of ``PPL_BLOCK`` tokens
     joined by EOS), the median time per generated token of one request, and generated tokens/s of 32 requests
-    decoded together (greedy, ``NEW_TOKENS`` each, EOS ignored; median and range over ``rounds``)."""
+    decoded together (greedy, ``NEW_TOKENS`` each, EOS ignored; ``DECODES_PER_ROUND`` such batches a round; median
+    and range over ``rounds``)."""
     import math
 
     import psutil
@@ -175,8 +177,9 @@ def measure_causal(subject: Subject, texts: list[str], threads: int, rounds: int
         speeds = []
         for _ in range(rounds):
             start = time.perf_counter()
-            decode(prompts)
-            speeds.append(len(prompts) * NEW_TOKENS / (time.perf_counter() - start))
+            for _ in range(DECODES_PER_ROUND):
+                decode(prompts)
+            speeds.append(DECODES_PER_ROUND * len(prompts) * NEW_TOKENS / (time.perf_counter() - start))
     row = Row(subject.label, subject.runtime, subject.dtype, disk, weights_bytes(model), rss,
               round(statistics.median(latencies), 3), round(statistics.median(speeds), 1),
               (round(min(speeds), 1), round(max(speeds), 1)), perplexity=round(perplexity, 4), unit="tokens")

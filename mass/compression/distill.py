@@ -146,9 +146,10 @@ def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
     def objective(model, idx):
         if causal:  # KL(teacher || student) per token, both softened by the temperature, times its square
             ids = torch.as_tensor(mine[idx], dtype=torch.long, device=device)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # packed blocks: no padding
             with torch.no_grad():
-                soft = F.log_softmax(teacher(input_ids=ids).logits / cfg["temperature"], dim=-1).flatten(0, 1)
-            mine_soft = F.log_softmax(model(input_ids=ids).logits / cfg["temperature"], dim=-1).flatten(0, 1)
+                soft = F.log_softmax(teacher(**batch).logits / cfg["temperature"], dim=-1).flatten(0, 1)
+            mine_soft = F.log_softmax(model(**batch).logits / cfg["temperature"], dim=-1).flatten(0, 1)
             return F.kl_div(mine_soft, soft, log_target=True, reduction="batchmean") * cfg["temperature"] ** 2
         pooled, target = _pooled(model, tokens([mine[j] for j in idx])), targets[idx]
         if cfg["loss"] == "cosine":

@@ -355,9 +355,11 @@ class _Job:
                                                                                                    export))
         self.pinned = {"scheduling_strategy": NodeAffinitySchedulingStrategy(paths["node"], soft=False), **env}
         try:
+            free = ray.available_resources().get("CPU", 0.0)
             with self.phases.making():
                 made = make(paths)
             with self.phases.measuring():  # never while a child is being made (pipelines)
+                _released(free)
                 for key, child in made.items():
                     if isinstance(child, Exception):
                         log.error("%s of %s failed: %s", key, self.parent.ref, _cause(child))
@@ -449,6 +451,19 @@ class _Job:
             "method": child.method, "metrics": {k: v for k, v in figures.items() if v is not None}})
         return CompressionResult(self.parent.ref, child.method, passed, self.gate.text, why, card.to_dict(),
                                  registered, run_id)
+
+
+def _released(cpus: float, timeout: float = 60.0) -> None:
+    """Wait (up to ``timeout`` seconds) until the cluster has ``cpus`` CPUs free again, as before the children were
+    made: a Ray Train run's workers give theirs back only as they exit, and a card measured beside exiting workers
+    reads slow."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while ray.available_resources().get("CPU", 0.0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def _cause(exc: Exception) -> str:
