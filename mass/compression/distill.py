@@ -280,8 +280,9 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
     causal = parent.task == "text-generation"
     loss = loss or ("kl" if causal else "cosine")
     if (loss == "kl") != causal:
-        raise ConfigError(f"loss {loss!r} is for {'encoders' if causal else 'causal LMs'}; {parent.ref} is a "
-                          f"{parent.task} model: use {'kl' if causal else 'cosine or mse'}", field="loss")
+        raise ConfigError(f"loss {loss!r} is for {'encoders' if causal else 'causal LMs'}; {parent.ref} is "
+                          f"{'a causal LM' if causal else 'an encoder'}: use {'kl' if causal else 'cosine or mse'}",
+                          field="loss")
     teacher, tokenizer, _ = registry.load(parent.ref)
     teacher_spec = teacher.config.to_dict()
     arch, total = arch_of(teacher_spec), teacher.config.num_hidden_layers

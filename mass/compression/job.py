@@ -359,7 +359,8 @@ class _Job:
             with self.phases.making():
                 made = make(paths)
             with self.phases.measuring():  # never while a child is being made (pipelines)
-                _released(free)
+                if history is not None:  # children trained by Ray Train runs, whose workers may still be exiting
+                    _released(free)
                 for key, child in made.items():
                     if isinstance(child, Exception):
                         log.error("%s of %s failed: %s", key, self.parent.ref, _cause(child))
@@ -453,7 +454,7 @@ class _Job:
                                  registered, run_id)
 
 
-def _released(cpus: float, timeout: float = 60.0) -> None:
+def _released(cpus: float, timeout: float = 15.0) -> None:
     """Wait (up to ``timeout`` seconds) until the cluster has ``cpus`` CPUs free again, as before the children were
     made: a Ray Train run's workers give theirs back only as they exit, and a card measured beside exiting workers
     reads slow."""

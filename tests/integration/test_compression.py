@@ -369,7 +369,8 @@ def foreign_encoder(gateway):
     ({"student": "foreign-encoder/1"}, r"tokenizer \(\d+ tokens\) differs from the teacher's \(30522 tokens\)"),
     ({"student": "tiny-gpt/1"}, "is a text-generation model"),
     ({"student": "foreign-encoder/1", "layers": ["2"]}, "not both"),
-    ({"loss": "kl"}, "unknown loss 'kl'"),
+    ({"loss": "hinge"}, "unknown loss 'hinge'"),
+    ({"loss": "kl"}, r"loss 'kl' is for causal LMs; minilm-l6/1 is an encoder: use cosine or mse"),
     ({"max_texts": 10}, "10 training texts cannot fill one batch of 32 on each of 2 workers"),
     ({"gate": "speedup >"}, "does not parse"),
 ])
