@@ -41,4 +41,3 @@ def quantize_dir(model_dir: Path, tokenizer_dir: Path, out: Path, kind: str, tas
         shutil.rmtree(out, ignore_errors=True)
         raise
     return out
-

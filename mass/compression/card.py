@@ -165,10 +165,7 @@ def measure_causal(subject: Subject, texts: list[str], threads: int, rounds: int
         decode(prompts[:1])  # warm-up: both batch shapes once
         decode(prompts)
         rss = _settled_rss(process) - before
-        losses = [model(input_ids=blocks[i:i + 8], labels=blocks[i:i + 8]).loss.item()
-                  for i in range(0, len(blocks), 8)]
-        sizes = [len(blocks[i:i + 8]) for i in range(0, len(blocks), 8)]
-        perplexity = math.exp(sum(loss * n for loss, n in zip(losses, sizes)) / sum(sizes))
+        perplexity = math.exp(mean_loss(model, blocks))
         latencies = []
         for prompt in prompts[:8]:
             start = time.perf_counter()
@@ -184,6 +181,16 @@ def measure_causal(subject: Subject, texts: list[str], threads: int, rounds: int
               round(statistics.median(latencies), 3), round(statistics.median(speeds), 1),
               (round(min(speeds), 1), round(max(speeds), 1)), perplexity=round(perplexity, 4), unit="tokens")
     return row, None
+
+
+def mean_loss(model, blocks) -> float:
+    """A causal LM's mean next-token loss over token ``blocks`` (in batches of 8; each block weighs the same)."""
+    import torch
+
+    ids = torch.as_tensor(blocks, dtype=torch.long)
+    with torch.inference_mode():
+        return sum(model(input_ids=ids[i:i + 8], labels=ids[i:i + 8]).loss.item() * len(ids[i:i + 8])
+                   for i in range(0, len(ids), 8)) / len(ids)
 
 
 def _settled_rss(process) -> int:

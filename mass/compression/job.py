@@ -240,10 +240,8 @@ def check_parent(registry, ref: str, tasks: tuple[str, ...] = ("embedding",), wh
     compressed); ``ConfigError`` naming what to compress instead otherwise (``what``: the job, for the message)."""
     parent = registry.resolve(ref)
     if parent.task not in tasks:
-        hint = " (a causal LM's methods: quantization with bnb-int8 or bnb-nf4)" \
-            if parent.task == "text-generation" else ""
         raise ConfigError(f"{parent.ref} is a {parent.task} model; {what} compresses "
-                          f"{' and '.join(t + ' models' for t in tasks)} only{hint}", field="ref")
+                          f"{' and '.join(t + ' models' for t in tasks)} only", field="ref")
     if parent.format != "transformers" or parent.lineage.get("method") in METHODS:
         raise ConfigError(f"{parent.ref} is already a compressed model ({parent.lineage.get('method', parent.format)})"
                           f"; compress its source "

@@ -37,13 +37,9 @@ def _pooled(model, tokenizer, texts: list[str]):
 
 
 def _loss(model, blocks) -> float:
-    """A causal LM's mean next-token loss over token ``blocks`` (in batches of 8)."""
-    import torch
+    from mass.compression.card import mean_loss
 
-    ids = torch.as_tensor(blocks, dtype=torch.long)
-    with torch.inference_mode():
-        return sum(model(input_ids=ids[i:i + 8], labels=ids[i:i + 8]).loss.item() * len(ids[i:i + 8])
-                   for i in range(0, len(ids), 8)) / len(ids)
+    return mean_loss(model, blocks)
 
 
 def _build(spec: dict[str, Any], state: dict[str, Any]):
