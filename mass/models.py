@@ -4,6 +4,7 @@ what serving, training, compression and registration share."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -18,8 +19,6 @@ QUANTIZATION_FILE = "quantization.json"  # a quantized copy's method ({"method":
 def quantized_format(directory: Path) -> str | None:
     """The registry format of a quantized copy in ``directory`` (``torch-int8`` or ``bnb``), None if it is not
     one."""
-    import json
-
     spec = directory / QUANTIZATION_FILE
     if not spec.is_file():
         return None
@@ -71,6 +70,10 @@ def load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None, d
                           field="tokenizer") from exc
     auto = AutoModelForCausalLM if task == "text-generation" else AutoModel
     kwargs = _load_kwargs(dtype, quantization, device)
+    if "device_map" not in kwargs and _prequantized(model_dir):
+        # a copy saved quantized cannot be moved after loading, and without a device map transformers places it
+        # on the GPU whenever one exists (seen on an H200): place it where it was asked for, the CPU by default
+        kwargs["device_map"] = {"": device or "cpu"}
     try:
         model = auto.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
     except Exception as exc:
@@ -83,6 +86,12 @@ def load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None, d
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     model.eval()
     return model, tokenizer
+
+
+def _prequantized(model_dir: Path) -> bool:
+    """Whether the HF directory holds a model saved quantized (its config carries a ``quantization_config``)."""
+    config = Path(model_dir) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
 def _load_kwargs(dtype: str, quantization: str, device: str | None) -> dict:

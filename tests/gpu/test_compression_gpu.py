@@ -1,0 +1,56 @@
+"""bitsandbytes copies made on the CPU (as the compression job makes them) reload quantized on CUDA: the GPU
+kernels compute what the CPU's do, and the LLM engine decodes the copy on the GPU as HF ``generate`` does."""
+
+import asyncio
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def gpt_dir(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mass.data.corpus import collect_documents
+    from mass.data.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([d["text"] for d in collect_documents(["json", "textwrap"], progress=False)], 512)
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=128, n_layer=2, n_head=4,
+                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    path = tmp_path_factory.mktemp("gpt")
+    GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_a_cpu_made_bitsandbytes_copy_serves_on_cuda(gpt_dir, tmp_path, kind):
+    from mass.compression.bnb import quantize_dir
+    from mass.models import load_bnb_dir
+    from mass.serving.engines.llm import LLMEngine
+    from mass.serving.engines.sampling import SamplingParams
+
+    out = quantize_dir(gpt_dir, gpt_dir, tmp_path / kind, kind, task="text-generation")
+    cpu, tok = load_bnb_dir(out, out / "tokenizer", "m/1", task="text-generation")
+    gpu, _ = load_bnb_dir(out, out / "tokenizer", "m/1", device="cuda", task="text-generation")
+    assert gpu.device.type == "cuda"
+    assert type(gpu.transformer.h[0].attn.c_attn).__name__ == ("Linear4bit" if kind == "nf4" else "Linear8bitLt")
+    ids = torch.randint(0, len(tok), (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = cpu(ids).logits.float(), gpu(ids.cuda()).logits.float().cpu()
+    print(f"{kind}: max |logit difference| GPU vs CPU {float((got - want).abs().max()):.2e}, "
+          f"logit scale {float(want.abs().max()):.2f}")
+    assert float((got - want).abs().max()) < 0.05 * float(want.abs().max())
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.95
+
+    prompt = "Return the"
+    ref = gpu.generate(tok(prompt, return_tensors="pt")["input_ids"].cuda(), max_new_tokens=12, do_sample=False,
+                       pad_token_id=tok.eos_token_id)
+    engine = LLMEngine(gpu, tok, max_running=4)
+    try:
+        result = asyncio.run(engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0)))
+    finally:
+        engine.shutdown()
+    n = tok(prompt, return_tensors="pt")["input_ids"].shape[1]
+    assert result.text == tok.decode(ref[0, n:], skip_special_tokens=True)
