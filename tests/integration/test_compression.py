@@ -95,14 +95,6 @@ def test_an_export_beyond_tolerance_is_refused_and_nothing_is_registered(convert
     assert len(ModelRegistry().get_model(CHILD).versions) == before
 
 
-def test_a_child_that_fails_its_gate_is_reported_and_not_registered(converted, ray_cluster):
-    before = len(ModelRegistry().get_model(CHILD).versions)
-    result = run_convert("minilm-l6@production", name=CHILD, method="onnx", gate="speedup >= 100", threads=2,
-                         rounds=1, address=ray_cluster.gcs_address)
-    assert not result.passed and result.registered is None and "speedup=" in result.why
-    assert len(ModelRegistry().get_model(CHILD).versions) == before
-
-
 @pytest.mark.parametrize("kwargs, needle", [
     ({"ref": "minilm-l6@production", "gate": "quality >= "}, "does not parse"),
     ({"ref": "minilm-l6@production", "method": "pruning"}, "unknown method 'pruning'"),
@@ -384,46 +376,6 @@ def test_a_student_that_cannot_be_is_refused_before_any_work(foreign_encoder, kw
     assert len(registry.client.search_runs([registry.experiment_id()], max_results=1000)) == runs
 
 
-@pytest.fixture(scope="module")
-def pruned(gateway, ray_cluster):
-    """minilm-l6@production with half of every layer's FFN channels removed by importance, then one short recovery
-    epoch (Ray Train, 2 workers, 256 texts); and the same parent magnitude-pruned to 50 % sparsity."""
-    from mass.compression.prune import run_pruning
-
-    structured = run_pruning("minilm-l6@production", ffn=0.5, recover_epochs=1, max_texts=256, max_length=64,
-                             threads=2, rounds=1, gate="quality >= 0.8 and memory < 0.9",
-                             address=ray_cluster.gcs_address)[0]
-    magnitude = run_pruning("minilm-l6@production", sparsity=0.5, threads=2, rounds=1,
-                            gate="memory < 0.9 or size < 0.9", address=ray_cluster.gcs_address)[0]
-    return structured, magnitude
-
-
-def test_structured_pruning_really_shrinks_the_model_and_recovers_and_registers_it(pruned):
-    import json
-
-    result, registry = pruned[0], ModelRegistry()
-    assert result.passed and result.registered == "minilm-l6-pruned/1", result.why
-    assert [r["label"] for r in result.card["rows"]] == ["parent fp32", "parent bf16", "pruned fp32"]
-    figures = result.card["figures"]
-    assert figures["quality"] >= 0.8 and 0.8 < figures["memory"] < 0.9 and figures["size"] < 0.9, figures
-    info = registry.resolve(result.registered)
-    params = json.loads(info.lineage["params"])
-    assert info.lineage["method"] == "prune" and params["removed"] == {"ffn_channels": "768 of 1536 per layer"}
-    assert params["recover_epochs"] == 1 and len(registry.client.get_metric_history(result.run_id,
-                                                                                    "distill_loss")) == 1
-    model, _, _ = registry.load(result.registered)
-    assert model.config.intermediate_size == 768 and model.encoder.layer[0].intermediate.dense.out_features == 768
-
-
-def test_magnitude_pruning_is_reported_as_it_is_and_a_gate_asking_for_savings_refuses_it(pruned):
-    result = pruned[1]
-    assert not result.passed and result.registered is None and "memory=1.0" in result.why
-    figures = result.card["figures"]
-    assert figures["memory"] == 1.0 and 0.99 <= figures["size"] <= 1.01, figures  # zeros in dense tensors
-    assert 0.1 < result.card["params"]["zeros"] < 0.5 and result.card["params"]["sparsity"] == 0.5
-    assert result.card["rows"][-1]["label"] == "magnitude 50% fp32"
-
-
 @pytest.mark.parametrize("kwargs, needle", [
     ({"sparsity": 0}, r"sparsity must be in \(0, 1\), got 0"),
     ({"sparsity": 1.5}, r"sparsity must be in \(0, 1\)"),
@@ -448,20 +400,20 @@ parent: minilm-l6@production
 rounds: 1
 threads: 2
 steps:
-  - id: student
-    kind: distill
-    options: {layers: ["2"], max_texts: 256, epochs: 1, max_length: 64, name: pipe-student,
-              gate: "quality >= 0.4 and speedup > 1.2"}
-  - id: student-int8
+  - id: pruned
+    kind: prune
+    options: {ffn: 0.5, recover_epochs: 1, max_texts: 256, max_length: 64, name: pipe-pruned,
+              gate: "quality >= 0.8 and memory < 0.9"}
+  - id: pruned-int8
     kind: quantize
-    after: student
-    options: {methods: [torch-int8], name: pipe-student-int8, gate: "quality >= 0.9"}
+    after: pruned
+    options: {methods: [torch-int8], name: pipe-pruned-int8, gate: "quality >= 0.9"}
   - id: int8
     kind: quantize
     options: {methods: [torch-int8], name: pipe-int8, gate: "quality >= 0.9"}
   - id: sparse
     kind: prune
-    options: {sparsity: 0.5, name: pipe-sparse, gate: "memory < 0.9"}
+    options: {sparsity: 0.5, name: pipe-sparse, gate: "memory < 0.9 or size < 0.9"}
   - id: after-sparse
     kind: quantize
     after: sparse
@@ -469,31 +421,74 @@ steps:
 """
 
 
-def test_a_pipeline_chains_steps_runs_independent_ones_side_by_side_and_never_measures_while_making(
-        gateway, ray_cluster, tmp_path):
-    """distill -> quantize the student, beside quantize the parent and a magnitude prune the gate refuses: the
-    student's int8 child descends from the student; the parent's int8 step worked while the student trained;
-    no card was measured while anything else was made or measured; the step after the refused one did not run."""
+@pytest.fixture(scope="module")
+def pipeline(gateway, ray_cluster, tmp_path_factory):
+    """One pipeline over minilm-l6@production (the compression tests' one run of structured and magnitude pruning):
+    half of every layer's FFN channels removed by importance and one recovery epoch (Ray Train, 2 workers, 256
+    texts), then its int8 child; beside it the parent's int8 child, and a 50 % magnitude prune that its gate refuses
+    (so the step after it never runs). By step id, with the phases' spans."""
     from mass.compression.pipeline import PipelineConfig, run_pipeline
 
-    path = tmp_path / "pipeline.yaml"
+    path = tmp_path_factory.mktemp("pipeline") / "pipeline.yaml"
     path.write_text(PIPELINE)
     steps, spans = run_pipeline(PipelineConfig.load(path), address=ray_cluster.gcs_address)
-    by_id = {s.id: s for s in steps}
-    assert by_id["student"].registered == ["pipe-student/1"], by_id["student"]
-    assert by_id["student-int8"].parent == "pipe-student/1" and by_id["student-int8"].registered == \
-        ["pipe-student-int8/1"], by_id["student-int8"]
-    assert ModelRegistry().resolve("pipe-student-int8/1").lineage["parent"] == "pipe-student/1"
+    return {s.id: s for s in steps}, spans
+
+
+def test_a_pipeline_chains_steps_runs_independent_ones_side_by_side_and_never_measures_while_making(pipeline):
+    """prune -> quantize the pruned child, beside quantize the parent and a magnitude prune the gate refuses: the
+    pruned child's int8 child descends from it; the parent's int8 step worked while the pruned child recovered;
+    no card was measured while anything else was made or measured; the step after the refused one did not run."""
+    by_id, spans = pipeline
+    assert by_id["pruned"].registered == ["pipe-pruned/1"], by_id["pruned"]
+    assert by_id["pruned-int8"].parent == "pipe-pruned/1" and by_id["pruned-int8"].registered == \
+        ["pipe-pruned-int8/1"], by_id["pruned-int8"]
+    assert ModelRegistry().resolve("pipe-pruned-int8/1").lineage["parent"] == "pipe-pruned/1"
     assert by_id["int8"].registered == ["pipe-int8/1"] and by_id["int8"].parent == "minilm-l6@production"
     assert by_id["sparse"].results and not by_id["sparse"].registered
     assert by_id["after-sparse"].error == "not run: step 'sparse' gave it no parent (it registered no child)"
-    # side by side: the parent's int8 step was at work before the student was trained (in order, it would have
-    # waited for the student and the student's int8 child)
-    trained = max(b for label, phase, _, b in spans if label == "student" and phase == "make")
-    assert min(a for label, _, a, _ in spans if label == "int8") < trained, spans
+    # side by side: the parent's int8 step was at work before the pruned child had recovered (in order, it would
+    # have waited for the pruned child and its int8 child)
+    recovered = max(b for label, phase, _, b in spans if label == "pruned" and phase == "make")
+    assert min(a for label, _, a, _ in spans if label == "int8") < recovered, spans
     # and every card was measured alone
     measures = [(a, b) for _, phase, a, b in spans if phase == "measure"]
     assert len(measures) == 4
     for a, b in measures:
         others = [(c, d) for _, _, c, d in spans if (c, d) != (a, b)]
         assert not any(c < b and d > a for c, d in others), (a, b, spans)
+
+
+def test_structured_pruning_really_shrinks_the_model_and_recovers_and_registers_it(pipeline):
+    import json
+
+    from mass.compression.job import CompressionResult
+
+    result, registry = CompressionResult(**pipeline[0]["pruned"].results[0]), ModelRegistry()
+    assert result.passed and result.registered == "pipe-pruned/1", result.why
+    assert [r["label"] for r in result.card["rows"]] == ["parent fp32", "parent bf16", "pruned fp32"]
+    figures = result.card["figures"]
+    assert figures["quality"] >= 0.8 and 0.8 < figures["memory"] < 0.9 and figures["size"] < 0.9, figures
+    info = registry.resolve(result.registered)
+    params = json.loads(info.lineage["params"])
+    assert info.lineage["method"] == "prune" and params["removed"] == {"ffn_channels": "768 of 1536 per layer"}
+    assert params["recover_epochs"] == 1 and len(registry.client.get_metric_history(result.run_id,
+                                                                                    "distill_loss")) == 1
+    model, _, _ = registry.load(result.registered)
+    assert model.config.intermediate_size == 768 and model.encoder.layer[0].intermediate.dense.out_features == 768
+
+
+def test_magnitude_pruning_is_reported_as_it_is_and_a_gate_asking_for_savings_refuses_it(pipeline):
+    """A child that fails its gate is reported with its card and not registered: magnitude pruning leaves dense
+    tensors as large as they were."""
+    from mass.compression.job import CompressionResult
+    from mass.errors import ModelNotFound
+
+    result = CompressionResult(**pipeline[0]["sparse"].results[0])
+    assert not result.passed and result.registered is None and "memory=1.0" in result.why
+    figures = result.card["figures"]
+    assert figures["memory"] == 1.0 and 0.99 <= figures["size"] <= 1.01, figures  # zeros in dense tensors
+    assert 0.1 < result.card["params"]["zeros"] < 0.5 and result.card["params"]["sparsity"] == 0.5
+    assert result.card["rows"][-1]["label"] == "magnitude 50% fp32"
+    with pytest.raises(ModelNotFound):
+        ModelRegistry().resolve("pipe-sparse")
