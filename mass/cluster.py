@@ -53,3 +53,13 @@ def free_port(low: int = 20000, high: int = 29999) -> int:
                 continue
             return port
     raise MassError(f"no free TCP port between {low} and {high}")
+
+
+def worker_error(exc: BaseException) -> str:
+    """The error a Ray Train worker raised, out of the report Ray Train wraps it in (its last ``...Error: ...``
+    line; Ray's own first line, "Training failed due to worker errors:", names nothing)."""
+    import re
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt): ", line)]
+    return raised[-1] if raised else (lines[0] if lines else type(exc).__name__)

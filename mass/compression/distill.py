@@ -12,6 +12,7 @@ import os
 import time
 from typing import Any
 
+from mass.cluster import worker_error
 from mass.compression.arch import ENCODER, GPT2, Arch, arch_of, build
 from mass.compression.job import Child, CompressionResult, _cause, check_parent
 from mass.errors import ConfigError, JobFailed
@@ -351,15 +352,6 @@ def students_maker(job, plans, shared: "TeacherInputs", common: dict[str, Any], 
     return make
 
 
-def _worker_error(exc: Exception) -> str:
-    """The error a Train worker raised, out of the report Ray Train wraps it in (its last ``...Error: ...`` line)."""
-    import re
-
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt): ", line)]
-    return raised[-1] if raised else (lines[0] if lines else type(exc).__name__)
-
-
 class TeacherInputs:
     """What every student's training reads, put into the object store once: the teacher and the texts."""
 
@@ -391,7 +383,7 @@ def _fit(child: Child, spec: dict[str, Any], state: dict[str, Any], shared: Teac
     try:
         result = trainer.fit()
     except Exception as exc:
-        raise JobFailed(f"distillation of {child.key} failed: {_worker_error(exc)}") from exc
+        raise JobFailed(f"distillation of {child.key} failed: {worker_error(exc)}") from exc
     if getattr(result, "error", None) or result.checkpoint is None:
         raise JobFailed(f"distillation of {child.key} failed: {result.error or 'no checkpoint'}")
     with result.checkpoint.as_directory() as directory:

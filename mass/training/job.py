@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mass.cluster import connect_ray, require
+from mass.cluster import connect_ray, require, worker_error
 from mass.errors import ConfigError, JobFailed, MassError
 from mass.refs import ModelRef
 from mass.registry import ModelRegistry
@@ -197,8 +197,7 @@ def _fit(cfg: TrainConfig, settings: Settings, run_id: str, model_spec: dict[str
         result = trainer.fit()
     except Exception as exc:
         raise JobFailed(f"Ray Train run failed (worker failures are retried up to checkpoint.max_failures="
-                        f"{cfg.checkpoint.max_failures} times): "
-                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", run_id=run_id) from exc
+                        f"{cfg.checkpoint.max_failures} times): {worker_error(exc)}", run_id=run_id) from exc
     if getattr(result, "error", None):
         raise JobFailed(f"Ray Train run failed: {result.error}", run_id=run_id)
     return result

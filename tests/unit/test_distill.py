@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mass.compression.distill import _worker_error, pick_layers, student_state
+from mass.cluster import worker_error
+from mass.compression.distill import pick_layers, student_state
 from mass.errors import ConfigError
 from mass.registry.imports import minilm_dir
 
@@ -55,8 +56,8 @@ def test_the_student_holds_the_kept_layers_of_its_teacher():
 def test_a_train_worker_error_is_named_by_its_own_line_not_ray_trains_wrapper():
     wrapped = RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n  File \"x.py\", line 3\n"
                            "torch.OutOfMemoryError: cannot allocate 2 GB\n")
-    assert _worker_error(wrapped) == "torch.OutOfMemoryError: cannot allocate 2 GB"
-    assert _worker_error(ValueError("plain")) == "plain"
+    assert worker_error(wrapped) == "torch.OutOfMemoryError: cannot allocate 2 GB"
+    assert worker_error(ValueError("plain")) == "plain"
 
 
 def test_a_causal_students_layers_are_its_teachers_and_its_head_stays_tied():
