@@ -7,31 +7,14 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def gpt_dir(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from mass.data.corpus import collect_documents
-    from mass.data.tokenizer import train_tokenizer
-
-    tok = train_tokenizer([d["text"] for d in collect_documents(["json", "textwrap"], progress=False)], 512)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=128, n_layer=2, n_head=4,
-                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("gpt")
-    GPT2LMHeadModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
-def test_a_cpu_made_bitsandbytes_copy_serves_on_cuda(gpt_dir, tmp_path, kind):
+def test_a_cpu_made_bitsandbytes_copy_serves_on_cuda(saved_lm, tmp_path, kind):
     from mass.compression.bnb import quantize_dir
     from mass.models import load_bnb_dir
     from mass.serving.engines.llm import LLMEngine
     from mass.serving.engines.sampling import SamplingParams
 
-    out = quantize_dir(gpt_dir, gpt_dir, tmp_path / kind, kind, task="text-generation")
+    out = quantize_dir(saved_lm, saved_lm, tmp_path / kind, kind, task="text-generation")
     cpu, tok = load_bnb_dir(out, out / "tokenizer", "m/1", task="text-generation")
     gpu, _ = load_bnb_dir(out, out / "tokenizer", "m/1", device="cuda", task="text-generation")
     assert gpu.device.type == "cuda"

@@ -12,23 +12,6 @@ from mass.serving.engines.sampling import SamplingParams
 PROMPTS = ["Return the", "This module provides helpers for", "A", "Create a new thread and start it, then wait"]
 
 
-@pytest.fixture(scope="module")
-def saved_lm(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from mass.data.corpus import collect_documents
-    from mass.data.tokenizer import train_tokenizer
-
-    tok = train_tokenizer([d["text"] for d in collect_documents(["json", "textwrap"], progress=False)], 512)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                     eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-    path = tmp_path_factory.mktemp("lm")
-    GPT2LMHeadModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _reference(model, tok, prompt: str, n: int) -> str:
     ids = tok(prompt, return_tensors="pt")["input_ids"].to(model.device)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
