@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 from mass.errors import ConfigError
@@ -13,6 +14,11 @@ from mass.errors import ConfigError
 ONNX_FILE = "model.onnx"  # an ONNX export's graph, weights inside (one file: MiniLM-class models are far below 2 GB)
 TOKENIZER_DIR = "tokenizer"  # beside it in an export directory
 TORCH_INT8_STATE = "quantized.pt"  # a PyTorch dynamic-int8 copy's quantized state dict (mass.compression.torch_int8)
+# transformers patches process-wide state while it builds a model (``PreTrainedModel.tie_weights`` and the weight
+# initialisers are swapped for no-ops and restored after): two threads building at once can restore each other's
+# no-op, and every later model of the process loses its tied weights (seen: GPT-2's lm_head "MISSING", random or on
+# the meta device, after a compression pipeline's steps loaded models side by side). One build at a time per process.
+MODEL_BUILD_LOCK = threading.RLock()
 QUANTIZATION_FILE = "quantization.json"  # a quantized copy's method ({"method": "torch-int8" | "bnb-int8" | ...})
 
 
@@ -75,7 +81,8 @@ def load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None, d
         # on the GPU whenever one exists (seen on an H200): place it where it was asked for, the CPU by default
         kwargs["device_map"] = {"": device or "cpu"}
     try:
-        model = auto.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
+        with MODEL_BUILD_LOCK:
+            model = auto.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
     except Exception as exc:
         raise ConfigError(f"cannot load a {task} model from {model_dir}: {str(exc).splitlines()[0]}",
                           field="model_dir") from exc

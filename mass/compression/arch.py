@@ -55,5 +55,8 @@ def build(spec: dict[str, Any]):
     """A model of ``spec`` with random weights: an encoder (``AutoModel``) or a causal LM with its head."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    from mass.models import MODEL_BUILD_LOCK
+
     auto = AutoModelForCausalLM if arch_of(spec).causal else AutoModel
-    return auto.from_config(AutoConfig.for_model(**spec))
+    with MODEL_BUILD_LOCK:
+        return auto.from_config(AutoConfig.for_model(**spec))

@@ -112,6 +112,10 @@ def load_dir(directory: Path):
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     # a float skeleton (not on the meta device: its non-persistent buffers, e.g. position ids, are not in the state
     # dict), quantized in place, so the float weights are freed as each module is swapped
-    model = _quantize(AutoModel.from_config(config).eval(), spec["embeddings"], spec["float_layers"])
+    from mass.models import MODEL_BUILD_LOCK
+
+    with MODEL_BUILD_LOCK:
+        model = AutoModel.from_config(config).eval()
+    model = _quantize(model, spec["embeddings"], spec["float_layers"])
     model.load_state_dict(torch.load(directory / STATE_FILE, weights_only=True))
     return model.eval()

@@ -21,8 +21,11 @@ def build_model(spec: dict[str, Any]):
     """A causal LM from its HF config dict (weights are random until a state dict is loaded)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from mass.models import MODEL_BUILD_LOCK
+
     config = AutoConfig.for_model(**spec)
-    return AutoModelForCausalLM.from_config(config)
+    with MODEL_BUILD_LOCK:
+        return AutoModelForCausalLM.from_config(config)
 
 
 def evaluate(model, blocks, batch_size: int, rank: int, world: int, device) -> float:
