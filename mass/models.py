@@ -75,11 +75,7 @@ def load_hf_dir(model_dir: Path, task: str, tokenizer_dir: Path | None = None, d
         raise ConfigError(f"cannot load the tokenizer in {tokenizer_dir}: {str(exc).splitlines()[0]}",
                           field="tokenizer") from exc
     auto = AutoModelForCausalLM if task == "text-generation" else AutoModel
-    kwargs = _load_kwargs(dtype, quantization, device)
-    if "device_map" not in kwargs and _prequantized(model_dir):
-        # a copy saved quantized cannot be moved after loading, and without a device map transformers places it
-        # on the GPU whenever one exists (seen on an H200): place it where it was asked for, the CPU by default
-        kwargs["device_map"] = {"": device or "cpu"}
+    kwargs = _load_kwargs(dtype, quantization, device, _prequantized(model_dir))
     try:
         with MODEL_BUILD_LOCK:
             model = auto.from_pretrained(str(model_dir), local_files_only=True, **kwargs)
@@ -101,14 +97,17 @@ def _prequantized(model_dir: Path) -> bool:
     return config.is_file() and "quantization_config" in json.loads(config.read_text())
 
 
-def _load_kwargs(dtype: str, quantization: str, device: str | None) -> dict:
-    """``from_pretrained`` keyword arguments for a dtype and a bitsandbytes quantization."""
+def _load_kwargs(dtype: str, quantization: str, device: str | None, prequantized: bool = False) -> dict:
+    """``from_pretrained`` keyword arguments for a dtype and a bitsandbytes quantization (``prequantized``: the
+    directory holds a model saved quantized, whose config says how)."""
     import torch
 
     kwargs: dict = {}
     if dtype != "auto":
         kwargs["dtype"] = getattr(torch, dtype)
     if quantization == "none":
+        if prequantized:  # without a device map transformers puts it on the GPU whenever one exists (seen on an H200)
+            kwargs["device_map"] = {"": device or "cpu"}
         return kwargs
     try:
         import bitsandbytes  # noqa: F401  (transformers needs it; fail here with the fix)

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from mass.compression.arch import Arch, arch_of
+from mass.compression.card import mean_loss
 from mass.compression.distill import TeacherInputs, student_state, students_maker, train_blocks, train_texts
 from mass.compression.job import Child, CompressionResult, check_parent
 from mass.errors import ConfigError
@@ -36,12 +37,6 @@ def _pooled(model, tokenizer, texts: list[str]):
                                     return_tensors="pt")) for i in range(0, len(texts), 32)]), dim=-1)
 
 
-def _loss(model, blocks) -> float:
-    from mass.compression.card import mean_loss
-
-    return mean_loss(model, blocks)
-
-
 def _build(spec: dict[str, Any], state: dict[str, Any]):
     from mass.compression.distill import _build as build
 
@@ -61,8 +56,8 @@ def layer_scores(spec: dict[str, Any], state: dict[str, Any], tokenizer, data) -
         return _build({**spec, arch.layers_key: total - 1}, student_state(state, kept, arch))
 
     if arch.causal:
-        full = _loss(_build(spec, state), data)
-        return [_loss(without(layer), data) - full for layer in range(total)]
+        full = mean_loss(_build(spec, state), data)
+        return [mean_loss(without(layer), data) - full for layer in range(total)]
     full = _pooled(_build(spec, state), tokenizer, data)
     return [float(1 - (full * _pooled(without(layer), tokenizer, data)).sum(-1).mean()) for layer in range(total)]
 

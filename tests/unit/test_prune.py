@@ -96,7 +96,7 @@ def test_a_causal_lms_dead_ffn_channels_are_the_ones_removed_and_its_logits_do_n
 
 
 def test_a_causal_lms_least_important_layer_is_the_one_whose_removal_raises_its_loss_least(gpt2):
-    from mass.compression.prune import _loss
+    from mass.compression.card import mean_loss
 
     spec, state, blocks = gpt2
     new_spec, new_state, removed = prune_structured(spec, state, None, blocks, drop_layers=1, ffn=0.0)
@@ -106,5 +106,5 @@ def test_a_causal_lms_least_important_layer_is_the_one_whose_removal_raises_its_
     kept = [i for i in range(3) if i not in removed["layers"]]
     assert torch.equal(new_state["transformer.h.1.attn.c_attn.weight"],
                        state[f"transformer.h.{kept[1]}.attn.c_attn.weight"])
-    assert _loss(_build(new_spec, new_state), blocks) - _loss(_build(spec, state), blocks) == pytest.approx(
+    assert mean_loss(_build(new_spec, new_state), blocks) - mean_loss(_build(spec, state), blocks) == pytest.approx(
         min(scores), abs=1e-3)
