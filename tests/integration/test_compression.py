@@ -226,9 +226,9 @@ def test_a_causal_lm_is_distilled_by_its_logits_and_pruned_each_on_a_perplexity_
 
     import torch
 
-    from mass.compression.card import PPL_BLOCK, PPL_BLOCKS, causal_texts
+    from mass.compression.card import PPL_BLOCK, PPL_BLOCKS, causal_texts, mean_loss
     from mass.compression.distill import student_state
-    from mass.compression.prune import _build, _loss
+    from mass.compression.prune import _build
     from mass.training.prep import pack
 
     registry = ModelRegistry()
@@ -247,7 +247,7 @@ def test_a_causal_lm_is_distilled_by_its_logits_and_pruned_each_on_a_perplexity_
     spec = teacher.config.to_dict()
     untrained = _build({**spec, "n_layer": 1}, student_state(teacher.state_dict(), [1]))
     blocks = pack(causal_texts(), tokenizer, PPL_BLOCK)[:PPL_BLOCKS]  # what the card measured on
-    assert student.card["rows"][-1]["perplexity"] < 0.5 * math.exp(_loss(untrained, blocks))
+    assert student.card["rows"][-1]["perplexity"] < 0.5 * math.exp(mean_loss(untrained, blocks))
     model, _, _ = registry.load(pruned.registered)
     assert model.config.n_inner == 384 and model.transformer.h[0].mlp.c_fc.weight.shape == (128, 384)
     assert json.loads(registry.resolve(pruned.registered).lineage["params"])["removed"] == {
