@@ -93,6 +93,20 @@ def train_blocks(tokenizer, block: int, limit: int | None = None, seed: int = 0)
     return blocks[:limit] if limit else blocks
 
 
+def length_grouped(lengths, batch: int, rng, pool: int = 50) -> list[list[int]]:
+    """One epoch's batches of indices into ``lengths``: a random permutation cut into pools of ``pool`` batches, each
+    pool sorted by length and cut into batches (similar lengths pad little), the batches shuffled: ``len(lengths) //
+    batch`` of them (pools are whole batches, so only the last pool's remainder is dropped) — every data-parallel
+    rank with as many texts takes as many steps. HF's ``group_by_length`` idea."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    for start in range(0, len(order), pool * batch):
+        chunk = sorted(order[start:start + pool * batch], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch] for i in range(0, len(chunk) - batch + 1, batch)]
+    rng.shuffle(batches)
+    return batches
+
+
 def _build(spec: dict[str, Any]):
     return build(spec)
 
@@ -137,10 +151,15 @@ def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
     teacher = _build(cfg["teacher_spec"])
     teacher.load_state_dict(ray.get(cfg["teacher_state"]))
     teacher.to(device).eval()
-    if not causal:
+    lengths = [len(text) for text in mine] if not causal else [1] * len(mine)  # characters: a cheap proxy for tokens
+    if not causal:  # teacher embeddings in length order (little padding), stored in the texts' order
+        by_length = torch.as_tensor(np.argsort(lengths, kind="stable"))
         with torch.inference_mode():
-            targets = torch.cat([_pooled(teacher, tokens(mine[i:i + 64])) for i in range(0, len(mine), 64)])
-        del teacher
+            in_order = torch.cat([_pooled(teacher, tokens([mine[j] for j in by_length[i:i + 64].tolist()]))
+                                  for i in range(0, len(mine), 64)])
+        targets = torch.empty_like(in_order)
+        targets[by_length] = in_order
+        del teacher, in_order
         if rank == 0:
             say(f"teacher embeddings of {len(mine) * world} training texts ready")
 
@@ -171,10 +190,10 @@ def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
     losses: list[float] = []
     model.train()
     for epoch in range(cfg["epochs"]):
-        order = np.random.default_rng(cfg["seed"] + epoch).permutation(len(mine))
+        batches = length_grouped(lengths, batch, np.random.default_rng(cfg["seed"] + epoch))
         started, running = time.perf_counter(), 0.0
-        for i in range(steps_per_epoch):
-            loss = objective(model, order[i * batch:(i + 1) * batch])
+        for i, idx in enumerate(batches):
+            loss = objective(model, np.asarray(idx))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mass.cluster import worker_error
-from mass.compression.distill import pick_layers, student_state
+from mass.compression.distill import length_grouped, pick_layers, student_state
 from mass.errors import ConfigError
 from mass.registry.imports import minilm_dir
 
@@ -73,3 +73,20 @@ def test_a_causal_students_layers_are_its_teachers_and_its_head_stays_tied():
     assert torch.equal(student.transformer.h[0].mlp.c_fc.weight, teacher.transformer.h[1].mlp.c_fc.weight)
     assert torch.equal(student.transformer.h[1].attn.c_attn.weight, teacher.transformer.h[3].attn.c_attn.weight)
     assert student.lm_head.weight.data_ptr() == student.transformer.wte.weight.data_ptr()
+
+
+def test_length_grouped_batches_cover_each_text_once_pad_less_than_a_random_cut_and_differ_per_epoch():
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    lengths = [int(x) for x in rng.integers(5, 400, size=1000)]
+    epochs = [length_grouped(lengths, 32, np.random.default_rng(seed)) for seed in (0, 1)]
+    for batches in epochs:
+        assert len(batches) == 1000 // 32 and all(len(b) == 32 for b in batches)
+        flat = [i for b in batches for i in b]
+        assert len(set(flat)) == len(flat) == 31 * 32  # no text twice; only the last 8 dropped
+    padded = sum(32 * max(lengths[i] for i in b) for b in epochs[0])
+    order = np.random.default_rng(0).permutation(1000)
+    random_cut = sum(32 * max(lengths[i] for i in order[k:k + 32]) for k in range(0, 992, 32))
+    assert padded < 0.6 * random_cut, (padded, random_cut)
+    assert epochs[0] != epochs[1]  # each epoch its own pools and batch order
