@@ -48,6 +48,10 @@ class Row:
     quality: float | None = None  # encoders: mean cosine to the parent; causal LMs: parent perplexity / this one's
     top10: float | None = None
     perplexity: float | None = None  # causal LMs: on the corpus's test split
+    # causal LMs: tokens/s of the perplexity pass (a forward over the test blocks, batches of 8: prompt processing,
+    # where the model's arithmetic, not per-step overhead, sets the pace), median and range over rounds
+    prefill: float | None = None
+    prefill_range: tuple[float, float] | None = None
     unit: str = "texts"  # what ``throughput`` counts: texts (encoders) or generated tokens (causal LMs)
 
 
@@ -125,7 +129,8 @@ def measure_causal(subject: Subject, texts: list[str], threads: int, rounds: int
     a fresh process: Ray's ``max_calls=1``), perplexity on ``texts`` (packed into blocks of ``PPL_BLOCK`` tokens
     joined by EOS), the median time per generated token of one request, and generated tokens/s of 32 requests
     decoded together (greedy, ``NEW_TOKENS`` each, EOS ignored; ``DECODES_PER_ROUND`` such batches a round; median
-    and range over ``rounds``)."""
+    and range over ``rounds``), and tokens/s of the perplexity pass itself (prefill; median and range over
+    ``rounds``)."""
     import math
 
     import psutil
@@ -177,9 +182,16 @@ def measure_causal(subject: Subject, texts: list[str], threads: int, rounds: int
             for _ in range(DECODES_PER_ROUND):
                 decode(prompts)
             speeds.append(DECODES_PER_ROUND * len(prompts) * NEW_TOKENS / (time.perf_counter() - start))
+        prefills = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            mean_loss(model, blocks)
+            prefills.append(blocks.numel() / (time.perf_counter() - start))
     row = Row(subject.label, subject.runtime, subject.dtype, disk, weights_bytes(model), rss,
               round(statistics.median(latencies), 3), round(statistics.median(speeds), 1),
-              (round(min(speeds), 1), round(max(speeds), 1)), perplexity=round(perplexity, 4), unit="tokens")
+              (round(min(speeds), 1), round(max(speeds), 1)), perplexity=round(perplexity, 4), unit="tokens",
+              prefill=round(statistics.median(prefills), 1), prefill_range=(round(min(prefills), 1),
+                                                                           round(max(prefills), 1)))
     return row, None
 
 
@@ -235,12 +247,13 @@ class Card:
 
     @property
     def figures(self) -> dict[str, float]:
-        """``quality``, ``top10``, ``perplexity``, ``speedup``, ``latency``, ``memory``, ``rss``, ``size`` of the child
-        against the parent (fp32, the first row); ``gate.FIGURES`` says what each means."""
+        """``quality``, ``top10``, ``perplexity``, ``speedup``, ``prefill``, ``latency``, ``memory``, ``rss``, ``size``
+        of the child against the parent (fp32, the first row); ``gate.FIGURES`` says what each means."""
         parent, child = self.rows[0], self.rows[-1]
         perplexity = round(child.perplexity / parent.perplexity, 4) if child.perplexity and parent.perplexity else None
         return {"quality": child.quality, "top10": child.top10, "perplexity": perplexity,
                 "speedup": round(child.throughput / parent.throughput, 3),
+                "prefill": round(child.prefill / parent.prefill, 3) if child.prefill and parent.prefill else None,
                 "latency": round(child.latency_ms / parent.latency_ms, 3),
                 "memory": round(child.weight_bytes / max(parent.weight_bytes, 1), 3),
                 "rss": round(child.rss_bytes / max(parent.rss_bytes, 1), 3),
@@ -254,7 +267,9 @@ class Card:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Card":
         """The card ``to_dict`` wrote (e.g. read back from a job's JSON result)."""
-        rows = [Row(**{**r, "throughput_range": tuple(r["throughput_range"])}) for r in data["rows"]]
+        rows = [Row(**{**r, "throughput_range": tuple(r["throughput_range"]),
+                       "prefill_range": tuple(r["prefill_range"]) if r.get("prefill_range") else None})
+                for r in data["rows"]]
         return cls(data["parent"], data["method"], data["params"], rows, data.get("texts", {}))
 
     def table(self) -> str:
@@ -262,10 +277,11 @@ class Card:
         parent = self.rows[0]
         causal = parent.unit == "tokens"
         lines = ["| model | runtime | on disk | weights in memory | RSS growth | "
-                 + ("latency per token, batch 1 | decode, batch 32 | speed-up | perplexity | parent ppl / ppl |"
+                 + ("latency per token, batch 1 | decode, batch 32 | speed-up | prefill, batches of 8 x 128 | "
+                    "perplexity | parent ppl / ppl |"
                     if causal else "latency, batch 1 | throughput, batch 32 | speed-up | cosine to parent | "
                                    "top-10 overlap |"),
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 "|---" * (11 if causal else 10) + "|"]
         for r in self.rows:
             lines.append(f"| {r.label} | {r.runtime.removesuffix('-' + r.dtype)} {r.dtype} | {r.disk_bytes / 1e6:.1f} MB "
                          f"({r.disk_bytes / parent.disk_bytes:.2f}x) | {r.weight_bytes / 1e6:.1f} MB "
@@ -273,7 +289,7 @@ class Card:
                          f"{r.latency_ms:.2f} ms | "
                          f"{r.throughput:.0f} {r.unit}/s ({r.throughput_range[0]:.0f}–{r.throughput_range[1]:.0f}) | "
                          f"{r.throughput / parent.throughput:.2f}x | "
-                         + (f"{_opt(r.perplexity, 2)} | {_opt(r.quality)} |" if causal
+                         + (f"{_prefill(r, parent)} | {_opt(r.perplexity, 2)} | {_opt(r.quality)} |" if causal
                             else f"{_opt(r.quality)} | {_opt(r.top10)} |"))
         return "\n".join(lines)
 
@@ -300,6 +316,13 @@ class Card:
         figure.savefig(path, dpi=100)
         plt.close(figure)
         return path
+
+
+def _prefill(row: Row, parent: Row) -> str:
+    if not row.prefill or not parent.prefill:
+        return "–"
+    low, high = row.prefill_range or (row.prefill, row.prefill)
+    return f"{row.prefill:.0f} tokens/s ({low:.0f}–{high:.0f}; {row.prefill / parent.prefill:.2f}x)"
 
 
 def _opt(value: float | None, digits: int = 4) -> str:

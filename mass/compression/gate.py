@@ -17,6 +17,8 @@ FIGURES = {
     "top10": "encoders: mean overlap of the top-10 retrieved documents with the parent's (0-1)",
     "perplexity": "causal LMs: child perplexity on the corpus's test split / parent's (1.05 is 5% worse)",
     "speedup": "child throughput at batch 32 / parent's (fp32)",
+    "prefill": "causal LMs: child tokens/s of a forward over the test split's blocks (prompt processing, batches of "
+               "8 x 128 tokens) / parent's",
     "latency": "child latency at batch 1 / parent's (below 1 is faster)",
     "memory": "child weights in memory / parent's (ONNX Runtime: the size of the graph's weights)",
     "rss": "child resident memory grown by loading and a warm-up pass / parent's (runtime buffers included)",

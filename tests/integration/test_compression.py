@@ -180,7 +180,9 @@ def test_a_causal_lm_is_quantized_on_a_perplexity_card_and_serves_through_the_ga
         rows = result.card["rows"]
         assert [r["label"] for r in rows] == ["parent fp32", "parent bf16", f"bnb {kind}"]
         assert all(r["unit"] == "tokens" and r["perplexity"] > 1 and r["throughput"] > 0 for r in rows), rows
+        assert all(r["prefill_range"][0] <= r["prefill"] <= r["prefill_range"][1] for r in rows), rows
         figures = result.card["figures"]
+        assert figures["prefill"] == round(rows[-1]["prefill"] / rows[0]["prefill"], 3), figures
         assert figures["perplexity"] == round(rows[-1]["perplexity"] / rows[0]["perplexity"], 4) <= 1.05
         assert figures["quality"] == round(rows[0]["perplexity"] / rows[-1]["perplexity"], 4)
         assert figures["top10"] is None and figures["memory"] < (0.6 if kind == "nf4" else 0.8), figures

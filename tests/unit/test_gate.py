@@ -44,18 +44,23 @@ def test_a_causal_card_reads_perplexity_as_quality_and_its_gate_can_name_it():
     table speaks of tokens and perplexity, and a gate on perplexity decides."""
     from mass.compression.card import Card, Row
 
-    def row(label, ppl, speed, weights):
+    def row(label, ppl, speed, weights, prefill=20_000.0):
         return Row(label, "torch", "float32", weights, weights, 10_000_000, 1.0, speed, (speed, speed),
-                   quality=round(100.0 / ppl, 4), perplexity=ppl, unit="tokens")
+                   quality=round(100.0 / ppl, 4), perplexity=ppl, unit="tokens", prefill=prefill,
+                   prefill_range=(prefill - 500, prefill + 500))
 
     card = Card("tiny-gpt/1", "bnb-nf4", {}, [row("parent fp32", 100.0, 1000.0, 4_000_000),
                                                row("parent bf16", 100.1, 900.0, 2_000_000),
-                                               row("bnb nf4", 104.0, 700.0, 1_500_000)])
+                                               row("bnb nf4", 104.0, 700.0, 1_500_000, 25_000.0)])
     figures = card.figures
     assert figures["perplexity"] == 1.04 and figures["quality"] == 0.9615 and figures["top10"] is None
-    assert figures["speedup"] == 0.7 and figures["memory"] == 0.375
+    assert figures["speedup"] == 0.7 and figures["memory"] == 0.375 and figures["prefill"] == 1.25
     table = card.table()
     assert "decode, batch 32" in table and "700 tokens/s" in table and "| 104.00 | 0.9615 |" in table
+    assert "| 25000 tokens/s (24500–25500; 1.25x) | 104.00 |" in table
+    assert all(line.count("|") == 12 for line in table.splitlines()), table  # 11 columns in every line
+    assert Card.from_dict(card.to_dict()).rows[-1].prefill_range == (24500.0, 25500.0)
+    assert Gate.parse("prefill > 1.2").check(figures)[0]
     assert Gate.parse("perplexity <= 1.05 and memory < 0.5").check(figures)[0]
     assert not Gate.parse("perplexity <= 1.03").check(figures)[0]
     assert not Gate.parse(None).check(figures)[0]  # the default asks for quality >= 0.98: 4% worse fails
