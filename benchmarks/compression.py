@@ -324,14 +324,17 @@ def causal_table(part: dict | None) -> list[str]:
     gates = "; ".join(f"{k}: {'registered' if part['registered'].get(k) else 'refused'} ({why})"
                       for k, why in part["gates"].items())
     train, m = part.get("train_metrics", {}), part["measure"]
+    prefilled = any(r.get("prefill") for card in cards.values() if card for r in card["rows"])
     return ["", f"Causal LM (run of {part['date']}, same machine): {part['model']}, the smoke recipe at "
                 f"{part['shape']} (layers x width) trained in this run (test perplexity "
                 f"{train.get('test_perplexity', float('nan')):.1f}); perplexity over up to {m['ppl_blocks']} blocks "
                 f"of {m['ppl_block']} tokens of the corpus's test split; decode: 32 prompts of {m['prompt']} tokens "
                 f"decoded together, {m['new']} new tokens each (greedy, EOS ignored), {m['decodes']} such batches a "
-                f"round, tokens/s median (range) over {part['rounds']} rounds; prefill: the perplexity pass timed "
-                f"(a forward over those blocks, batches of 8), tokens/s median (range) over as many rounds; "
-                f"latency: ms per token of one request.",
+                f"round, tokens/s median (range) over {part['rounds']} rounds; "
+                + ("prefill: the perplexity pass timed (a forward over those blocks, batches of 8), tokens/s median "
+                   "(range) over as many rounds; " if prefilled else "prefill: not measured in this run (the card "
+                   "timed it from a later version on); ")
+                + "latency: ms per token of one request.",
             *lines, "", f"Goals: {'; '.join(verdicts)}.", "", f"Default gate, per child: {gates}."]
 
 
