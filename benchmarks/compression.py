@@ -233,7 +233,8 @@ def stacked(args, student: str | None) -> dict | None:
     if not result.registered:
         return {"card": result.card or None, "error": result.error or result.why}
     registry = ModelRegistry()
-    teacher, child = (registry.download(ref) for ref in ("minilm-l6@production", result.registered))
+    parent_ref = registry.resolve("minilm-l6@production").ref
+    teacher, child = (registry.download(ref) for ref in (parent_ref, result.registered))
     texts = eval_texts()
     measure = ray.remote(max_calls=1)(measure_encoder).options(num_cpus=1, max_retries=0)
     parent, parent_out = ray.get(measure.remote(Subject("parent fp32", str(teacher / "model"),
@@ -243,7 +244,7 @@ def stacked(args, student: str | None) -> dict | None:
                                               str(child / "components" / "tokenizer"), runtime="onnx",
                                               dtype="int8"), *texts, args.threads, args.rounds))
     row.quality, row.top10 = agreement(parent_out, out)
-    card = Card("minilm-l6/1", "distill 3L + onnx-int8", {}, [parent, row],
+    card = Card(parent_ref, "distill 3L + onnx-int8", {}, [parent, row],
                 {"queries": len(texts[0]), "documents": len(texts[1])})
     return {"quantize_card": result.card, "card": card.to_dict()}
 

@@ -321,7 +321,7 @@ class Card:
 def _prefill(row: Row, parent: Row) -> str:
     if not row.prefill or not parent.prefill:
         return "–"
-    low, high = row.prefill_range or (row.prefill, row.prefill)
+    low, high = row.prefill_range  # measured with the median, always
     return f"{row.prefill:.0f} tokens/s ({low:.0f}–{high:.0f}; {row.prefill / parent.prefill:.2f}x)"
 
 
