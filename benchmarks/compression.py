@@ -358,6 +358,14 @@ def served_lines(result: dict) -> list[str]:
                 f"{len(rates['fp32'])} rounds, median (range)): " + "; ".join(cells) + "."]
 
 
+def inner_losses(params: dict) -> str:
+    """How a run's students learned the teacher's layers, as the README says it ('' before the option existed)."""
+    if "layer_loss" not in params:
+        return ""
+    return (f" plus layer outputs (weight {params['layer_loss']:g}) and attention distributions (weight "
+            f"{params['attention_loss']:g}) of the teacher layers each student layer came from, dropout off")
+
+
 def distill_table(part: dict | None) -> list[str]:
     """The distillation card's lines of the README block (none when the run had no students)."""
     from mass.compression.card import Card
@@ -367,7 +375,8 @@ def distill_table(part: dict | None) -> list[str]:
     p = part["params"]
     lines = ["", f"Distillation (one job: {', '.join(f'{s} layers' for s in part['students'])} of the 6, each "
                  f"trained by Ray Train on {p['workers']} workers for {p['epochs']} epochs over the corpus's "
-                 f"training split, {p['loss']} loss, lr {p['lr']}, batch {p['batch_size']} per worker, "
+                 f"training split, {p['loss']} loss{inner_losses(p)}, lr {p['lr']}, batch {p['batch_size']} per "
+                 "worker, "
                  f"{p['max_length']} tokens; the parent's rows measured again in that job):", "",
              Card.from_dict(part["card"]).table(), ""]
     three = part["cards"].get("3L")

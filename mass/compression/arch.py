@@ -22,6 +22,7 @@ class Arch:
     in_axis: int
     out_axis: int
     activation: str  # module path (under the layer) whose output is the FFN's hidden channels
+    dropouts: tuple[str, ...] = ()  # config: the dropout probabilities (a student is trained with them at 0)
 
     def ffn_width(self, spec: dict[str, Any]) -> int:
         """The FFN's hidden width (GPT-2 leaves ``n_inner`` unset for 4 x its width)."""
@@ -36,9 +37,10 @@ class Arch:
 
 
 ENCODER = Arch(False, "num_hidden_layers", "intermediate_size", "encoder.layer", "intermediate.dense.weight",
-               "intermediate.dense.bias", "output.dense.weight", 0, 1, "intermediate")
+               "intermediate.dense.bias", "output.dense.weight", 0, 1, "intermediate",
+               ("hidden_dropout_prob", "attention_probs_dropout_prob"))
 GPT2 = Arch(True, "n_layer", "n_inner", "transformer.h", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight",
-            1, 0, "mlp.act")  # Conv1D weights are stored (in, out)
+            1, 0, "mlp.act", ("resid_pdrop", "embd_pdrop", "attn_pdrop"))  # Conv1D weights are stored (in, out)
 
 
 def arch_of(spec: dict[str, Any]) -> Arch:

@@ -23,6 +23,9 @@ LOSSES = {"cosine": "encoders: 1 - cosine between the student's and the teacher'
           "mse": "encoders: mean squared error between the (unnormalised) mean-pooled embeddings",
           "kl": "causal LMs: KL divergence from the teacher's next-token distribution to the student's, both softened "
                 "by --temperature, times its square (Hinton et al.)"}
+#: the intermediate losses' default weights (layer, attention) per family: on for encoders (the compression
+#: benchmark's 3-layer MiniLM student), off for causal LMs (not measured on them yet)
+INNER_LOSSES = {"encoder": (1.0, 1.0), "causal": (0.0, 0.0)}
 STATE_FILE = "student.pt"
 
 
@@ -111,17 +114,52 @@ def _build(spec: dict[str, Any]):
     return build(spec)
 
 
-def _pooled(model, batch):
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+def _pooled(hidden, attention_mask):
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def layer_loss(student_hidden, teacher_hidden, attention_mask, pairs):
+    """The intermediate-layer loss (TinyBERT's hidden-state transfer): for each ``(j, t)`` in ``pairs``, the squared
+    difference between the output of the student's layer ``j`` and of the teacher's layer ``t`` (``hidden_states``
+    tuples: index 0 is the embeddings), per hidden dimension, averaged over the real (unpadded) tokens; the mean
+    over the pairs."""
+    mask = attention_mask.unsqueeze(-1).to(student_hidden[0].dtype)
+    tokens = mask.sum().clamp(min=1.0)
+    total = sum((((student_hidden[j + 1] - teacher_hidden[t + 1]) ** 2) * mask).sum() / tokens
+                / student_hidden[j + 1].shape[-1] for j, t in pairs)
+    return total / len(pairs)
+
+
+def attention_loss(student_attentions, teacher_attentions, attention_mask, pairs):
+    """The attention-transfer loss (MiniLM's self-attention distribution transfer): for each ``(j, t)`` in ``pairs``,
+    the KL divergence from the teacher's layer-``t`` attention distributions to the student's layer-``j`` ones, per
+    head and real query token; the mean over heads, tokens and pairs. Both need the same number of heads."""
+    mask = attention_mask[:, None, :].to(student_attentions[0].dtype)  # [batch, 1, query]
+    total = 0
+    for j, t in pairs:
+        mine, theirs = student_attentions[j], teacher_attentions[t]  # [batch, heads, query, key]
+        kl = (theirs * (theirs.clamp_min(1e-9).log() - mine.clamp_min(1e-9).log())).sum(-1)
+        total = total + (kl * mask).sum() / (mask.sum().clamp(min=1.0) * mine.shape[1])
+    return total / len(pairs)
+
+
+def training_spec(spec: dict[str, Any], eager: bool = False) -> dict[str, Any]:
+    """The config a student is trained in: its dropout off (it is fit to a deterministic teacher's outputs; side
+    runs on the 3-layer MiniLM student, recorded on issue 11, reached a higher cosine without it) and, ``eager``,
+    attention computed in plain PyTorch so its distributions can be returned (the attention loss reads them)."""
+    arch = arch_of(spec)
+    return {**spec, **{k: 0.0 for k in arch.dropouts if k in spec},
+            **({"attn_implementation": "eager"} if eager else {})}
+
+
 def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
-    """One Ray Train worker: the student trained data-parallel on this worker's share of the data to reproduce the
-    teacher — an encoder's embeddings (computed once, before training), or a causal LM's softened next-token
-    distributions (the teacher runs beside the student on each batch); rank 0 reports the loss per epoch and,
-    after the last, the student."""
+    """One Ray Train worker: the student (dropout off) trained data-parallel on this worker's share of the data to
+    reproduce the teacher — an encoder's embeddings, or a causal LM's softened next-token distributions —, plus,
+    when ``layer_map`` names the teacher layer each student layer came from, ``layer_loss`` x the hidden-state loss
+    and ``attention_loss`` x the attention-distribution loss of those pairs. The teacher runs beside the student on
+    each batch, except for an encoder with no intermediate loss: its embeddings are computed once, before training.
+    Rank 0 reports the loss per epoch and, after the last, the student."""
     import tempfile
 
     import numpy as np
@@ -143,20 +181,26 @@ def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
     data = ray.get(cfg["texts"])  # encoders: texts; causal LMs: token blocks [n, block]
     mine = data[: len(data) // world * world][rank::world]  # equal shares: equal steps on every rank
     batch, max_length, causal = cfg["batch_size"], cfg["max_length"], cfg["loss"] == "kl"
+    # intermediate losses: (student layer, teacher layer) pairs, when the student is made of the teacher's layers
+    pairs = list(enumerate(cfg.get("layer_map") or ()))
+    layer_w, attention_w = (cfg.get("layer_loss", 0.0), cfg.get("attention_loss", 0.0)) if pairs else (0.0, 0.0)
+    inner = {"output_hidden_states": bool(layer_w), "output_attentions": bool(attention_w)}
 
     def tokens(chunk):
         return {k: v.to(device) for k, v in tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
                                                        return_tensors="pt").items()}
 
-    teacher = _build(cfg["teacher_spec"])
+    teacher = _build({**cfg["teacher_spec"], **({"attn_implementation": "eager"} if attention_w else {})})
     teacher.load_state_dict(ray.get(cfg["teacher_state"]))
     teacher.to(device).eval()
     lengths = [len(text) for text in mine] if not causal else [1] * len(mine)  # characters: a cheap proxy for tokens
-    if not causal:  # teacher embeddings in length order (little padding), stored in the texts' order
+    per_batch = causal or layer_w or attention_w  # the teacher runs beside the student on each batch
+    if not per_batch:  # teacher embeddings once, in length order (little padding), stored in the texts' order
         by_length = torch.as_tensor(np.argsort(lengths, kind="stable"))
         with torch.inference_mode():
-            in_order = torch.cat([_pooled(teacher, tokens([mine[j] for j in by_length[i:i + 64].tolist()]))
-                                  for i in range(0, len(mine), 64)])
+            in_order = torch.cat([_pooled(teacher(**b).last_hidden_state, b["attention_mask"])
+                                  for b in (tokens([mine[j] for j in by_length[i:i + 64].tolist()])
+                                            for i in range(0, len(mine), 64))])
         targets = torch.empty_like(in_order)
         targets[by_length] = in_order
         del teacher, in_order
@@ -164,19 +208,31 @@ def distill_loop_per_worker(cfg: dict[str, Any]) -> None:
             say(f"teacher embeddings of {len(mine) * world} training texts ready")
 
     def objective(model, idx):
-        if causal:  # KL(teacher || student) per token, both softened by the temperature, times its square
+        if causal:
             ids = torch.as_tensor(mine[idx], dtype=torch.long, device=device)
             batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}  # packed blocks: no padding
+        else:
+            batch = tokens([mine[j] for j in idx])
+        out = model(**batch, **inner)
+        if per_batch:
             with torch.no_grad():
-                soft = F.log_softmax(teacher(**batch).logits / cfg["temperature"], dim=-1).flatten(0, 1)
-            mine_soft = F.log_softmax(model(**batch).logits / cfg["temperature"], dim=-1).flatten(0, 1)
-            return F.kl_div(mine_soft, soft, log_target=True, reduction="batchmean") * cfg["temperature"] ** 2
-        pooled, target = _pooled(model, tokens([mine[j] for j in idx])), targets[idx]
-        if cfg["loss"] == "cosine":
-            return (1 - F.cosine_similarity(pooled, target, dim=-1)).mean()
-        return ((pooled - target) ** 2).sum(-1).mean()
+                ref = teacher(**batch, **inner)
+        if causal:  # KL(teacher || student) per token, both softened by the temperature, times its square
+            soft = F.log_softmax(ref.logits / cfg["temperature"], dim=-1).flatten(0, 1)
+            mine_soft = F.log_softmax(out.logits / cfg["temperature"], dim=-1).flatten(0, 1)
+            loss = F.kl_div(mine_soft, soft, log_target=True, reduction="batchmean") * cfg["temperature"] ** 2
+        else:
+            pooled = _pooled(out.last_hidden_state, batch["attention_mask"])
+            target = _pooled(ref.last_hidden_state, batch["attention_mask"]) if per_batch else targets[idx]
+            loss = ((1 - F.cosine_similarity(pooled, target, dim=-1)).mean() if cfg["loss"] == "cosine"
+                    else ((pooled - target) ** 2).sum(-1).mean())
+        if layer_w:
+            loss = loss + layer_w * layer_loss(out.hidden_states, ref.hidden_states, batch["attention_mask"], pairs)
+        if attention_w:
+            loss = loss + attention_w * attention_loss(out.attentions, ref.attentions, batch["attention_mask"], pairs)
+        return loss
 
-    student = _build(cfg["student_spec"])
+    student = _build(training_spec(cfg["student_spec"], eager=bool(attention_w)))
     student.load_state_dict(ray.get(cfg["student_state"]))
     for key, param in student.named_parameters():  # the pooler is not part of a mean-pooled embedding
         param.requires_grad_(not key.startswith("pooler."))
@@ -254,7 +310,8 @@ def _student_model(registry, ref: str, teacher, teacher_tokenizer, task: str = "
 
 def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None, student: str | None = None,
                      name: str | None = None, gate: str | None = None, loss: str | None = None,
-                     temperature: float = 2.0, epochs: int = 2,
+                     temperature: float = 2.0, layer_loss: float | None = None,
+                     attention_loss: float | None = None, epochs: int = 2,
                      lr: float = 5e-4, batch_size: int = 32, max_length: int = 128, max_texts: int | None = None,
                      workers: int = 2, cpus_per_worker: float = 1.0, seed: int = 0, log_every: int = 20,
                      aliases: tuple[str, ...] = (), threads: int | None = None, rounds: int = 3,
@@ -263,7 +320,10 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
     teacher layer indices, see ``pick_layers``; default one of 3 layers) — or into the registered model
     ``student`` — and register each that passes ``gate`` as a new version of ``name`` (default
     ``<parent>-distill-<N>l``), lineage ``method: distill``. ``loss`` (``LOSSES``) defaults to cosine for an
-    encoder and kl (at ``temperature``) for a causal LM.
+    encoder and kl (at ``temperature``) for a causal LM. A student of the teacher's layers also learns each kept
+    layer's output (``layer_loss``, its weight) and attention distributions (``attention_loss``) from the teacher
+    layer it came from; both default by family (``INNER_LOSSES``: on for encoders, off for causal LMs) and do not
+    apply to a ``student`` model (its layers are not the teacher's).
 
     Checked before any work: the options, the gate, the parent (an HF directory), that every student is smaller
     than the teacher and (``student``) reads the same tokenizer, and that the cluster can hold ``workers`` x
@@ -283,6 +343,12 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
         raise ConfigError(f"unknown loss {loss!r}; losses: {', '.join(LOSSES)}", field="loss")
     if not temperature > 0:
         raise ConfigError(f"temperature must be above 0, got {temperature!r}", field="temperature")
+    for field, value in (("layer_loss", layer_loss), ("attention_loss", attention_loss)):
+        if value is not None and not 0 <= value:
+            raise ConfigError(f"{field} (a weight) must be 0 or more, got {value!r}", field=field)
+        if value and student:
+            raise ConfigError(f"{field} needs a student made of the teacher's layers (--layers): the layers of "
+                              f"--student {student} are not the teacher's", field=field)
     for field, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 1), ("workers", workers, 1),
                               ("max_length", max_length, 8)):
         if int(value) < low:
@@ -306,8 +372,11 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
     teacher, tokenizer, _ = registry.load(parent.ref)
     teacher_spec = teacher.config.to_dict()
     arch, total = arch_of(teacher_spec), teacher.config.num_hidden_layers
+    weights = INNER_LOSSES["causal" if causal else "encoder"]
+    inner = {} if student else {"layer_loss": weights[0] if layer_loss is None else float(layer_loss),
+                                "attention_loss": weights[1] if attention_loss is None else float(attention_loss)}
     common = {"loss": loss, "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
-              "workers": workers, "seed": seed, **({"temperature": temperature} if causal else {})}
+              "workers": workers, "seed": seed, **({"temperature": temperature} if causal else {}), **inner}
     students: list[tuple[Child, dict[str, Any], dict[str, Any]]] = []
     if student:
         info, spec, state = _student_model(registry, student, teacher, tokenizer, parent.task)
@@ -394,7 +463,8 @@ def _fit(child: Child, spec: dict[str, Any], state: dict[str, Any], shared: Teac
     log.info("distilling %s: %s", child.key, child.params)
     config = {**common, "teacher_spec": shared.teacher_spec, "teacher_state": shared.teacher_state,
               "tokenizer": shared.tokenizer, "texts": shared.texts, "student_spec": spec,
-              "student_state": ray.put(state), "threads": max(1, math.floor(cpus_per_worker))}
+              "student_state": ray.put(state), "threads": max(1, math.floor(cpus_per_worker)),
+              "layer_map": child.params.get("layers")}  # a student of the teacher's layers: where each came from
     trainer = TorchTrainer(
         train_loop_per_worker=distill_loop_per_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
@@ -426,6 +496,13 @@ def add_distill_args(parser) -> None:
                              + "; ".join(f"{k}: {v}" for k, v in LOSSES.items()))
     parser.add_argument("--temperature", type=float, default=2.0,
                         help="kl: the temperature both distributions are softened by (default 2)")
+    parser.add_argument("--layer-loss", type=float, default=None, metavar="WEIGHT",
+                        help="a student of the teacher's layers also matches each kept layer's output to the teacher "
+                             "layer it came from (mean squared difference), at this weight (default: 1 for "
+                             "encoders, 0 for causal LMs)")
+    parser.add_argument("--attention-loss", type=float, default=None, metavar="WEIGHT",
+                        help="... and each kept layer's attention distributions (KL divergence), at this weight "
+                             "(default: 1 for encoders, 0 for causal LMs)")
     parser.add_argument("--epochs", type=int, default=2, help="passes over the training texts")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warm-up, linear decay)")
     parser.add_argument("--batch-size", type=int, default=32, help="texts per worker per step")
@@ -442,7 +519,9 @@ def add_distill_args(parser) -> None:
 def distill_from_args(args, address: str | None = None) -> list[CompressionResult]:
     """Run ``run_distillation`` with parsed ``add_distill_args`` options."""
     return run_distillation(args.ref, layers=args.layers, student=args.student, name=args.name, gate=args.gate,
-                            loss=args.loss, temperature=args.temperature, epochs=args.epochs, lr=args.lr,
-                            batch_size=args.batch_size, max_length=args.max_length, max_texts=args.max_texts, workers=args.workers,
+                            loss=args.loss, temperature=args.temperature, layer_loss=args.layer_loss,
+                            attention_loss=args.attention_loss, epochs=args.epochs, lr=args.lr,
+                            batch_size=args.batch_size, max_length=args.max_length, max_texts=args.max_texts,
+                            workers=args.workers,
                             cpus_per_worker=args.cpus_per_worker, seed=args.seed, aliases=tuple(args.alias),
                             threads=args.threads, rounds=args.rounds, address=address)

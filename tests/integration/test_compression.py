@@ -336,6 +336,7 @@ def test_a_distilled_student_learns_from_its_teacher_and_is_registered_with_its_
     assert info.format == "transformers" and info.task == "embedding" and info.lineage["method"] == "distill"
     params = json.loads(info.lineage["params"])
     assert params["layers"] == [2, 5] and params["workers"] == 2 and params["loss"] == "cosine"
+    assert params["layer_loss"] == 1.0 and params["attention_loss"] == 1.0  # an encoder's defaults
     losses = [m.value for m in registry.client.get_metric_history(result.run_id, "distill_loss")]
     assert len(losses) == 2 and losses[1] < losses[0], losses
     model, _, _ = registry.load(result.registered)
@@ -366,6 +367,9 @@ def foreign_encoder(gateway):
     ({"loss": "hinge"}, "unknown loss 'hinge'"),
     ({"loss": "kl"}, r"loss 'kl' is for causal LMs; minilm-l6/1 is an encoder: use cosine or mse"),
     ({"max_texts": 10}, "10 training texts cannot fill one batch of 32 on each of 2 workers"),
+    ({"layer_loss": -1.0}, r"layer_loss \(a weight\) must be 0 or more, got -1.0"),
+    ({"student": "foreign-encoder/1", "attention_loss": 1.0},
+     "attention_loss needs a student made of the teacher's layers"),
     ({"gate": "speedup >"}, "does not parse"),
 ])
 def test_a_student_that_cannot_be_is_refused_before_any_work(foreign_encoder, kwargs, needle):

@@ -90,3 +90,73 @@ def test_length_grouped_batches_cover_each_text_once_pad_less_than_a_random_cut_
     random_cut = sum(32 * max(lengths[i] for i in order[k:k + 32]) for k in range(0, 992, 32))
     assert padded < 0.6 * random_cut, (padded, random_cut)
     assert epochs[0] != epochs[1]  # each epoch its own pools and batch order
+
+
+def _minilm_pair(layers: list[int]):
+    """MiniLM and a student of its ``layers``, both computing attention eagerly (so it can be returned), in eval."""
+    from transformers import AutoModel
+
+    from mass.compression.arch import build
+    from mass.compression.distill import training_spec
+
+    teacher = AutoModel.from_pretrained(Path(minilm_dir()), attn_implementation="eager").eval()
+    spec = training_spec({**teacher.config.to_dict(), "num_hidden_layers": len(layers)}, eager=True)
+    student = build(spec).eval()
+    student.load_state_dict(student_state(teacher.state_dict(), layers))
+    return teacher, student
+
+
+def test_the_intermediate_losses_are_zero_against_the_layers_a_student_holds_and_not_against_others():
+    from transformers import AutoTokenizer
+
+    from mass.compression.distill import attention_loss, layer_loss
+
+    teacher, student = _minilm_pair([0, 1])  # the student's layers are the teacher's first two: same outputs
+    batch = AutoTokenizer.from_pretrained(minilm_dir())(["a short text", "a longer text that pads the other one"],
+                                                       padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()
+    flags = {"output_hidden_states": True, "output_attentions": True}
+    with torch.no_grad():
+        mine, theirs = student(**batch, **flags), teacher(**batch, **flags)
+    mask = batch["attention_mask"]
+    assert layer_loss(mine.hidden_states, theirs.hidden_states, mask, [(0, 0), (1, 1)]) < 1e-8
+    assert attention_loss(mine.attentions, theirs.attentions, mask, [(0, 0), (1, 1)]) < 1e-6
+    assert layer_loss(mine.hidden_states, theirs.hidden_states, mask, [(0, 2), (1, 5)]) > 0.01
+    assert attention_loss(mine.attentions, theirs.attentions, mask, [(0, 2), (1, 5)]) > 0.01
+
+
+def test_the_intermediate_losses_ignore_padding_tokens():
+    from mass.compression.distill import attention_loss, layer_loss
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    hidden = [torch.randn(2, 4, 8) for _ in range(3)]
+    other = [h + 0.1 for h in hidden]
+    attention = [torch.softmax(torch.randn(2, 2, 4, 4), -1) for _ in range(2)]
+    other_attention = [torch.softmax(torch.randn(2, 2, 4, 4), -1) for _ in range(2)]
+    before = (layer_loss(other, hidden, mask, [(0, 0), (1, 1)]),
+              attention_loss(other_attention, attention, mask, [(0, 0), (1, 1)]))
+    assert abs(before[0] - 0.01) < 1e-6  # 0.1 squared on every dimension of every real token
+    for h in other:  # the student's padding position changes; nothing it is charged for does
+        h[0, 3] += 100
+    for a in other_attention:
+        a[0, :, 3] = torch.softmax(torch.randn(2, 4) * 10, -1)
+    after = (layer_loss(other, hidden, mask, [(0, 0), (1, 1)]),
+             attention_loss(other_attention, attention, mask, [(0, 0), (1, 1)]))
+    assert torch.allclose(torch.stack(before), torch.stack(after))
+
+
+@pytest.mark.parametrize("spec, zeroed", [
+    ({"model_type": "bert", "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1, "hidden_size": 384},
+     ("hidden_dropout_prob", "attention_probs_dropout_prob")),
+    ({"model_type": "gpt2", "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1, "n_embd": 256},
+     ("resid_pdrop", "embd_pdrop", "attn_pdrop")),
+])
+def test_a_student_trains_without_dropout_and_eagerly_when_its_attention_is_read(spec, zeroed):
+    from mass.compression.distill import training_spec
+
+    trained = training_spec(spec, eager=True)
+    assert all(trained[k] == 0.0 for k in zeroed) and trained["attn_implementation"] == "eager"
+    assert {k: v for k, v in trained.items() if k not in zeroed and k != "attn_implementation"} == \
+        {k: v for k, v in spec.items() if k not in zeroed}
+    assert "attn_implementation" not in training_spec(spec) and spec["model_type"] in ("bert", "gpt2")
