@@ -15,7 +15,7 @@ from typing import Any
 from mass.cluster import worker_error
 from mass.compression.arch import ENCODER, GPT2, Arch, arch_of, build
 from mass.compression.job import Child, CompressionResult, _cause, check_parent
-from mass.errors import ConfigError, JobFailed
+from mass.errors import ConfigError, DataError, JobFailed
 
 log = logging.getLogger(__name__)
 
@@ -69,28 +69,60 @@ def student_state(teacher_state: dict[str, Any], layers: list[int], arch: Arch |
     return out
 
 
-def train_texts(limit: int | None = None, seed: int = 0) -> list[str]:
-    """Training texts from the corpus's train split (never the held-out texts the card measures on): every
-    document and its first line (short texts, as embedding requests mostly are), shuffled, at most ``limit``."""
+def user_texts(data: str, held_out: list[str]) -> list[str]:
+    """The texts of the user's file ``data`` (``.jsonl`` with a ``text`` field, ``.parquet`` with a ``text`` column,
+    or ``.txt`` with blank-line-separated documents: ``mass.data.loaders.load_texts``) less any the card measures on
+    (``held_out``: a student must not be graded on what it was trained on); ``DataError`` naming the file when it
+    cannot be read or nothing is left."""
+    from mass.data.loaders import load_texts
+
+    texts = load_texts(data)
+    measured = set(held_out)
+    kept = [t for t in texts if t not in measured and t.strip() not in measured]
+    if not kept:
+        raise DataError(f"{data}: every one of its {len(texts)} texts is one the card measures the student on; "
+                        "train on other texts", field="data", path=str(data))
+    if len(kept) < len(texts):
+        log.warning("%s: %d of its %d texts are held-out texts the card measures on; they are left out of training",
+                    data, len(texts) - len(kept), len(texts))
+    return kept
+
+
+def train_texts(limit: int | None = None, seed: int = 0, data: str | None = None) -> list[str]:
+    """An encoder student's training texts, shuffled, at most ``limit``: the corpus's train split (never the
+    held-out texts the card measures on) — every document and its first line (short texts, as embedding requests
+    mostly are) —, or the texts of the user's file ``data`` (``user_texts``)."""
     import random
 
-    from mass.data.corpus import collect_documents
+    if data:
+        from mass.compression.card import eval_texts
 
-    docs = [d["text"] for d in collect_documents(progress=False) if d["split"] == "train"]
-    texts = docs + [t.strip().splitlines()[0] for t in docs]
+        texts = user_texts(data, [t for group in eval_texts() for t in group])
+    else:
+        from mass.data.corpus import collect_documents
+
+        docs = [d["text"] for d in collect_documents(progress=False) if d["split"] == "train"]
+        texts = docs + [t.strip().splitlines()[0] for t in docs]
     random.Random(seed).shuffle(texts)
     return texts[:limit] if limit else texts
 
 
-def train_blocks(tokenizer, block: int, limit: int | None = None, seed: int = 0):
-    """A causal LM's training data: the corpus's train split documents (shuffled) joined by EOS and cut into blocks
-    of ``block`` tokens (int32 array [n, block]), at most ``limit`` blocks."""
+def train_blocks(tokenizer, block: int, limit: int | None = None, seed: int = 0, data: str | None = None):
+    """A causal LM's training data: the corpus's train split documents — or the texts of the user's file ``data``
+    (``user_texts``) — shuffled, joined by EOS and cut into blocks of ``block`` tokens (int32 array [n, block]), at
+    most ``limit`` blocks."""
     import random
 
-    from mass.data.corpus import collect_documents
     from mass.training.prep import pack
 
-    docs = [d["text"] for d in collect_documents(progress=False) if d["split"] == "train"]
+    if data:
+        from mass.compression.card import causal_texts
+
+        docs = user_texts(data, causal_texts())
+    else:
+        from mass.data.corpus import collect_documents
+
+        docs = [d["text"] for d in collect_documents(progress=False) if d["split"] == "train"]
     random.Random(seed).shuffle(docs)
     blocks = pack(docs, tokenizer, block)
     return blocks[:limit] if limit else blocks
@@ -314,8 +346,8 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
                      attention_loss: float | None = None, epochs: int = 2,
                      lr: float = 5e-4, batch_size: int = 32, max_length: int = 128, max_texts: int | None = None,
                      workers: int = 2, cpus_per_worker: float = 1.0, seed: int = 0, log_every: int = 20,
-                     aliases: tuple[str, ...] = (), threads: int | None = None, rounds: int = 3,
-                     address: str | None = None, phases=None) -> list[CompressionResult]:
+                     data: str | None = None, aliases: tuple[str, ...] = (), threads: int | None = None,
+                     rounds: int = 3, address: str | None = None, phases=None) -> list[CompressionResult]:
     """Distil the registered encoder or causal LM ``ref`` into one student per ``layers`` entry (a count or
     teacher layer indices, see ``pick_layers``; default one of 3 layers) — or into the registered model
     ``student`` — and register each that passes ``gate`` as a new version of ``name`` (default
@@ -328,10 +360,10 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
     Checked before any work: the options, the gate, the parent (an HF directory), that every student is smaller
     than the teacher and (``student``) reads the same tokenizer, and that the cluster can hold ``workers`` x
     ``cpus_per_worker``. Students are trained one after another, each by a Ray Train job of ``workers`` DDP workers
-    for ``epochs`` over the corpus's training split (encoders: texts, ``max_texts`` at most; causal LMs: blocks of
-    ``max_length`` tokens, ``max_texts`` blocks at most); then each is measured against the teacher on its card (as
-    ``run_compression`` does). A student whose training
-    fails is reported with its error; when none could be trained this raises ``JobFailed``. ``phases``: as for
+    for ``epochs`` over the corpus's training split or the user's file ``data`` (encoders: texts, ``max_texts`` at
+    most; causal LMs: blocks of ``max_length`` tokens, ``max_texts`` blocks at most); then each is measured against
+    the teacher on its card (as ``run_compression`` does). A student whose training fails is reported with its
+    error; when none could be trained this raises ``JobFailed``. ``phases``: as for
     ``run_compression``.
     """
     from mass.cluster import connect_ray, require
@@ -376,7 +408,8 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
     inner = {} if student else {"layer_loss": weights[0] if layer_loss is None else float(layer_loss),
                                 "attention_loss": weights[1] if attention_loss is None else float(attention_loss)}
     common = {"loss": loss, "epochs": epochs, "lr": lr, "batch_size": batch_size, "max_length": max_length,
-              "workers": workers, "seed": seed, **({"temperature": temperature} if causal else {}), **inner}
+              "workers": workers, "seed": seed, **({"temperature": temperature} if causal else {}), **inner,
+              **({"data": str(data)} if data else {})}
     students: list[tuple[Child, dict[str, Any], dict[str, Any]]] = []
     if student:
         info, spec, state = _student_model(registry, student, teacher, tokenizer, parent.task)
@@ -396,9 +429,10 @@ def run_distillation(ref: str, layers: list[str] | tuple[str, ...] | None = None
             students.append((Child(key, "distill", {**common, "layers": picked}, f"student {len(picked)}L fp32"),
                              spec, student_state(teacher_state, picked, arch)))
     if causal:
-        texts = train_blocks(tokenizer, min(max_length, teacher.config.max_position_embeddings), max_texts, seed)
+        texts = train_blocks(tokenizer, min(max_length, teacher.config.max_position_embeddings), max_texts, seed,
+                             data)
     else:
-        texts = train_texts(max_texts, seed)
+        texts = train_texts(max_texts, seed, data)
     if len(texts) < workers * batch_size:
         what = f"blocks of {texts.shape[1]} tokens" if causal else "texts"
         raise ConfigError(f"{len(texts)} training {what} cannot fill one batch of {batch_size} on each of {workers} "
@@ -511,6 +545,10 @@ def add_distill_args(parser) -> None:
     parser.add_argument("--max-texts", type=int, default=None,
                         help="train on at most this many texts, or causal LMs' blocks (default: all of the corpus's "
                              "train split)")
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="train on this file's texts instead of the corpus's train split: .jsonl (a 'text' "
+                             "field), .parquet (a 'text' column) or .txt (blank-line-separated documents); texts "
+                             "the card measures on are left out")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers (DDP processes)")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each worker reserves")
     parser.add_argument("--seed", type=int, default=0, help="seed for the student's training order")
@@ -523,5 +561,6 @@ def distill_from_args(args, address: str | None = None) -> list[CompressionResul
                             attention_loss=args.attention_loss, epochs=args.epochs, lr=args.lr,
                             batch_size=args.batch_size, max_length=args.max_length, max_texts=args.max_texts,
                             workers=args.workers,
-                            cpus_per_worker=args.cpus_per_worker, seed=args.seed, aliases=tuple(args.alias),
+                            cpus_per_worker=args.cpus_per_worker, seed=args.seed, data=args.data,
+                            aliases=tuple(args.alias),
                             threads=args.threads, rounds=args.rounds, address=address)

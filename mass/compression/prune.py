@@ -174,7 +174,7 @@ def _structured_source(job, paths: dict[str, str], drop_layers: int, ffn: float,
 def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsity: float | None = None,
                 recover_epochs: int = 1, name: str | None = None, gate: str | None = None, lr: float = 5e-4,
                 batch_size: int = 32, max_length: int = 128, max_texts: int | None = None, workers: int = 2,
-                cpus_per_worker: float = 1.0, seed: int = 0, aliases: tuple[str, ...] = (),
+                cpus_per_worker: float = 1.0, seed: int = 0, data: str | None = None, aliases: tuple[str, ...] = (),
                 threads: int | None = None, rounds: int = 3, address: str | None = None,
                 phases=None) -> list[CompressionResult]:
     """Prune the registered encoder or causal LM ``ref`` and register the child if it passes ``gate``.
@@ -189,7 +189,8 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
     its card shows that dense tensors keep their size and speed.
 
     Checked before any work: fractions in (0, 1), layers to drop fewer than the parent has, one kind of pruning at a
-    time, the gate, the parent (an HF directory). ``phases``: as for ``run_compression``.
+    time, the gate, the parent (an HF directory), the user's file ``data`` when given (calibration and recovery
+    texts instead of the corpus's train split; see ``distill.user_texts``). ``phases``: as for ``run_compression``.
     """
     from mass.cluster import connect_ray, require
     from mass.compression.gate import Gate
@@ -220,11 +221,11 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
                           f"{drop_layers!r}", field="drop_layers")
     if arch.causal:  # token blocks; calibration blocks from another shuffle of the same split
         block = min(max_length, teacher.config.max_position_embeddings)
-        texts = train_blocks(tokenizer, block, max_texts, seed)
-        calibration = train_blocks(tokenizer, block, CALIBRATION_BLOCKS, seed + 1)
+        texts = train_blocks(tokenizer, block, max_texts, seed, data)
+        calibration = train_blocks(tokenizer, block, CALIBRATION_BLOCKS, seed + 1, data)
     else:
-        texts = train_texts(max_texts, seed)
-        calibration = train_texts(CALIBRATION_TEXTS, seed + 1)
+        texts = train_texts(max_texts, seed, data)
+        calibration = train_texts(CALIBRATION_TEXTS, seed + 1, data)
     connect_ray(address)
     job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds, phases)
     report: dict[str, Any] = {}
@@ -244,7 +245,8 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
             require("CPU", workers * cpus_per_worker, f"workers={workers} x cpus_per_worker={cpus_per_worker}",
                     "lower --workers or add nodes", "workers")
         params = {"ffn": ffn, "drop_layers": drop_layers, "recover_epochs": recover_epochs,
-                  f"calibration_{'blocks' if arch.causal else 'texts'}": len(calibration), "removed": report}
+                  f"calibration_{'blocks' if arch.causal else 'texts'}": len(calibration), "removed": report,
+                  **({"data": str(data)} if data else {})}
         child = Child("pruned", "prune", params, "pruned fp32", STRUCTURED_HELP)
         plans = [(child, lambda paths: _structured_source(job, paths, drop_layers, ffn, calibration, report),
                   recover_epochs > 0)]
@@ -283,6 +285,10 @@ def add_prune_args(parser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="recovery Ray Train workers")
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs each recovery worker reserves")
     parser.add_argument("--seed", type=int, default=0, help="seed for the texts' order")
+    parser.add_argument("--data", default=None, metavar="FILE",
+                        help="calibrate and recover on this file's texts instead of the corpus's train split: "
+                             ".jsonl (a 'text' field), .parquet (a 'text' column) or .txt (blank-line-separated "
+                             "documents); texts the card measures on are left out")
 
 
 def prune_from_args(args, address: str | None = None) -> list[CompressionResult]:
@@ -290,5 +296,5 @@ def prune_from_args(args, address: str | None = None) -> list[CompressionResult]
     return run_pruning(args.ref, ffn=args.ffn, drop_layers=args.drop_layers, sparsity=args.sparsity,
                        recover_epochs=args.recover_epochs, name=args.name, gate=args.gate, lr=args.lr,
                        batch_size=args.batch_size, max_length=args.max_length, max_texts=args.max_texts,
-                       workers=args.workers, cpus_per_worker=args.cpus_per_worker, seed=args.seed,
+                       workers=args.workers, cpus_per_worker=args.cpus_per_worker, seed=args.seed, data=args.data,
                        aliases=tuple(args.alias), threads=args.threads, rounds=args.rounds, address=address)

@@ -304,17 +304,21 @@ def test_a_task_killed_mid_way_leaves_no_version_and_says_which_method(gateway, 
 
 
 @pytest.fixture(scope="module")
-def distilled(gateway, ray_cluster):
-    """minilm-l6@production distilled into a 2-layer student by a short Ray Train run (2 DDP workers, 256 texts, 2
-    epochs), submitted as users do: ``ray job submit -- python jobs/distill.py``. That is enough to lift the
-    student well above where it starts (cosine 0.30 to its teacher before any training)."""
+def distilled(gateway, ray_cluster, tmp_path_factory):
+    """minilm-l6@production distilled into a 2-layer student by a short Ray Train run (2 DDP workers, 256 texts of
+    the user's file ``--data``, 2 epochs), submitted as users do: ``ray job submit -- python jobs/distill.py``. That
+    is enough to lift the student well above where it starts (cosine 0.30 to its teacher before any training)."""
+    import json
     import subprocess
 
+    from mass.compression.distill import train_texts
     from mass.compression.job import CompressionResult
     from tests.integration.support import ROOT, VENV_BIN, last_json
 
+    data = tmp_path_factory.mktemp("distill-data") / "texts.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in train_texts(256)))
     cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", ".",
-           "--", "python", "jobs/distill.py", "minilm-l6@production", "--layers", "2", "--max-texts", "256",
+           "--", "python", "jobs/distill.py", "minilm-l6@production", "--layers", "2", "--data", str(data),
            "--epochs", "2", "--max-length", "64", "--threads", "2", "--rounds", "1",
            "--gate", "quality >= 0.5 and speedup > 1.2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=900)
@@ -337,6 +341,7 @@ def test_a_distilled_student_learns_from_its_teacher_and_is_registered_with_its_
     params = json.loads(info.lineage["params"])
     assert params["layers"] == [2, 5] and params["workers"] == 2 and params["loss"] == "cosine"
     assert params["layer_loss"] == 1.0 and params["attention_loss"] == 1.0  # an encoder's defaults
+    assert params["data"].endswith("texts.jsonl")  # trained on the user's file, and its lineage says so
     losses = [m.value for m in registry.client.get_metric_history(result.run_id, "distill_loss")]
     assert len(losses) == 2 and losses[1] < losses[0], losses
     model, _, _ = registry.load(result.registered)
@@ -379,6 +384,20 @@ def test_a_student_that_cannot_be_is_refused_before_any_work(foreign_encoder, kw
     runs = len(registry.client.search_runs([registry.experiment_id()], max_results=1000))
     with pytest.raises(ConfigError, match=needle):
         run_distillation("minilm-l6@production", **kwargs)
+    assert len(registry.client.search_runs([registry.experiment_id()], max_results=1000)) == runs
+
+
+@pytest.mark.parametrize("job", ["distill", "prune"])
+def test_a_data_file_that_cannot_be_read_is_refused_before_any_work(gateway, tmp_path, job):
+    from mass.compression.distill import run_distillation
+    from mass.compression.prune import run_pruning
+    from mass.errors import DataError
+
+    registry = ModelRegistry()
+    runs = len(registry.client.search_runs([registry.experiment_id()], max_results=1000))
+    with pytest.raises(DataError, match=r"data file not found: .*chats\.jsonl"):
+        run = run_distillation if job == "distill" else run_pruning
+        run("minilm-l6@production", data=str(tmp_path / "chats.jsonl"))
     assert len(registry.client.search_runs([registry.experiment_id()], max_results=1000)) == runs
 
 

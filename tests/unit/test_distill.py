@@ -160,3 +160,47 @@ def test_a_student_trains_without_dropout_and_eagerly_when_its_attention_is_read
     assert {k: v for k, v in trained.items() if k not in zeroed and k != "attn_implementation"} == \
         {k: v for k, v in spec.items() if k not in zeroed}
     assert "attn_implementation" not in training_spec(spec) and spec["model_type"] in ("bert", "gpt2")
+
+
+def test_a_users_data_file_trains_instead_of_the_corpus_less_the_texts_the_card_measures_on(tmp_path):
+    import json
+
+    from mass.compression.card import causal_texts, eval_texts
+    from mass.compression.distill import train_blocks, train_texts
+    from mass.data.tokenizer import train_tokenizer
+
+    mine = [f"support chat {i}: the printer on floor {i} is out of toner again" for i in range(6)]
+    held_out = eval_texts()[0][0]  # a query the card measures students on
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in [*mine, held_out]))
+    texts = train_texts(data=str(path), seed=1)
+    assert sorted(texts) == sorted(mine)  # the file's texts, not the corpus's, and never a held-out one
+    assert len(train_texts(limit=4, data=str(path))) == 4
+
+    # a causal LM's card measures perplexity on these (one without a blank line: .txt documents are cut at them)
+    document = next(t for t in causal_texts() if "\n\n" not in t)
+    txt = tmp_path / "chats.txt"
+    txt.write_text("\n\n".join([*mine, document]))
+    tokenizer = train_tokenizer(mine * 20, vocab_size=300, model_max_length=64)
+    blocks = train_blocks(tokenizer, 8, data=str(txt))
+    expected = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in mine) // 8
+    assert blocks.shape == (expected, 8)  # the file's six documents packed, the card's document left out
+
+
+def test_a_data_file_that_cannot_train_a_student_is_refused_by_name(tmp_path):
+    import json
+
+    from mass.compression.card import eval_texts
+    from mass.compression.distill import train_texts
+    from mass.errors import DataError
+
+    with pytest.raises(DataError, match="data file not found"):
+        train_texts(data=str(tmp_path / "missing.jsonl"))
+    only_held_out = tmp_path / "held.jsonl"
+    only_held_out.write_text(json.dumps({"text": eval_texts()[1][0]}) + "\n")
+    with pytest.raises(DataError, match=r"held\.jsonl: every one of its 1 texts is one the card measures"):
+        train_texts(data=str(only_held_out))
+    wrong = tmp_path / "chats.csv"
+    wrong.write_text("text\nhello\n")
+    with pytest.raises(DataError, match="unsupported data format '.csv'"):
+        train_texts(data=str(wrong))
