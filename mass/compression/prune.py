@@ -31,10 +31,11 @@ def _pooled(model, tokenizer, texts: list[str]):
 
     from mass.compression.distill import _pooled as pooled
 
+    batches = (tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+               for i in range(0, len(texts), 32))
     with torch.inference_mode():
-        return torch.nn.functional.normalize(torch.cat([
-            pooled(model, tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=128,
-                                    return_tensors="pt")) for i in range(0, len(texts), 32)]), dim=-1)
+        return torch.nn.functional.normalize(torch.cat([pooled(model(**b).last_hidden_state, b["attention_mask"])
+                                                        for b in batches]), dim=-1)
 
 
 def _build(spec: dict[str, Any], state: dict[str, Any]):
