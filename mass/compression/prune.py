@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from typing import Any
 
 from mass.compression.arch import Arch, arch_of
@@ -220,13 +221,15 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
     if not 0 <= drop_layers < total:
         raise ConfigError(f"drop_layers must be in 0..{total - 1} (the parent has {total} layers), got "
                           f"{drop_layers!r}", field="drop_layers")
-    if arch.causal:  # token blocks; calibration blocks from another shuffle of the same split
-        block = min(max_length, teacher.config.max_position_embeddings)
-        texts = train_blocks(tokenizer, block, max_texts, seed, data)
-        calibration = train_blocks(tokenizer, block, CALIBRATION_BLOCKS, seed + 1, data)
+    # the training data read (and, causal LMs, tokenized) once; the calibration data a sample of it
+    if arch.causal:  # token blocks
+        pool = train_blocks(tokenizer, min(max_length, teacher.config.max_position_embeddings), None, seed, data)
     else:
-        texts = train_texts(max_texts, seed, data)
-        calibration = train_texts(CALIBRATION_TEXTS, seed + 1, data)
+        pool = train_texts(None, seed, data)
+    texts = pool[:max_texts] if max_texts else pool
+    picked = random.Random(seed + 1).sample(range(len(pool)), min(len(pool), CALIBRATION_BLOCKS if arch.causal
+                                                                   else CALIBRATION_TEXTS))
+    calibration = pool[picked] if arch.causal else [pool[i] for i in picked]
     connect_ray(address)
     job = _Job(registry, parent, checked, threads or os.cpu_count() or 1, rounds, phases)
     report: dict[str, Any] = {}
