@@ -199,8 +199,10 @@ def run_compression(ref: str, methods: list[str] | tuple[str, ...] | None, name:
     from mass.registry import ModelRegistry
 
     registry = ModelRegistry()
+    parent = None  # resolved once: first when the methods follow its task, else after the options are checked
     if methods is None:
-        methods = DEFAULT_METHODS.get(registry.resolve(ref).task, DEFAULT_METHODS["embedding"])
+        parent = check_parent(registry, ref, tasks=("embedding", "text-generation"))
+        methods = DEFAULT_METHODS.get(parent.task, DEFAULT_METHODS["embedding"])
     methods = list(dict.fromkeys(methods))
     if not methods:
         raise ConfigError("no method given; methods: " + ", ".join(METHODS), field="methods")
@@ -219,7 +221,7 @@ def run_compression(ref: str, methods: list[str] | tuple[str, ...] | None, name:
     check_float_layers(float_layers)
     if not 0 < tolerance < 1:
         raise ConfigError(f"tolerance must be in (0, 1), got {tolerance!r}", field="tolerance")
-    parent = check_parent(registry, ref, tasks=("embedding", "text-generation"))
+    parent = parent or check_parent(registry, ref, tasks=("embedding", "text-generation"))
     wrong = [m for m in methods if parent.task not in METHODS[m].tasks]
     if wrong:
         fits = [m for m, method in METHODS.items() if parent.task in method.tasks]

@@ -13,7 +13,8 @@ from typing import Any
 
 from mass.compression.arch import Arch, arch_of
 from mass.compression.card import mean_loss
-from mass.compression.distill import TeacherInputs, student_state, students_maker, train_blocks, train_texts
+from mass.compression.distill import (TeacherInputs, add_precision_arg, student_state, students_maker, train_blocks,
+                                     train_texts, training_precision)
 from mass.compression.job import Child, CompressionResult, check_parent
 from mass.errors import ConfigError
 
@@ -177,7 +178,7 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
                 recover_epochs: int = 1, name: str | None = None, gate: str | None = None, lr: float = 5e-4,
                 batch_size: int = 32, max_length: int = 128, max_texts: int | None = None, workers: int = 2,
                 cpus_per_worker: float = 1.0, seed: int = 0, data: str | None = None, aliases: tuple[str, ...] = (),
-                threads: int | None = None, rounds: int = 3, address: str | None = None,
+                threads: int | None = None, rounds: int = 3, precision: str = "auto", address: str | None = None,
                 phases=None) -> list[CompressionResult]:
     """Prune the registered encoder or causal LM ``ref`` and register the child if it passes ``gate``.
 
@@ -186,7 +187,7 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
     FFN channels, the least important on calibration data from the corpus's training split (texts for an
     encoder, token blocks for a causal LM); then, unless ``recover_epochs`` is 0, a recovery run (distillation from
     the unpruned parent on Ray Train, as ``run_distillation`` trains: cosine for an encoder, kl at temperature 1
-    for a causal LM). The child is ``<parent>-pruned``. With ``sparsity`` instead: global magnitude pruning of
+    for a causal LM, in ``precision``: see ``distill.training_precision``). The child is ``<parent>-pruned``. With ``sparsity`` instead: global magnitude pruning of
     the layers' matrix weights (no recovery: a fine-tune would refill the zeros), the child ``<parent>-sparse``;
     its card shows that dense tensors keep their size and speed.
 
@@ -212,6 +213,7 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
                               field="ffn")
     if recover_epochs < 0:
         raise ConfigError(f"recover_epochs must be 0 or more, got {recover_epochs!r}", field="recover_epochs")
+    precision = training_precision(precision)
     checked = Gate.parse(gate)
     registry = ModelRegistry()
     parent = check_parent(registry, ref, tasks=("embedding", "text-generation"), what="pruning")
@@ -249,13 +251,15 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
             require("CPU", workers * cpus_per_worker, f"workers={workers} x cpus_per_worker={cpus_per_worker}",
                     "lower --workers or add nodes", "workers")
         params = {"ffn": ffn, "drop_layers": drop_layers, "recover_epochs": recover_epochs,
+                  **({"precision": precision} if recover_epochs else {}),
                   f"calibration_{'blocks' if arch.causal else 'texts'}": len(calibration), "removed": report,
                   **({"data": str(data)} if data else {})}
         child = Child("pruned", "prune", params, "pruned fp32", STRUCTURED_HELP)
         plans = [(child, lambda paths: _structured_source(job, paths, drop_layers, ffn, calibration, report),
                   recover_epochs > 0)]
     common = {"loss": "kl" if arch.causal else "cosine", "temperature": 1.0, "epochs": recover_epochs, "lr": lr,
-              "batch_size": batch_size, "max_length": max_length, "workers": workers, "seed": seed, "log_every": 20}
+              "batch_size": batch_size, "max_length": max_length, "workers": workers, "seed": seed, "log_every": 20,
+              "precision": precision}
     shared = TeacherInputs(spec, teacher.state_dict(), tokenizer, texts) if plans[0][2] else None
     del teacher
     history: dict[str, dict[str, list[float]]] = {}
@@ -293,6 +297,7 @@ def add_prune_args(parser) -> None:
                         help="calibrate and recover on this file's texts instead of the corpus's train split: "
                              ".jsonl (a 'text' field), .parquet (a 'text' column) or .txt (blank-line-separated "
                              "documents); texts the card measures on are left out")
+    add_precision_arg(parser)
 
 
 def prune_from_args(args, address: str | None = None) -> list[CompressionResult]:
@@ -301,4 +306,5 @@ def prune_from_args(args, address: str | None = None) -> list[CompressionResult]
                        recover_epochs=args.recover_epochs, name=args.name, gate=args.gate, lr=args.lr,
                        batch_size=args.batch_size, max_length=args.max_length, max_texts=args.max_texts,
                        workers=args.workers, cpus_per_worker=args.cpus_per_worker, seed=args.seed, data=args.data,
-                       aliases=tuple(args.alias), threads=args.threads, rounds=args.rounds, address=address)
+                       aliases=tuple(args.alias), threads=args.threads, rounds=args.rounds, precision=args.precision,
+                       address=address)

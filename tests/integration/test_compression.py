@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mass.compression.convert import run_convert
+from mass.compression.distill import training_precision
 from mass.compression.job import run_compression
 from mass.errors import ConfigError, ParityError
 from mass.registry import ModelRegistry
@@ -341,6 +342,7 @@ def test_a_distilled_student_learns_from_its_teacher_and_is_registered_with_its_
     params = json.loads(info.lineage["params"])
     assert params["layers"] == [2, 5] and params["workers"] == 2 and params["loss"] == "cosine"
     assert params["layer_loss"] == 1.0 and params["attention_loss"] == 1.0  # an encoder's defaults
+    assert params["precision"] == training_precision("auto")  # bf16 on a CPU with native bfloat16: that path ran
     assert params["data"].endswith("texts.jsonl")  # trained on the user's file, and its lineage says so
     losses = [m.value for m in registry.client.get_metric_history(result.run_id, "distill_loss")]
     assert len(losses) == 2 and losses[1] < losses[0], losses

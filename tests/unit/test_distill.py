@@ -206,3 +206,42 @@ def test_a_data_file_that_cannot_train_a_student_is_refused_by_name(tmp_path):
     wrong.write_text("text\nhello\n")
     with pytest.raises(DataError, match="unsupported data format '.csv'"):
         train_texts(data=str(wrong))
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively_and_an_unknown_one_is_refused(
+        monkeypatch, caplog):
+    import mass.hardware
+    from mass.compression.distill import training_precision
+
+    monkeypatch.setattr(mass.hardware, "native_bf16", lambda device="cpu": True)
+    assert training_precision("auto") == "bf16" and training_precision("fp32") == "fp32"
+    monkeypatch.setattr(mass.hardware, "native_bf16", lambda device="cpu": False)
+    assert training_precision("auto") == "fp32"
+    with caplog.at_level("WARNING"):
+        assert training_precision("bf16") == "bf16"  # asked for: done, with a warning that it is emulated here
+    assert "no native bfloat16" in caplog.text
+    with pytest.raises(ConfigError, match="precision 'fp16': give one of auto, fp32, bf16"):
+        training_precision("fp16")
+
+
+def test_the_losses_under_bf16_autocast_are_fp32_and_close_to_the_fp32_ones():
+    """bf16 training computes the matrix products in bfloat16; the losses read them in fp32 and stay within a
+    few percent of the fp32 losses (a student of other layers than the teacher's: the losses are not zero)."""
+    from transformers import AutoTokenizer
+
+    from mass.compression.distill import _pooled, attention_loss, layer_loss
+
+    teacher, student = _minilm_pair([0, 2])
+    batch = AutoTokenizer.from_pretrained(minilm_dir())(["a short text", "a longer text that pads the other one"],
+                                                       padding=True, return_tensors="pt")
+    flags, mask, pairs = {"output_hidden_states": True, "output_attentions": True}, batch["attention_mask"], [(0, 1),
+                                                                                                             (1, 3)]
+    losses = {}
+    for bf16 in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            mine, theirs = student(**batch, **flags), teacher(**batch, **flags)
+            losses[bf16] = torch.stack([layer_loss(mine.hidden_states, theirs.hidden_states, mask, pairs),
+                                        attention_loss(mine.attentions, theirs.attentions, mask, pairs),
+                                        _pooled(mine.last_hidden_state, mask).norm()])
+    assert losses[True].dtype == torch.float32 and (losses[False] > 1e-3).all()
+    assert torch.allclose(losses[True], losses[False], rtol=0.05)
