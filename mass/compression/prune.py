@@ -187,9 +187,10 @@ def run_pruning(ref: str, ffn: float | None = None, drop_layers: int = 0, sparsi
     FFN channels, the least important on calibration data from the corpus's training split (texts for an
     encoder, token blocks for a causal LM); then, unless ``recover_epochs`` is 0, a recovery run (distillation from
     the unpruned parent on Ray Train, as ``run_distillation`` trains: cosine for an encoder, kl at temperature 1
-    for a causal LM, in ``precision``: see ``distill.training_precision``). The child is ``<parent>-pruned``. With ``sparsity`` instead: global magnitude pruning of
-    the layers' matrix weights (no recovery: a fine-tune would refill the zeros), the child ``<parent>-sparse``;
-    its card shows that dense tensors keep their size and speed.
+    for a causal LM, in ``precision``: see ``distill.training_precision``). The child is ``<parent>-pruned``.
+    With ``sparsity`` instead: global magnitude pruning of the layers' matrix weights (no recovery: a fine-tune
+    would refill the zeros), the child ``<parent>-sparse``; its card shows that dense tensors keep their size and
+    speed.
 
     Checked before any work: fractions in (0, 1), layers to drop fewer than the parent has, one kind of pruning at a
     time, the gate, the parent (an HF directory), the user's file ``data`` when given (calibration and recovery
