@@ -376,8 +376,8 @@ def distill_table(part: dict | None) -> list[str]:
     lines = ["", f"Distillation (one job: {', '.join(f'{s} layers' for s in part['students'])} of the 6, each "
                  f"trained by Ray Train on {p['workers']} workers for {p['epochs']} epochs over the corpus's "
                  f"training split, {p['loss']} loss{inner_losses(p)}, lr {p['lr']}, batch {p['batch_size']} per "
-                 f"worker, {p['max_length']} tokens{', ' + p['precision'] if 'precision' in p else ''}; the parent's rows measured again in "
-                 "that job):", "",
+                 f"worker, {p['max_length']} tokens{', ' + p['precision'] if 'precision' in p else ''}; the "
+                 "parent's rows measured again in that job):", "",
              Card.from_dict(part["card"]).table(), ""]
     three = part["cards"].get("3L")
     if three:
