@@ -240,8 +240,10 @@ def test_the_losses_under_bf16_autocast_are_fp32_and_close_to_the_fp32_ones():
     for bf16 in (False, True):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             mine, theirs = student(**batch, **flags), teacher(**batch, **flags)
+            query = student.encoder.layer[0].attention.self.query(mine.hidden_states[0])
+            assert (query.dtype == torch.bfloat16) == bf16  # the layers' matrix products ran in bf16
             losses[bf16] = torch.stack([layer_loss(mine.hidden_states, theirs.hidden_states, mask, pairs),
                                         attention_loss(mine.attentions, theirs.attentions, mask, pairs),
                                         _pooled(mine.last_hidden_state, mask).norm()])
     assert losses[True].dtype == torch.float32 and (losses[False] > 1e-3).all()
-    assert torch.allclose(losses[True], losses[False], rtol=0.05)
+    assert torch.allclose(losses[True], losses[False], rtol=0.05) and not torch.equal(losses[True], losses[False])
