@@ -79,7 +79,10 @@ end
 return {reason, reqs, toks, math.floor(wait), math.floor(tonumber(first_req)), math.floor(tonumber(first_tok))}
 """
 
-# KEYS as ADMIT; ARGV: id, tokens used, tokens reserved, budget (0: none)
+# KEYS as ADMIT; ARGV: id, tokens used, tokens reserved, budget (0: none), retry (1: an earlier try may have run)
+# Safe to run twice: the window's amount is set, not added to; the budget moves only for the try that takes the
+# request out of the in-flight set (a retry after a timed-out try that did run changes nothing). A first try
+# moves it in any case (a request held past hold_s has left the set, and is still charged what it used).
 SETTLE = """
 local rid, used, reserved, budget = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local cur = redis.call('HGET', KEYS[3], rid)
@@ -87,11 +90,11 @@ if cur then
   redis.call('HSET', KEYS[3], rid, used)
   redis.call('INCRBY', KEYS[4], used - tonumber(cur))
 end
-redis.call('ZREM', KEYS[5], rid)
-if budget > 0 and redis.call('EXISTS', KEYS[6]) == 1 then
+local first = redis.call('ZREM', KEYS[5], rid) == 1 or ARGV[5] == '0'
+if first and budget > 0 and redis.call('EXISTS', KEYS[6]) == 1 then
   redis.call('INCRBY', KEYS[6], used - reserved)
 end
-return 1
+return first and 1 or 0
 """
 
 
@@ -164,6 +167,8 @@ class RedisLimiter:
         self.fallback = LocalLimiter(scale=replicas)
         self._down_until = 0.0
         self.failures = 0
+        self._unsettled: list[tuple[Reservation, int]] = []  # settlements Redis did not take, tried again
+        self._retrier: asyncio.Task | None = None
 
     def _keys(self, key: ApiKey, period: str | None) -> list[str]:
         base = f"{self.prefix}:{{{key.id}}}"
@@ -224,13 +229,54 @@ class RedisLimiter:
         if reservation.settled:
             return
         reservation.settled = True
-        key = reservation.key
         try:
-            await self._settle(keys=self._keys(key, reservation.period),
-                               args=[reservation.id, used, reservation.tokens, key.budget_tokens or 0])
-        except (RedisError, OSError) as exc:  # the slot frees itself after hold_s; the window keeps the
-            self._down(exc)                   # reservation (an over-count, never an under-count)
+            await self._send_settlement(reservation, used, retry=False)
+        except (RedisError, OSError) as exc:
+            self._down(exc)
+            self._unsettled.append((reservation, used))
+            if self._retrier is None or self._retrier.done():
+                self._retrier = asyncio.get_running_loop().create_task(self._retry_settlements())
+
+    async def _send_settlement(self, reservation: Reservation, used: int, retry: bool) -> None:
+        key = reservation.key
+        await self._settle(keys=self._keys(key, reservation.period),
+                           args=[reservation.id, used, reservation.tokens, key.budget_tokens or 0, int(retry)])
+
+    async def _retry_settlements(self) -> None:
+        """Try the settlements Redis did not take (a timeout, a restart) every ``retry_s`` until it takes them: a
+        timed-out one may have run, so the script changes nothing the second time. One older than ``hold_s`` is
+        dropped (its in-flight slot has freed itself; its budget keeps the reservation: an over-count, never an
+        under-count)."""
+        from redis.exceptions import RedisError
+
+        while self._unsettled:
+            await asyncio.sleep(self.retry_s)
+            batch = list(self._unsettled)  # they stay counted (``unsettled``) until Redis has taken them
+            results = await asyncio.gather(*[self._send_settlement(r, used, retry=True) for r, used in batch],
+                                           return_exceptions=True)
+            again = []
+            for (reservation, used), result in zip(batch, results):
+                if not isinstance(result, BaseException):
+                    continue
+                if isinstance(result, (RedisError, OSError)) and time.time() < reservation.at + self.hold_s:
+                    self._down(result)
+                    again.append((reservation, used))
+                else:
+                    log.warning("Redis did not take the settlement of request %s of key %r (%s): its budget keeps "
+                                "the %d tokens reserved (used: %d)", reservation.id, reservation.key.name,
+                                type(result).__name__, reservation.tokens, used)
+            self._unsettled = again + self._unsettled[len(batch):]  # those that failed meanwhile come after
+
+    @property
+    def unsettled(self) -> int:
+        """Settlements waiting for Redis to take them."""
+        return len(self._unsettled)
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (settlements still waiting for Redis are dropped, and logged)."""
+        if self._retrier is not None and not self._retrier.done():
+            self._retrier.cancel()
+        if self._unsettled:
+            log.warning("closing with %d settlements Redis has not taken: those budgets keep their reservations",
+                        len(self._unsettled))
         await self.redis.aclose()

@@ -131,12 +131,12 @@ class ProxyMiddleware:
         finally:
             _CALL.reset(token)
             if state is not None:  # the response ended (whole, streamed, failed or cancelled)
-                if call.reservation is not None:
-                    await state.settle(call)
                 if state.ledger is not None and call.path.startswith("/v1/"):
                     state.ledger.record(call.record())
                 if call.version is not None:
                     state.observe(call)
+                if call.reservation is not None:  # last: the one await here (a cancelled task stops at it)
+                    await state.settle(call)
 
 
 def route_path(scope) -> str:

@@ -158,6 +158,32 @@ def test_redis_limits_are_exact_under_concurrency(private_redis):
     asyncio.run(run())
 
 
+def test_a_settlement_redis_did_not_take_is_tried_again_and_counted_once(private_redis):
+    import redis as sync_redis
+
+    from mass.access.redis_limits import RedisLimiter
+
+    async def run():
+        lim = RedisLimiter(private_redis.url, timeout_s=0.3, retry_s=0.2)
+        k = key(budget_tokens=1000, budget_period="day")
+        held = [await lim.admit(k, 20) for _ in range(3)]
+        budget = f"mass:limits:{{{k.id}}}:budget:{held[0].period}"
+        assert int(await lim.redis.get(budget)) == 60
+        sync_redis.Redis.from_url(private_redis.url).execute_command("CLIENT", "PAUSE", 1500, "ALL")
+        await asyncio.gather(*[r.backend.settle(r, 5) for r in held])  # each times out after 0.3 s
+        assert lim.unsettled == 3
+        deadline = time.monotonic() + 15
+        while lim.unsettled:
+            assert time.monotonic() < deadline, "the settlements were never taken"
+            await asyncio.sleep(0.1)
+        assert int(await lim.redis.get(budget)) == 15  # whether or not the timed-out tries ran
+        await lim._send_settlement(held[0], 5, retry=True)  # a retry of one that ran changes nothing
+        assert int(await lim.redis.get(budget)) == 15
+        await lim.close()
+
+    asyncio.run(run())
+
+
 def test_redis_failure_policy_budgets_closed_rates_capped_per_replica_then_recovery(private_redis):
     from mass.access.redis_limits import RedisLimiter
 
