@@ -35,6 +35,44 @@ def run_train_job(argv: list[str]) -> int:
     return 0
 
 
+def run_tune_job(argv: list[str]) -> int:
+    """Run the tuning job described by ``--config`` (``mass.tuning``); return an exit code."""
+    parser = argparse.ArgumentParser(prog="jobs/tune.py", description="Search a training recipe's hyperparameters "
+                                     "with Ray Tune (ASHA) and register the best trial's model.")
+    add_tune_args(parser)
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    args = parser.parse_args(argv)
+
+    from mass.logs import setup_logging
+    from mass.settings import apply_offline_env, get_settings
+
+    apply_offline_env()
+    setup_logging(get_settings().log_level)
+    try:
+        from mass.tuning.config import TuneConfig
+        from mass.tuning.job import run_tuning
+
+        plan = TuneConfig.load(args.config, args.overrides, args.recipe_overrides)
+        result = run_tuning(plan, address=args.address, resume=args.resume)
+    except MassError as exc:
+        return report_error(exc, as_json=True)
+    print(json.dumps(result.to_dict(), default=str), flush=True)
+    return 0
+
+
+def add_tune_args(parser) -> None:
+    """The tuning job's arguments (``jobs/tune.py`` and ``mass tune``), but ``--address``."""
+    parser.add_argument("--config", required=True, help="YAML tuning config, e.g. jobs/configs/tiny-gpt-tune.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the tuning config, e.g. --set search.num_samples=2 (repeatable)")
+    parser.add_argument("--recipe-set", dest="recipe_overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field of the training recipe for every trial, e.g. --recipe-set "
+                             "optim.epochs=2 (repeatable)")
+    parser.add_argument("--resume", default=None, metavar="RUN_ID",
+                        help="go on with the search of this MLflow run (its driver died): unfinished trials resume "
+                             "from their checkpoints")
+
+
 def run_convert_job(argv: list[str]) -> int:
     """Run the conversion job (``mass.compression.convert``) with ``argv``; return an exit code."""
     from mass.compression.convert import add_convert_args, convert_from_args

@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray dashboard address (http://HOST:8265): submit as a Ray job and stream logs")
     train.add_argument("--no-follow", action="store_true", help="with --address: submit and return")
 
+    tune = sub.add_parser("tune", help="search a training recipe's hyperparameters (Ray Tune, ASHA) and register "
+                                       "the best model (local Ray, or --address to submit)")
+    from mass.jobs import add_tune_args
+
+    add_tune_args(tune)
+    tune.add_argument("--address", default=None,
+                      help="Ray dashboard address (http://HOST:8265): submit as a Ray job and stream logs")
+    tune.add_argument("--no-follow", action="store_true", help="with --address: submit and return")
+
     serve_cmd = sub.add_parser("serve", help="serving").add_subparsers(dest="cmd", required=True)
     up = serve_cmd.add_parser("up", help="deploy a Serve app config (gateway + models) and serve it")
     up.add_argument("--config", required=True, help="e.g. serve_apps/configs/demo.yaml")
@@ -312,6 +321,35 @@ def _train(args) -> int:
         text = f"trained run {result['run_id']} (registration disabled)"
     else:
         text = f"submitted job {result['job_id']}"
+    emit(args.output, result, text)
+    return 0
+
+
+@command("tune")
+def _tune(args) -> int:
+    from mass.cli.output import emit
+    from mass.tuning.config import TuneConfig
+    from mass.tuning.job import TuneResult, report_table
+
+    plan = TuneConfig.load(args.config, args.overrides, args.recipe_overrides)  # fail fast, before any submission
+    if args.address:
+        from mass.cli.submit import submit_train
+
+        extra = [a for item in args.recipe_overrides for a in ("--recipe-set", item)]
+        extra += ["--resume", args.resume] if args.resume else []
+        result = submit_train(args.config, args.overrides, args.address, follow=not args.no_follow,
+                              script="jobs/tune.py", extra=extra)
+    else:
+        from mass.tuning.job import run_tuning
+
+        result = run_tuning(plan, resume=args.resume).to_dict()
+    if "trials" not in result:
+        emit(args.output, result, f"submitted job {result['job_id']}")
+        return 0
+    done = TuneResult(**{k: result[k] for k in TuneResult.__dataclass_fields__})
+    best = done.best
+    text = (f"{report_table(done)}\n\nbest: {best['trial_id']} {done.metric}={best['metric']:.4f} {best['config']}\n"
+            + (f"registered {done.model_ref} " if done.model_ref else "") + f"(tuning run {done.run_id})")
     emit(args.output, result, text)
     return 0
 

@@ -1,4 +1,5 @@
-"""``mass train --address``: submit ``jobs/train.py`` to a Ray cluster, stream its logs, show progress."""
+"""``mass train|tune --address``: submit ``jobs/train.py`` (or ``tune.py``) to a Ray cluster, stream its logs, show
+progress."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ def project_root() -> Path:
     return root
 
 
-def submit_train(config: str, overrides: list[str], address: str, follow: bool = True) -> dict:
-    """Submit a training job; with ``follow``, stream its logs to stderr and return its result dict.
+def submit_train(config: str, overrides: list[str], address: str, follow: bool = True, script: str = "jobs/train.py",
+                 extra: list[str] | tuple[str, ...] = ()) -> dict:
+    """Submit a training job (or the tuning job: ``script`` ``jobs/tune.py``, its other arguments in ``extra``);
+    with ``follow``, stream its logs to stderr and return its result dict.
 
     Raises:
         JobFailed (or the job's own error class): when the job ends in failure.
@@ -42,9 +45,10 @@ def submit_train(config: str, overrides: list[str], address: str, follow: bool =
     except ValueError as exc:
         raise ConfigError(f"{config} is outside the project directory {root}; the job's working dir is the "
                           "project, so put the recipe under jobs/configs/", field="config") from exc
-    entry = ["python", "jobs/train.py", "--config", str(rel)]
+    entry = ["python", script, "--config", str(rel)]
     for item in overrides:
         entry += ["--set", item]
+    entry += list(extra)
     url = address if "://" in address else f"http://{address}"
     try:
         client = JobSubmissionClient(url)

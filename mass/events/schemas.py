@@ -26,6 +26,21 @@ class TrainingCompleted(Payload):
     metrics: dict[str, float] = Field(default_factory=dict)
 
 
+class TuningCompleted(Payload):
+    """A tuning search finished (``version``: the best trial's model as registered; None when registration is
+    off). ``best``: the best trial's tuned values and its ``metric``'s value; ``saved``: the share of the full
+    trial budget early stopping did not spend."""
+
+    run_id: str
+    model: str
+    metric: str
+    best_value: float
+    best_config: dict[str, Any] = Field(default_factory=dict)
+    trials: int = 0
+    saved: float = 0.0
+    version: str | None = None
+
+
 class ModelVersionRegistered(Payload):
     """A new version of a model exists in the registry."""
 
@@ -111,6 +126,7 @@ class RolloutRolledBack(Payload):
 #: change that old readers cannot parse takes the next one.
 SCHEMAS: dict[str, tuple[int, type[Payload]]] = {
     "training.completed": (1, TrainingCompleted),
+    "tuning.completed": (1, TuningCompleted),
     "model.version.registered": (1, ModelVersionRegistered),
     "model.alias.changed": (1, ModelAliasChanged),
     "model.traffic.changed": (1, ModelTrafficChanged),

@@ -76,30 +76,36 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def run_training(cfg: TrainConfig, address: str | None = None, settings: Settings | None = None) -> TrainResult:
-    """Train ``cfg`` on Ray Train, log it to MLflow and register the final model.
+@dataclass
+class Prepared:
+    """A recipe made ready to train, before any run exists: its tokenizer (trained on the data, or the base
+    model's), the model's config dict, the base model of a fine-tune (and its ref or path) and the packed data."""
 
-    Args:
-        cfg: the validated recipe.
-        address: Ray cluster address; default ``RAY_ADDRESS`` or a new local Ray.
-        settings: deployment settings; read from the environment when omitted.
+    tokenizer: Any
+    model_spec: dict[str, Any]
+    base_model: Any
+    parent: str | None
+    data: Any  # mass.training.prep.Prepared
 
-    Raises:
-        ConfigError, DataError, ModelNotFound, InsufficientResources: before anything is written.
-        JobFailed: the Ray Train run failed after retries (its MLflow run is marked FAILED).
-    """
-    import torch
+    def model(self, state: dict[str, Any]):
+        """The trained model: the base (fine-tune) or a fresh one of ``model_spec``, with ``state`` loaded."""
+        from mass.training.loop import build_model
+
+        model = self.base_model if self.base_model is not None else build_model(self.model_spec)
+        model.load_state_dict(state)
+        return model.eval()
+
+
+def prepare_run(cfg: TrainConfig, registry: ModelRegistry, settings: Settings, address: str | None = None
+                ) -> Prepared:
+    """Everything checkable before a run exists, and the data made ready: the repository answers, the corpus
+    or the user's files are read (once), the tokenizer is trained (or the base model loaded), the block size fits
+    the model, Ray is joined and can hold the workers, the blocks are packed."""
     from transformers import GPT2Config
 
     from mass.data.tokenizer import train_tokenizer
-    from mass.training.loop import STATE_FILE, build_model, train_loop_per_worker
     from mass.training.prep import prepare, read_splits
 
-    settings = settings or get_settings()
-    registry = ModelRegistry(settings)
-    resolved = cfg.model_dump(mode="json")
-
-    # ---- 1. everything checkable before a run exists
     registry.experiment_id()  # the repository is reachable
     corpus_dir = Path(cfg.data.corpus_dir or settings.corpus_dir()).expanduser()
     texts = read_splits(cfg.data, corpus_dir, cfg.optim.seed)  # read once: tokenizer and packing share it
@@ -123,34 +129,60 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
     connect_ray(address, settings)
     check_resources(cfg)
     data = prepare(cfg.data, tokenizer, texts, min_blocks=cfg.scaling.num_workers * cfg.optim.batch_size)
+    return Prepared(tokenizer, model_spec, base_model, parent, data)
+
+
+def log_recipe(client, run_id: str, cfg: TrainConfig, data) -> None:
+    """The resolved recipe into ``run_id``: every field as a param, the whole as an artifact, the token counts."""
+    from mlflow.entities import Param
+
+    resolved = cfg.model_dump(mode="json")
+    params = _flatten("", resolved, {})
+    # MLflow 3.17 caps a param value at 6,000 characters; the whole config is the artifact below
+    client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
+    client.log_dict(run_id, resolved, CONFIG_ARTIFACT)
+    for split, tokens in data.counts().items():
+        client.log_metric(run_id, f"data_tokens_{split}", tokens)
+
+
+def run_training(cfg: TrainConfig, address: str | None = None, settings: Settings | None = None) -> TrainResult:
+    """Train ``cfg`` on Ray Train, log it to MLflow and register the final model.
+
+    Args:
+        cfg: the validated recipe.
+        address: Ray cluster address; default ``RAY_ADDRESS`` or a new local Ray.
+        settings: deployment settings; read from the environment when omitted.
+
+    Raises:
+        ConfigError, DataError, ModelNotFound, InsufficientResources: before anything is written.
+        JobFailed: the Ray Train run failed after retries (its MLflow run is marked FAILED).
+    """
+    from mass.training.loop import train_loop_per_worker
+
+    settings = settings or get_settings()
+    registry = ModelRegistry(settings)
+    resolved = cfg.model_dump(mode="json")
+
+    # ---- 1. everything checkable before a run exists
+    prepared = prepare_run(cfg, registry, settings, address)
+    base_model, tokenizer, parent, data = prepared.base_model, prepared.tokenizer, prepared.parent, prepared.data
 
     # ---- 2. the MLflow run; from here on a failure marks it FAILED
-    client, run_id = registry.client, None
+    run_id = None
     tags = {"mass.kind": "train", "mass.model_name": cfg.name, "mass.parent": parent or ""}
     try:
         with registry.tracked_run(f"train-{cfg.name}", tags) as run_id:
-            from mlflow.entities import Param
-
-            params = _flatten("", resolved, {})
-            # MLflow 3.17 caps a param value at 6,000 characters; the whole config is the artifact below
-            client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in sorted(params.items())])
-            client.log_dict(run_id, resolved, CONFIG_ARTIFACT)
-            for split, tokens in data.counts().items():
-                client.log_metric(run_id, f"data_tokens_{split}", tokens)
-
-            result = _fit(cfg, settings, run_id, model_spec, base_model, data, train_loop_per_worker)
-            metrics = {k: float(v) for k, v in result.metrics.items()
-                       if isinstance(v, (int, float)) and k not in ("epoch", "step", "start_epoch")}
+            log_recipe(registry.client, run_id, cfg, data)
+            result = _fit(cfg, settings, run_id, prepared.model_spec, base_model, data, train_loop_per_worker)
+            metrics = final_metrics(result.metrics)
             if result.checkpoint is None:
                 raise JobFailed("training finished without a checkpoint; nothing to register")
-            model = base_model if base_model is not None else build_model(model_spec)
             with result.checkpoint.as_directory() as ckpt_dir:
-                state = torch.load(Path(ckpt_dir) / STATE_FILE, map_location="cpu", weights_only=False)
-            model.load_state_dict(state["model"])
+                model = prepared.model(load_state(ckpt_dir))
             model_ref = None
             if cfg.registration.enabled:  # straight from memory: no save and reload
                 info = registry.register(
-                    (model.eval(), tokenizer), cfg.name, "text-generation", metrics=metrics, config=resolved,
+                    (model, tokenizer), cfg.name, "text-generation", metrics=metrics, config=resolved,
                     run_id=run_id, lineage={"source_run": run_id, "parent": parent,
                                             "method": "finetune" if parent else "train"},
                     aliases=cfg.registration.aliases, description=cfg.registration.description)
@@ -167,9 +199,25 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
                        checkpoint=result.checkpoint.path, data_tokens=data.counts())
 
 
+def final_metrics(reported: dict[str, Any]) -> dict[str, float]:
+    """The figures of a run's last report worth keeping with the model (not its epoch and step counters)."""
+    return {k: float(v) for k, v in reported.items()
+            if isinstance(v, (int, float)) and k not in ("epoch", "step", "start_epoch")}
+
+
+def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """The model's weights in a checkpoint the training loop wrote."""
+    import torch
+
+    from mass.training.loop import STATE_FILE
+
+    return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)["model"]
+
+
 def _fit(cfg: TrainConfig, settings: Settings, run_id: str, model_spec: dict[str, Any], base_model,
-         data, loop):
-    """Run the TorchTrainer and return its Result; JobFailed when it ends in error."""
+         data, loop, name: str | None = None, callbacks: list | None = None):
+    """Run the TorchTrainer and return its Result; JobFailed when it ends in error. ``name``: the Ray Train run's
+    (default ``<model>-<run id>``); ``callbacks``: Ray Train callbacks (a tuning trial reports through one)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -187,7 +235,8 @@ def _fit(cfg: TrainConfig, settings: Settings, run_id: str, model_spec: dict[str
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name=f"{cfg.name}-{run_id[:12]}",
+            name=name or f"{cfg.name}-{run_id[:12]}",
+            callbacks=callbacks,
             storage_path=settings.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=FailureConfig(max_failures=cfg.checkpoint.max_failures),

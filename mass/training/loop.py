@@ -15,6 +15,8 @@ from typing import Any
 from mass.training.progress import StepProgress, say, step_line
 
 STATE_FILE = "state.pt"
+#: the metrics every epoch's report carries that a search can rank trials by (``mass.tuning``)
+EPOCH_METRICS = ("val_loss", "val_perplexity", "train_loss")
 
 
 def build_model(spec: dict[str, Any]):

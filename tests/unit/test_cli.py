@@ -9,7 +9,7 @@ from mass.cli.main import build_parser, main
 
 def test_help_lists_every_command():
     text = build_parser().format_help()
-    for cmd in ("models", "data", "train", "demo"):
+    for cmd in ("models", "data", "train", "tune", "demo"):
         assert cmd in text
 
 
@@ -33,6 +33,17 @@ def test_bad_recipe_exits_2_before_touching_ray(tmp_path, mass_home, capsys):
     assert main(["-o", "json", "train", "--config", str(recipe), "--address", "http://127.0.0.1:9"]) == 2
     out = capsys.readouterr().out
     assert json.loads(out)["error"]["field"] == "optim.bogus"
+
+
+def test_a_bad_search_space_exits_2_before_touching_ray(tmp_path, mass_home, capsys):
+    from pathlib import Path
+
+    smoke = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "tiny-gpt-smoke.yaml"
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(f"train: {smoke}\nspace: {{optim.lr: {{loguniform: [0.01, 0.0001]}}}}\n")
+    assert main(["-o", "json", "tune", "--config", str(cfg), "--address", "http://127.0.0.1:9"]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["field"] == "space.optim.lr" and "are inverted" in error["message"]
 
 
 @pytest.mark.parametrize("argv", [["models", "delete", "m"], ["models", "alias", "m", "prod"]])

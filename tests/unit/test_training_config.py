@@ -13,11 +13,16 @@ SMOKE = ROOT / "jobs" / "configs" / "tiny-gpt-smoke.yaml"
 
 @pytest.mark.parametrize("recipe", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_is_valid(recipe):
-    """Training recipes and compression pipelines (``*-pipeline.yaml``) each load under their own schema."""
+    """Training recipes, compression pipelines (``*-pipeline.yaml``) and tuning runs (``*-tune.yaml``) each load
+    under their own schema."""
     if recipe.name.endswith("-pipeline.yaml"):
         from mass.compression.pipeline import PipelineConfig
 
         assert PipelineConfig.load(recipe).steps
+    elif recipe.name.endswith("-tune.yaml"):
+        from mass.tuning.config import TuneConfig
+
+        assert TuneConfig.load(recipe).dims
     else:
         assert TrainConfig.load(recipe).scaling.num_workers >= 1
 
