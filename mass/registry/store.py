@@ -159,11 +159,16 @@ class ModelRegistry:
                 return exp.experiment_id
 
     @contextlib.contextmanager
-    def tracked_run(self, run_name: str, tags: dict[str, str]) -> Iterator[str]:
+    def tracked_run(self, run_name: str, tags: dict[str, str], resume: str | None = None) -> Iterator[str]:
         """An MLflow run for a piece of work: yields its id; FINISHED when the block ends, FAILED (and the
-        error re-raised) when it raises. Training and registration share this lifecycle."""
+        error re-raised) when it raises. Training, tuning and registration share this lifecycle. ``resume``: the
+        id of an earlier run to go on with instead (RUNNING again; a tuning search whose driver died)."""
         with self._translate("start a run"):
-            run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
+            if resume:
+                self.client.update_run(resume, status="RUNNING")
+                run_id = resume
+            else:
+                run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
         try:
             yield run_id
         except BaseException:

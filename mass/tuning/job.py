@@ -108,13 +108,16 @@ def run_tuning(plan: TuningPlan, address: str | None = None, settings: Settings 
     at_once = concurrency(plan)
     client = registry.client
     if resume:
-        run = client.get_run(resume)
+        try:
+            run = client.get_run(resume)
+        except Exception as exc:  # noqa: BLE001 - MLflow's not-found, or the store's failure: both stop here
+            raise ConfigError(f"--resume {resume}: no such MLflow run ({str(exc).splitlines()[0][:200]})",
+                              field="resume") from exc
         if run.data.tags.get("mass.kind") != TUNE_KIND:
             raise ConfigError(f"--resume {resume}: that MLflow run is not a tuning run", field="resume")
-        client.update_run(resume, status="RUNNING")
     tags = {"mass.kind": TUNE_KIND, "mass.model_name": plan.name}
     try:
-        with _run(registry, resume, f"tune-{plan.name}", tags) as run_id:
+        with registry.tracked_run(f"tune-{plan.name}", tags, resume=resume) as run_id:
             experiment = f"tune-{plan.name}-{run_id[:12]}"
             if not resume:
                 _log_plan(client, run_id, plan, at_once)
@@ -142,25 +145,6 @@ def run_tuning(plan: TuningPlan, address: str | None = None, settings: Settings 
                                            "version": result.model_ref.split("/")[1] if result.model_ref else None},
                       source="tuning")
     return result
-
-
-def _run(registry, resume: str | None, name: str, tags: dict[str, str]):
-    """The search's MLflow run: a new one, or the resumed one (FINISHED or FAILED at the end, like any run)."""
-    import contextlib
-
-    if not resume:
-        return registry.tracked_run(name, tags)
-
-    @contextlib.contextmanager
-    def resumed():
-        try:
-            yield resume
-        except BaseException:
-            with contextlib.suppress(Exception):
-                registry.client.set_terminated(resume, "FAILED")
-            raise
-        registry.client.set_terminated(resume, "FINISHED")
-    return resumed()
 
 
 def _log_plan(client, run_id: str, plan: TuningPlan, at_once: int) -> None:

@@ -78,3 +78,13 @@ def test_the_search_is_one_mlflow_run_with_a_child_run_per_trial_and_is_announce
     bus.close()
     assert len(mine) == 1 and mine[0].data.best_value == pytest.approx(result.best["metric"])
     assert mine[0].data.best_config == {"optim.lr": GOOD} and mine[0].data.version == result.model_ref.split("/")[1]
+
+
+def test_resume_names_a_search_or_is_refused_before_any_trial(tuned, ray_cluster):
+    from mass.errors import ConfigError
+
+    plan, result = tuned
+    for run, needle in ((result.best["run_id"], "is not a tuning run"), ("0" * 32, "no such MLflow run")):
+        with pytest.raises(ConfigError) as info:
+            run_tuning(plan, address=ray_cluster.gcs_address, resume=run)
+        assert needle in str(info.value) and info.value.details["field"] == "resume"
