@@ -28,8 +28,8 @@ class TrainingCompleted(Payload):
 
 class TuningCompleted(Payload):
     """A tuning search finished (``version``: the best trial's model as registered; None when registration is
-    off). ``best``: the best trial's tuned values and its ``metric``'s value; ``saved``: the share of the full
-    trial budget early stopping did not spend."""
+    off). ``best_value``: the best trial's ``metric``; ``best_config``: its tuned values; ``saved``: the share of
+    the full trial budget early stopping did not spend."""
 
     run_id: str
     model: str

@@ -77,7 +77,7 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> dict[str, str]:
 
 
 @dataclass
-class Prepared:
+class PreparedRun:
     """A recipe made ready to train, before any run exists: its tokenizer (trained on the data, or the base
     model's), the model's config dict, the base model of a fine-tune (and its ref or path) and the packed data."""
 
@@ -97,7 +97,7 @@ class Prepared:
 
 
 def prepare_run(cfg: TrainConfig, registry: ModelRegistry, settings: Settings, address: str | None = None
-                ) -> Prepared:
+                ) -> PreparedRun:
     """Everything checkable before a run exists, and the data made ready: the repository answers, the corpus
     or the user's files are read (once), the tokenizer is trained (or the base model loaded), the block size fits
     the model, Ray is joined and can hold the workers, the blocks are packed."""
@@ -129,7 +129,7 @@ def prepare_run(cfg: TrainConfig, registry: ModelRegistry, settings: Settings, a
     connect_ray(address, settings)
     check_resources(cfg)
     data = prepare(cfg.data, tokenizer, texts, min_blocks=cfg.scaling.num_workers * cfg.optim.batch_size)
-    return Prepared(tokenizer, model_spec, base_model, parent, data)
+    return PreparedRun(tokenizer, model_spec, base_model, parent, data)
 
 
 def log_recipe(client, run_id: str, cfg: TrainConfig, data) -> None:
@@ -173,7 +173,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
     try:
         with registry.tracked_run(f"train-{cfg.name}", tags) as run_id:
             log_recipe(registry.client, run_id, cfg, data)
-            result = _fit(cfg, settings, run_id, prepared.model_spec, base_model, data, train_loop_per_worker)
+            result = fit(cfg, settings, run_id, prepared.model_spec, base_model, data, train_loop_per_worker)
             metrics = final_metrics(result.metrics)
             if result.checkpoint is None:
                 raise JobFailed("training finished without a checkpoint; nothing to register")
@@ -214,7 +214,7 @@ def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     return torch.load(Path(checkpoint_dir) / STATE_FILE, map_location="cpu", weights_only=False)["model"]
 
 
-def _fit(cfg: TrainConfig, settings: Settings, run_id: str, model_spec: dict[str, Any], base_model,
+def fit(cfg: TrainConfig, settings: Settings, run_id: str, model_spec: dict[str, Any], base_model,
          data, loop, name: str | None = None, callbacks: list | None = None):
     """Run the TorchTrainer and return its Result; JobFailed when it ends in error. ``name``: the Ray Train run's
     (default ``<model>-<run id>``); ``callbacks``: Ray Train callbacks (a tuning trial reports through one)."""

@@ -240,7 +240,7 @@ def trial(config: dict[str, Any], recipe: dict[str, Any], paths: list[str], pare
 
     from mass.registry import ModelRegistry
     from mass.training.config import TrainConfig
-    from mass.training.job import _fit, log_recipe, prepare_run
+    from mass.training.job import fit, log_recipe, prepare_run
     from mass.training.loop import train_loop_per_worker
     from mass.tuning.space import apply
 
@@ -258,7 +258,7 @@ def trial(config: dict[str, Any], recipe: dict[str, Any], paths: list[str], pare
             prepared.tokenizer.save_pretrained(tmp)
             client.log_artifacts(run_id, tmp, "tokenizer")
         client.log_dict(run_id, prepared.model_spec, "model_spec.json")
-        _fit(cfg, settings, run_id, prepared.model_spec, prepared.base_model, prepared.data, train_loop_per_worker,
+        fit(cfg, settings, run_id, prepared.model_spec, prepared.base_model, prepared.data, train_loop_per_worker,
              name=f"{parent_run[:12]}-{trial_id}", callbacks=[TuneReportCallback()])
 
 

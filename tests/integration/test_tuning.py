@@ -88,3 +88,18 @@ def test_resume_names_a_search_or_is_refused_before_any_trial(tuned, ray_cluster
         with pytest.raises(ConfigError) as info:
             run_tuning(plan, address=ray_cluster.gcs_address, resume=run)
         assert needle in str(info.value) and info.value.details["field"] == "resume"
+
+
+def test_more_trials_at_once_than_the_cluster_holds_are_clamped_with_a_warning(tuned, caplog):
+    from mass.tuning.job import concurrency
+
+    plan, _ = tuned
+    search = plan.config.search
+    search.max_concurrent_trials = 64
+    try:
+        with caplog.at_level("WARNING", logger="mass.tuning.job"):
+            at_once = concurrency(plan)
+    finally:
+        search.max_concurrent_trials = 1
+    assert 1 <= at_once <= 2  # the session cluster's 4 CPUs hold two trials of 2 workers x 1 CPU at most
+    assert f"search.max_concurrent_trials=64: the cluster's free resources hold {at_once} trial(s)" in caplog.text

@@ -85,6 +85,18 @@ def test_a_bad_search_or_recipe_fails_before_any_trial(tmp_path, search, top, ne
     assert needle in str(info.value)
 
 
+def test_optuna_is_refused_without_its_package_and_with_a_grid(tmp_path):
+    try:
+        import optuna  # noqa: F401
+        missing = False
+    except ImportError:
+        missing = True
+    with pytest.raises(ConfigError) as info:
+        TuneConfig.load(write(tmp_path, {"optim.lr": {"grid": [1e-3, 1e-2]}}, {"algorithm": "optuna"}))
+    assert ("needs the optuna package: `pip install optuna`" if missing else "use choice instead of grid") \
+        in str(info.value)
+
+
 def test_a_tuned_epoch_count_sets_the_budget_and_relative_recipes_resolve(tmp_path):
     (tmp_path / "recipe.yaml").write_text(SMOKE.read_text())
     path = write(tmp_path, {"optim.epochs": {"randint": [2, 6]}}, {"grace_period": 5}, train="recipe.yaml")
