@@ -73,3 +73,22 @@ lifecycle_operations = Table(
     Column("reason", Text, nullable=False),
     Index("ix_lifecycle_operations_model_at", "model", "at"),
 )
+
+#: registered datasets: one row per version of a named dataset (a file or folder, local or a pyarrow filesystem
+#: URI), with what it held when registered; a version is never changed
+datasets = Table(
+    "datasets", metadata,
+    Column("name", String(128), primary_key=True),
+    Column("version", Integer, primary_key=True),
+    Column("path", Text, nullable=False),
+    Column("format", String(16), nullable=False),
+    Column("field", String(128), nullable=False),
+    Column("files", Integer, nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("columns", Text, nullable=False),  # JSON: column -> type
+    Column("description", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_datasets_content_hash", "content_hash"),
+)

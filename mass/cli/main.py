@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     corpus = data.add_parser("build-corpus", help="docstrings of installed modules -> parquet splits")
     corpus.add_argument("--out", default=None, help="default: $MASS_HOME/corpus")
     corpus.add_argument("--packages", default=None, help="comma-separated module names (default: a stdlib set)")
+    dreg = data.add_parser("register", help="record what PATH holds now as a new version of dataset NAME (rows, "
+                                            "content hash, columns) and announce dataset.updated")
+    dreg.add_argument("name")
+    dreg.add_argument("path", help="a .parquet/.jsonl/.txt file or a folder of them; local or a pyarrow "
+                                   "filesystem URI (s3://, gs://, hdfs://, file://)")
+    dreg.add_argument("--field", default="text", help="the text column or key (default: text)")
+    dreg.add_argument("--description", default="")
+    dlist = data.add_parser("list", help="registered datasets, newest version first")
+    dlist.add_argument("name", nargs="?", default=None)
+    data.add_parser("show", help="one dataset version in full: NAME or NAME@VERSION").add_argument("ref")
 
     train = sub.add_parser("train", help="train and register a model (local Ray, or --address to submit)")
     train.add_argument("--config", required=True)
@@ -297,6 +307,49 @@ def _data_build_corpus(args) -> int:
     packages = [p.strip() for p in args.packages.split(",") if p.strip()] if args.packages else DEFAULT_PACKAGES
     result = build_corpus(args.out, packages)
     emit(args.output, result.to_dict(), f"corpus {result.path}: {result.counts} (digest {result.digest})")
+    return 0
+
+
+@command("data register")
+def _data_register(args) -> int:
+    from mass.cli.output import emit
+    from mass.data.datasets import DatasetStore
+
+    version, created = DatasetStore().register(args.name, args.path, field=args.field, description=args.description)
+    text = (f"registered dataset {version.ref}: {version.rows} rows in {version.files} {version.format} file(s), "
+            f"sha256 {version.content_hash[:12]} (dataset.updated announced)" if created else
+            f"unchanged: {args.path} holds what {version.ref} holds (sha256 {version.content_hash[:12]}); "
+            "no new version")
+    emit(args.output, {**version.to_dict(), "created": created}, text)
+    return 0
+
+
+@command("data list")
+def _data_list(args) -> int:
+    from mass.cli.output import emit, human_size, table
+    from mass.data.datasets import DatasetStore
+
+    versions = DatasetStore().list(args.name)
+    rows = [[v.name, v.version, v.format, v.rows, v.files, human_size(v.bytes), v.content_hash[:12],
+             v.created_at.strftime("%Y-%m-%d %H:%M"), v.path] for v in versions]
+    text = (table(["DATASET", "VERSION", "FORMAT", "ROWS", "FILES", "SIZE", "SHA256", "CREATED", "PATH"], rows)
+            if rows else "no registered datasets (register one with `mass data register NAME PATH`)")
+    emit(args.output, [v.to_dict() for v in versions], text)
+    return 0
+
+
+@command("data show")
+def _data_show(args) -> int:
+    from mass.cli.output import emit, human_size
+    from mass.data.datasets import DatasetStore
+
+    v = DatasetStore().get(args.ref)
+    lines = [f"{'ref':12} {v.ref}", f"{'path':12} {v.path}", f"{'format':12} {v.format} (text in {v.field!r})",
+             f"{'rows':12} {v.rows} in {v.files} file(s), {human_size(v.bytes)}", f"{'sha256':12} {v.content_hash}",
+             f"{'columns':12} {json.dumps(v.columns)}", f"{'created':12} {v.created_at.isoformat()}"]
+    if v.description:
+        lines.append(f"{'description':12} {v.description}")
+    emit(args.output, v.to_dict(), "\n".join(lines))
     return 0
 
 

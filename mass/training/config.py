@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 
 from mass.config import MassConfig, load_config
-from mass.refs import ModelRef, validate_alias, validate_name
+from mass.refs import NAME_RE, ModelRef, validate_alias, validate_name
 
 
 class ArchConfig(MassConfig):
@@ -40,12 +40,32 @@ class DataConfig(MassConfig):
     """Where text comes from and how it is cut into training blocks."""
 
     corpus_dir: str | None = Field(None, description="Built corpus (train/validation/test.parquet). "
-                                                     "Null: $MASS_HOME/corpus. Ignored when `train` is set.")
+                                                     "Null: $MASS_HOME/corpus. Ignored when `dataset` or "
+                                                     "`train` is set.")
+    dataset: str | None = Field(None, description="A registered dataset (`mass data register`) to train on: NAME "
+                                                  "(its newest version) or NAME@VERSION. Checked unchanged "
+                                                  "since registration; validation/test are held out of it "
+                                                  "unless given. Overrides `train` and the corpus.")
     train: str | None = Field(None, description="User training file (.jsonl with 'text', .parquet, .txt).")
     validation: str | None = Field(None, description="User validation file; default: 5% of `train`.")
     test: str | None = Field(None, description="User test file; default: 5% of `train`.")
     block_size: int = Field(128, ge=8, le=32768, description="Tokens per training sequence.")
     max_train_tokens: int | None = Field(None, ge=1000, description="Cap on training tokens (smoke runs).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataConfig":
+        if self.dataset is not None and self.train is not None:
+            raise ValueError("give data.dataset or data.train, not both")
+        return self
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_ref(cls, value: str | None) -> str | None:
+        if value is not None:
+            name, _, number = value.partition("@")
+            if not NAME_RE.match(name) or ("@" in value and not number.isdigit()):
+                raise ValueError(f"illegal dataset reference {value!r}: use NAME or NAME@VERSION (a number)")
+        return value
 
     @field_validator("train", "validation", "test")
     @classmethod

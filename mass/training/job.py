@@ -21,6 +21,8 @@ from mass.registry.versions import CONFIG_ARTIFACT
 from mass.settings import Settings, get_settings
 from mass.training.config import TrainConfig
 
+DATASETS_ARTIFACT = "datasets.json"  # per run: the files and registered dataset versions its data came from
+
 log = logging.getLogger(__name__)
 
 
@@ -85,7 +87,12 @@ class PreparedRun:
     model_spec: dict[str, Any]
     base_model: Any
     parent: str | None
-    data: Any  # mass.training.prep.Prepared
+    data: Any  # mass.training.prep.PreparedData
+    sources: list[dict] = field(default_factory=list)  # what was read: mass.training.prep.Inputs.sources
+
+    def datasets(self) -> list[str]:
+        """The registered dataset versions the data came from (``name@version``), once each."""
+        return list(dict.fromkeys(s["dataset"] for s in self.sources if s.get("dataset")))
 
     def model(self, state: dict[str, Any]):
         """The trained model: the base (fine-tune) or a fresh one of ``model_spec``, with ``state`` loaded."""
@@ -104,11 +111,12 @@ def prepare_run(cfg: TrainConfig, registry: ModelRegistry, settings: Settings, a
     from transformers import GPT2Config
 
     from mass.data.tokenizer import train_tokenizer
-    from mass.training.prep import prepare, read_splits
+    from mass.training.prep import prepare, read_inputs
 
     registry.experiment_id()  # the repository is reachable
     corpus_dir = Path(cfg.data.corpus_dir or settings.corpus_dir()).expanduser()
-    texts = read_splits(cfg.data, corpus_dir, cfg.optim.seed)  # read once: tokenizer and packing share it
+    inputs = read_inputs(cfg.data, corpus_dir, cfg.optim.seed)  # read once: tokenizer and packing share it
+    texts = inputs.texts
     parent = None
     if cfg.model.base:
         base_model, tokenizer, parent = _base_model(cfg, registry)
@@ -129,11 +137,13 @@ def prepare_run(cfg: TrainConfig, registry: ModelRegistry, settings: Settings, a
     connect_ray(address, settings)
     check_resources(cfg)
     data = prepare(cfg.data, tokenizer, texts, min_blocks=cfg.scaling.num_workers * cfg.optim.batch_size)
-    return PreparedRun(tokenizer, model_spec, base_model, parent, data)
+    return PreparedRun(tokenizer, model_spec, base_model, parent, data, inputs.sources)
 
 
-def log_recipe(client, run_id: str, cfg: TrainConfig, data) -> None:
-    """The resolved recipe into ``run_id``: every field as a param, the whole as an artifact, the token counts."""
+def log_recipe(client, run_id: str, cfg: TrainConfig, data, sources: list[dict] | None = None) -> None:
+    """The resolved recipe into ``run_id``: every field as a param, the whole as an artifact, the token counts,
+    and what the data came from (``sources``: ``datasets.json``, and the tag ``mass.datasets`` naming the
+    registered dataset versions read)."""
     from mlflow.entities import Param
 
     resolved = cfg.model_dump(mode="json")
@@ -143,6 +153,10 @@ def log_recipe(client, run_id: str, cfg: TrainConfig, data) -> None:
     client.log_dict(run_id, resolved, CONFIG_ARTIFACT)
     for split, tokens in data.counts().items():
         client.log_metric(run_id, f"data_tokens_{split}", tokens)
+    if sources:
+        client.log_dict(run_id, sources, DATASETS_ARTIFACT)
+        client.set_tag(run_id, "mass.datasets", ",".join(dict.fromkeys(s["dataset"] for s in sources
+                                                                       if s.get("dataset"))))
 
 
 def run_training(cfg: TrainConfig, address: str | None = None, settings: Settings | None = None) -> TrainResult:
@@ -172,7 +186,7 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
     tags = {"mass.kind": "train", "mass.model_name": cfg.name, "mass.parent": parent or ""}
     try:
         with registry.tracked_run(f"train-{cfg.name}", tags) as run_id:
-            log_recipe(registry.client, run_id, cfg, data)
+            log_recipe(registry.client, run_id, cfg, data, prepared.sources)
             result = fit(cfg, settings, run_id, prepared.model_spec, base_model, data, train_loop_per_worker)
             metrics = final_metrics(result.metrics)
             if result.checkpoint is None:
@@ -184,7 +198,8 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
                 info = registry.register(
                     (model, tokenizer), cfg.name, "text-generation", metrics=metrics, config=resolved,
                     run_id=run_id, lineage={"source_run": run_id, "parent": parent,
-                                            "method": "finetune" if parent else "train"},
+                                            "method": "finetune" if parent else "train",
+                                            "datasets": ",".join(prepared.datasets()) or None},
                     aliases=cfg.registration.aliases, description=cfg.registration.description)
                 model_ref = info.ref
     except MassError:

@@ -1,4 +1,5 @@
-"""Data preparation on the job driver: read texts, get a tokenizer, tokenize and pack into blocks."""
+"""Data preparation on the job driver: read texts (noting which files and dataset versions), tokenize and pack
+into blocks."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mass.data.loaders import load_corpus_split, load_texts
+from mass.data.loaders import parse_texts
 from mass.errors import DataError
 from mass.training.config import DataConfig
 
@@ -29,27 +30,76 @@ class PreparedData:
         return {k: int(getattr(self, k).size) for k in ("train", "validation", "test")}
 
 
+@dataclass
+class Inputs:
+    """The documents of every split, and where each came from: ``sources`` lists, per file or registered
+    dataset read, its ``split``, ``path``, ``content_hash`` (as ``mass data register`` computes it) and the
+    registered ``dataset`` version it is (``name@version``), or None for files no dataset version holds."""
+
+    texts: dict[str, list[str]]
+    sources: list[dict]
+
+    def datasets(self) -> list[str]:
+        """The registered dataset versions read, in order, once each."""
+        return list(dict.fromkeys(s["dataset"] for s in self.sources if s["dataset"]))
+
+
 def read_splits(cfg: DataConfig, corpus_dir: Path, seed: int) -> dict[str, list[str]]:
-    """Documents for train/validation/test from user files or the built corpus."""
-    if cfg.train is None:
-        return {split: load_corpus_split(corpus_dir, split) for split in ("train", "validation", "test")}
-    train = load_texts(Path(cfg.train).expanduser())
-    splits = {"train": train}
-    missing = [s for s in ("validation", "test") if getattr(cfg, s) is None]
+    """Documents for train/validation/test from a registered dataset, user files or the built corpus."""
+    return read_inputs(cfg, corpus_dir, seed).texts
+
+
+def read_inputs(cfg: DataConfig, corpus_dir: Path, seed: int, store=None) -> Inputs:
+    """``read_splits`` with the provenance of what was read (``Inputs``). ``data.dataset`` (a registered
+    version, checked unchanged) or ``data.train`` gives the training documents, the corpus otherwise; a split
+    without its own file is held out of train (5 %, deterministically)."""
+    from mass.data.datasets import DatasetStore, hash_files
+
+    store = store or DatasetStore()
+    texts: dict[str, list[str]] = {}
+    sources: list[dict] = []
+
+    def read_file(split: str, path: Path) -> None:
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}", field=f"data.{split}", path=str(path))
+        raw = path.read_bytes()
+        texts[split] = parse_texts(raw, str(path))
+        digest = hash_files([(path.name, raw)])
+        known = store.find(digest)
+        sources.append({"split": split, "path": str(path.resolve()), "content_hash": digest,
+                        "dataset": known[-1].ref if known else None})
+
+    if cfg.dataset is not None:
+        version, texts["train"] = store.read(cfg.dataset)
+        sources.append({"split": "train", "path": version.path, "content_hash": version.content_hash,
+                        "dataset": version.ref})
+    elif cfg.train is not None:
+        read_file("train", Path(cfg.train).expanduser())
+    else:
+        for split in ("train", "validation", "test"):
+            path = Path(corpus_dir) / f"{split}.parquet"
+            if not path.is_file():
+                raise DataError(f"corpus split {path} not found; build it with `mass data build-corpus`",
+                                field="data.corpus_dir", path=str(path))
+            read_file(split, path)
+        return Inputs(texts, sources)
     for split in ("validation", "test"):
         if getattr(cfg, split) is not None:
-            splits[split] = load_texts(Path(getattr(cfg, split)).expanduser())
+            read_file(split, Path(getattr(cfg, split)).expanduser())
+    missing = [s for s in ("validation", "test") if s not in texts]
     if missing:  # hold out 5% of train per missing split, deterministically
-        docs = list(train)
+        docs = list(texts["train"])
         random.Random(seed).shuffle(docs)
         n = max(1, len(docs) // 20)
+        where = cfg.dataset or cfg.train
         if len(docs) < n * len(missing) + 1:
-            raise DataError(f"{cfg.train}: {len(docs)} documents are too few to hold out "
-                            f"{'/'.join(missing)}; give those files explicitly", field="data.train")
+            raise DataError(f"{where}: {len(docs)} documents are too few to hold out "
+                            f"{'/'.join(missing)}; give those files explicitly",
+                            field="data.dataset" if cfg.dataset else "data.train")
         for i, split in enumerate(missing):
-            splits[split] = docs[i * n:(i + 1) * n]
-        splits["train"] = docs[len(missing) * n:]
-    return splits
+            texts[split] = docs[i * n:(i + 1) * n]
+        texts["train"] = docs[len(missing) * n:]
+    return Inputs(texts, sources)
 
 
 def pack(texts: list[str], tokenizer, block_size: int, max_tokens: int | None = None) -> np.ndarray:

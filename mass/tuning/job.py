@@ -253,7 +253,7 @@ def trial(config: dict[str, Any], recipe: dict[str, Any], paths: list[str], pare
             "mass.model_name": cfg.name}
     client = registry.client
     with registry.tracked_run(f"trial-{trial_id}", tags) as run_id:
-        log_recipe(client, run_id, cfg, prepared.data)
+        log_recipe(client, run_id, cfg, prepared.data, prepared.sources)
         with tempfile.TemporaryDirectory() as tmp:
             prepared.tokenizer.save_pretrained(tmp)
             client.log_artifacts(run_id, tmp, "tokenizer")
@@ -370,7 +370,7 @@ def _register_best(registry, plan: TuningPlan, best: TrialSummary, grid, run_id:
         (model.eval(), tokenizer), plan.name, "text-generation", metrics=final_metrics(result.metrics),
         config=cfg.model_dump(mode="json"), run_id=run_id,
         lineage={"source_run": best.run_id, "tuning_run": run_id, "parent": cfg.model.base,
-                 "method": "tune"},
+                 "method": "tune", "datasets": client.get_run(best.run_id).data.tags.get("mass.datasets") or None},
         aliases=cfg.registration.aliases,
         description=cfg.registration.description or f"best of tuning run {run_id} ({best.trial_id})")
     return info.ref

@@ -33,6 +33,9 @@ def test_smoke_recipe_learns_and_registers(trained):
     assert [h.step for h in reg.client.get_metric_history(trained.run_id, "val_loss")] == [1, 2, 3]
     saved = json.loads(open(reg.client.download_artifacts(trained.run_id, "resolved_config.json")).read())
     assert saved == TrainConfig.load(SMOKE).model_dump(mode="json")
+    read = json.loads(open(reg.client.download_artifacts(trained.run_id, "datasets.json")).read())
+    assert [(r["split"], r["path"].endswith(f"corpus/{r['split']}.parquet"), len(r["content_hash"]), r["dataset"])
+            for r in read] == [(s, True, 64, None) for s in ("train", "validation", "test")]  # none registered
 
     from mass.events import open_bus
 
@@ -53,16 +56,25 @@ def test_registered_model_loads_and_generates(trained):
     assert model.config.n_layer == 2 and model.config.vocab_size == len(tokenizer)
 
 
-def test_fine_tune_a_registered_model_on_user_jsonl(trained, ray_cluster, tmp_path):
+def test_fine_tune_a_registered_model_on_a_registered_dataset(trained, ray_cluster, tmp_path):
+    """User jsonl registered as a dataset version; the recipe names the version; the run and the model version
+    record it."""
+    from mass.data.datasets import DatasetStore
+
     docs = [{"text": f"The gateway routes request {i} to replica {i % 3} and returns tokens."} for i in range(400)]
-    data = tmp_path / "ops.jsonl"
+    data = tmp_path / "ops" / "part-0.jsonl"
+    data.parent.mkdir()
     data.write_text("\n".join(json.dumps(d) for d in docs))
-    cfg = TrainConfig.load(SMOKE, [f"data.train={data}", "name=tiny-gpt-ops", "model.base=tiny-gpt@latest-train",
-                                   "optim.epochs=2", "optim.batch_size=4", "optim.warmup_steps=2",
-                                   "registration.aliases=[]"])
+    dataset, _ = DatasetStore().register("ops-docs", str(data.parent))
+    cfg = TrainConfig.load(SMOKE, [f"data.dataset={dataset.ref}", "name=tiny-gpt-ops",
+                                   "model.base=tiny-gpt@latest-train", "optim.epochs=2", "optim.batch_size=4",
+                                   "optim.warmup_steps=2", "registration.aliases=[]"])
     result = run_training(cfg, address=ray_cluster.gcs_address)
     info = ModelRegistry().resolve(result.model_ref)
     assert info.ref == "tiny-gpt-ops/1"
-    assert info.lineage == {"source_run": result.run_id, "parent": "tiny-gpt/1", "method": "finetune"}
+    assert info.lineage == {"source_run": result.run_id, "parent": "tiny-gpt/1", "method": "finetune",
+                            "datasets": "ops-docs@1"}
+    run = ModelRegistry().client.get_run(result.run_id)
+    assert run.data.tags["mass.datasets"] == "ops-docs@1" and run.data.params["data.dataset"] == "ops-docs@1"
     # the base's tokenizer is kept and the model learned the new domain quickly
     assert result.metrics["val_loss"] < result.metrics["initial_val_loss"] - 0.5
