@@ -3,7 +3,8 @@ create them; a change here needs a new migration."""
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import (BigInteger, Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint)
 
 metadata = MetaData()
 
@@ -91,4 +92,34 @@ datasets = Table(
     Column("description", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_datasets_content_hash", "content_hash"),
+)
+
+#: trigger rules (``mass triggers add``): the validated rule as JSON; a rule reacts to events published after
+#: ``created_at``
+trigger_rules = Table(
+    "trigger_rules", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("spec", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+#: every job a trigger (or a schedule) started or refused to start, with what started it; (kind, name,
+#: dedupe_key) is unique, so a redelivered or re-published event never starts a second run
+automation_runs = Table(
+    "automation_runs", metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(16), nullable=False),  # trigger | schedule
+    Column("name", String(64), nullable=False),
+    Column("dedupe_key", String(64), nullable=False),
+    Column("event_type", String(64)),
+    Column("event_offset", String(64)),
+    Column("event", Text),  # JSON payload of the event that started it
+    Column("action", String(16), nullable=False),
+    Column("job_id", String(128)),
+    Column("status", String(16), nullable=False),  # submitted | running | succeeded | failed | skipped
+    Column("detail", Text, nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    UniqueConstraint("kind", "name", "dedupe_key", name="uq_automation_runs_key"),
+    Index("ix_automation_runs_name_at", "name", "at"),
 )

@@ -127,6 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
     _limit_args(update)
     update.add_argument("--admin", choices=["true", "false"], default=None)
 
+    triggers = sub.add_parser("triggers", help="rules that start jobs on events").add_subparsers(dest="cmd",
+                                                                                                 required=True)
+    tadd = triggers.add_parser("add", help="add rules from --file, or one rule from flags")
+    tadd.add_argument("name", nargs="?", default=None)
+    tadd.add_argument("--file", default=None, help="YAML: a list of rules (name, on, where, action, config, set)")
+    tadd.add_argument("--on", dest="on_type", default=None, help="event type, e.g. dataset.updated")
+    tadd.add_argument("--where", default=None, help="condition over the payload, e.g. \"name == 'docs'\"")
+    tadd.add_argument("--action", choices=["train", "tune", "compress"], default=None)
+    tadd.add_argument("--config", default=None, help="the job's recipe, relative to the project")
+    tadd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override; {field} is filled from the event, e.g. data.dataset={name}@{version}")
+    tadd.add_argument("--replace", action="store_true", help="replace a rule of the same name")
+    triggers.add_parser("list", help="every rule")
+    triggers.add_parser("remove", help="delete a rule (its runs stay in the history)").add_argument("name")
+    truns = triggers.add_parser("runs", help="jobs rules started (or refused), newest first")
+    truns.add_argument("name", nargs="?", default=None)
+    trun = triggers.add_parser("run", help="the trigger engine: consume events and start the rules' jobs")
+    trun.add_argument("--address", default=None, help="Ray job server (default: http://127.0.0.1:8265)")
+    trun.add_argument("--once", action="store_true", help="handle what is waiting, record job states, exit")
+
     compress = sub.add_parser("compress", help="compress or convert a registered model, measured and gated"
                               ).add_subparsers(dest="cmd", required=True)
     convert = compress.add_parser("convert", help="export an encoder to ONNX (int8 by default), measure it against "
@@ -596,6 +616,91 @@ def _models_status(args) -> int:
         lines += ["", "deployed versions (the lifecycle controller's view)",
                   table(SERVING_COLUMNS, _serving_rows(args.name, shown["serving"]))]
     emit(args.output, shown, "\n".join(lines))
+    return 0
+
+
+# ------------------------------------------------------------------ triggers
+@command("triggers add")
+def _triggers_add(args) -> int:
+    from mass.automation.rules import load_rules, parse_rule
+    from mass.automation.store import AutomationStore
+    from mass.cli.output import emit
+    from mass.cli.submit import project_root
+    from mass.errors import ConfigError
+
+    if args.file:
+        if args.name or args.on_type or args.action or args.config:
+            raise ConfigError("give --file or one rule's flags, not both", field="file")
+        rules = load_rules(args.file)
+    else:
+        rules = [parse_rule({"name": args.name, "on": args.on_type, "where": args.where, "action": args.action,
+                             "config": args.config, "set": args.overrides}, "rule")]
+    root = project_root()
+    for rule in rules:  # every rule checked before any is stored
+        rule.check_config(root)
+    store = AutomationStore()
+    added = [store.add_rule(rule, replace=args.replace) for rule in rules]
+    emit(args.output, [a.to_dict() for a in added], "\n".join(
+        f"added rule {a.rule.name}: on {a.rule.on}" + (f" where {a.rule.where}" if a.rule.where else "")
+        + f" -> {a.rule.action} {a.rule.config}" for a in added))
+    return 0
+
+
+@command("triggers list")
+def _triggers_list(args) -> int:
+    from mass.automation.store import AutomationStore
+    from mass.cli.output import emit, table
+
+    rules = AutomationStore().rules()
+    rows = [[r.rule.name, r.rule.on, r.rule.where or "", f"{r.rule.action} {r.rule.config}", " ".join(r.rule.set),
+             r.created_at.strftime("%Y-%m-%d %H:%M")] for r in rules]
+    emit(args.output, [r.to_dict() for r in rules],
+         table(["RULE", "ON", "WHERE", "ACTION", "SET", "ADDED"], rows) if rows else
+         "no trigger rules (add one with `mass triggers add`)")
+    return 0
+
+
+@command("triggers remove")
+def _triggers_remove(args) -> int:
+    from mass.automation.store import AutomationStore
+    from mass.cli.output import emit
+
+    AutomationStore().remove_rule(args.name)
+    emit(args.output, {"removed": args.name}, f"removed rule {args.name}")
+    return 0
+
+
+@command("triggers runs")
+def _triggers_runs(args) -> int:
+    from mass.automation.store import AutomationStore
+    from mass.cli.output import emit, table
+
+    runs = AutomationStore().runs(args.name, kind="trigger")
+    rows = [[r.id, r.at.strftime("%Y-%m-%d %H:%M:%S"), r.name, f"{r.event_type}@{r.event_offset}", r.status,
+             r.job_id or "", r.detail] for r in runs]
+    emit(args.output, [r.to_dict() for r in runs],
+         table(["RUN", "AT", "RULE", "EVENT", "STATUS", "JOB", "DETAIL"], rows) if rows else "no triggered runs")
+    return 0
+
+
+@command("triggers run")
+def _triggers_run(args) -> int:
+    import signal
+    import threading
+
+    from mass.automation.triggers import run_engine
+
+    address = args.address or "http://127.0.0.1:8265"
+    if "://" not in address:
+        address = f"http://{address}"
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"trigger engine: starting jobs on {address}" + (" (once)" if args.once else "; Ctrl-C stops"),
+          file=sys.stderr, flush=True)
+    try:
+        run_engine(address, stop, once=args.once)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

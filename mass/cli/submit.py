@@ -32,32 +32,8 @@ def submit_train(config: str, overrides: list[str], address: str, follow: bool =
     Raises:
         JobFailed (or the job's own error class): when the job ends in failure.
     """
-    import logging
-
-    from ray.job_submission import JobSubmissionClient
-
-    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # per-connection chatter
-
-    root = project_root()
-    cfg_path = Path(config).resolve()
-    try:
-        rel = cfg_path.relative_to(root)
-    except ValueError as exc:
-        raise ConfigError(f"{config} is outside the project directory {root}; the job's working dir is the "
-                          "project, so put the recipe under jobs/configs/", field="config") from exc
-    entry = ["python", script, "--config", str(rel)]
-    for item in overrides:
-        entry += ["--set", item]
-    entry += list(extra)
-    url = address if "://" in address else f"http://{address}"
-    try:
-        client = JobSubmissionClient(url)
-    except Exception as exc:
-        raise MassError(f"cannot reach the Ray job server at {url}: {str(exc).splitlines()[0]}; check the "
-                        "dashboard port (default 8265) and RAY_AUTH_MODE/token", address=url) from exc
-    env = {k: v for k, v in settings_env(get_settings()).items() if v}
-    job_id = client.submit_job(entrypoint=shlex.join(entry),
-                               runtime_env={"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env})
+    client, url = job_client(address)
+    job_id = submit_job(client, script, str(Path(config).resolve()), overrides, extra)  # (relative to the cwd)
     print(f"submitted job {job_id} to {url}", file=sys.stderr, flush=True)
     if not follow:
         return {"job_id": job_id}
@@ -70,6 +46,45 @@ def submit_train(config: str, overrides: list[str], address: str, follow: bool =
         raise JobFailed(f"job {job_id} ended {status}; see `ray job logs {job_id}`", job_id=job_id)
     result["job_id"] = job_id
     return result
+
+
+def job_client(address: str):
+    """(JobSubmissionClient, its URL) for the Ray job server at ``address`` (``http://HOST:8265``, or HOST:PORT);
+    MassError naming the address when it cannot be reached."""
+    import logging
+
+    from ray.job_submission import JobSubmissionClient
+
+    logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)  # per-connection chatter
+    url = address if "://" in address else f"http://{address}"
+    try:
+        return JobSubmissionClient(url), url
+    except Exception as exc:
+        raise MassError(f"cannot reach the Ray job server at {url}: {str(exc).splitlines()[0]}; check the "
+                        "dashboard port (default 8265) and RAY_AUTH_MODE/token", address=url) from exc
+
+
+def submit_job(client, script: str, config: str, overrides: list[str], extra: list[str] | tuple[str, ...] = (),
+               submission_id: str | None = None, env: dict[str, str] | None = None,
+               metadata: dict[str, str] | None = None) -> str:
+    """Submit ``python SCRIPT --config CONFIG [--set ...] [extra]`` (``config``: absolute, or relative to the
+    project) with the project as its working directory and
+    the ``MASS_*`` settings (plus ``env``) in its environment; its job id (``submission_id`` when given: Ray refuses
+    a second job with the same id)."""
+    root = project_root()
+    cfg_path = (root / config).resolve() if not Path(config).is_absolute() else Path(config).resolve()
+    try:
+        rel = cfg_path.relative_to(root)
+    except ValueError as exc:
+        raise ConfigError(f"{config} is outside the project directory {root}; the job's working dir is the "
+                          "project, so put the recipe under jobs/configs/", field="config") from exc
+    entry = ["python", script, "--config", str(rel)]
+    for item in overrides:
+        entry += ["--set", item]
+    entry += list(extra)
+    job_env = {**{k: v for k, v in settings_env(get_settings()).items() if v}, **(env or {})}
+    return client.submit_job(entrypoint=shlex.join(entry), submission_id=submission_id, metadata=metadata,
+                             runtime_env={"working_dir": str(root), "excludes": EXCLUDES, "env_vars": job_env})
 
 
 async def _follow(client, job_id: str) -> list[str]:

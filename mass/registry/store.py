@@ -162,12 +162,16 @@ class ModelRegistry:
     def tracked_run(self, run_name: str, tags: dict[str, str], resume: str | None = None) -> Iterator[str]:
         """An MLflow run for a piece of work: yields its id; FINISHED when the block ends, FAILED (and the
         error re-raised) when it raises. Training, tuning and registration share this lifecycle. ``resume``: the
-        id of an earlier run to go on with instead (RUNNING again; a tuning search whose driver died)."""
+        id of an earlier run to go on with instead (RUNNING again; a tuning search whose driver died). A job
+        started by a trigger adds the tags in ``MASS_RUN_TAGS`` (the rule and the event)."""
         with self._translate("start a run"):
             if resume:
                 self.client.update_run(resume, status="RUNNING")
                 run_id = resume
             else:
+                from mass.automation.triggers import run_tags
+
+                tags = {**run_tags(), **tags}  # a triggered job's runs name the rule and event that started it
                 run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
         try:
             yield run_id

@@ -27,7 +27,7 @@ def test_a_key_is_stored_as_its_hash_only_and_resolves_until_revoked(store, tmp_
     dump = "\n".join(db.iterdump())
     random_part = secret[len(f"mass-{key.id}-"):]  # (it may hold '-' itself: split("-") once gave a 2-char tail)
     assert secret not in dump and random_part not in dump  # only the SHA-256 is kept
-    assert db.execute("select version_num from alembic_version").fetchall() == [("0004",)]  # the head
+    assert db.execute("select version_num from alembic_version").fetchall() == [("0005",)]  # the head
     assert store.resolve(secret).name == "team-a"
     assert store.resolve(secret[:-1] + ("A" if secret[-1] != "A" else "B")) is None  # right prefix, wrong secret
     assert (key.allows("tiny-gpt"), key.allows("minilm-l6"), key.allows("tiny-gpt-2")) == (True, True, False)
@@ -271,7 +271,7 @@ def test_keys_on_the_machines_postgresql_in_a_database_of_their_own():
         store.revoke("team-pg")
         assert store.resolve(secret) is None and store.version() == 2
         with create_engine(url).connect() as conn:
-            assert conn.execute(text("select version_num from alembic_version")).scalar() == "0004"
+            assert conn.execute(text("select version_num from alembic_version")).scalar() == "0005"
             assert secret not in str(conn.execute(text("select * from api_keys")).all())
     finally:
         dispose(url)
