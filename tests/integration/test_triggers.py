@@ -70,5 +70,6 @@ def test_a_dataset_update_starts_one_training_job_however_often_the_event_arrive
     info = ModelRegistry().resolve("tiny-gpt-triggered")
     assert info.ref == "tiny-gpt-triggered/1" and info.lineage["datasets"] == version.ref
     tags = ModelRegistry().client.get_run(info.run_id).data.tags
-    assert tags["mass.trigger.rule"] == "retrain-chats" and tags["mass.trigger.event"] == f"dataset.updated@{event.offset}"
+    assert tags["mass.trigger.rule"] == "retrain-chats"
+    assert tags["mass.trigger.event"] == f"dataset.updated@{event.offset}"
     assert len(store.runs("retrain-chats")) == 1
