@@ -103,6 +103,17 @@ trigger_rules = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
+#: schedules (``mass schedule add``): the validated spec as JSON, whether paused, and the last cron slot the
+#: scheduler handled (run, skipped or failed) — what makes a restarted scheduler go on where it stopped
+schedules = Table(
+    "schedules", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("spec", Text, nullable=False),
+    Column("paused", Boolean, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_slot", DateTime(timezone=True)),
+)
+
 #: every job a trigger (or a schedule) started or refused to start, with what started it; (kind, name,
 #: dedupe_key) is unique, so a redelivered or re-published event never starts a second run
 automation_runs = Table(

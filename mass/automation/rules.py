@@ -14,12 +14,11 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
+from mass.automation.launch import ACTIONS
 from mass.config import MassConfig
 from mass.errors import ConfigError
 from mass.events.schemas import SCHEMAS, Event
 
-#: what a rule can start: the job script (run through the Ray job API) per action
-ACTIONS = {"train": "jobs/train.py", "tune": "jobs/tune.py", "compress": "jobs/compress.py"}
 _COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
             ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
             ast.NotIn: lambda a, b: a not in b}
@@ -174,13 +173,6 @@ class Rule(MassConfig):
                     raise ValueError(f"set {item!r}: {self.on} events have no field {name!r}; fields: "
                                      f"{', '.join(sorted(fields))}")
         return self
-
-    def check_config(self, root: Path) -> None:
-        """ConfigError unless ``config`` is a file under the project ``root`` (the job's working directory)."""
-        path = (root / self.config).resolve()
-        if not path.is_file() or root.resolve() not in path.parents:
-            raise ConfigError(f"rule {self.name!r}: config {self.config!r} is not a file under {root}; give a path "
-                              "relative to the project, e.g. jobs/configs/tiny-gpt-smoke.yaml", field="config")
 
     def matches(self, event: Event) -> bool:
         """Whether ``event`` starts this rule's job."""

@@ -130,11 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     triggers = sub.add_parser("triggers", help="rules that start jobs on events").add_subparsers(dest="cmd",
                                                                                                  required=True)
     tadd = triggers.add_parser("add", help="add rules from --file, or one rule from flags")
-    tadd.add_argument("name", nargs="?", default=None)
+    tadd.add_argument("--name", default=None, help="unique rule name")
     tadd.add_argument("--file", default=None, help="YAML: a list of rules (name, on, where, action, config, set)")
     tadd.add_argument("--on", dest="on_type", default=None, help="event type, e.g. dataset.updated")
     tadd.add_argument("--where", default=None, help="condition over the payload, e.g. \"name == 'docs'\"")
-    tadd.add_argument("--action", choices=["train", "tune", "compress"], default=None)
+    tadd.add_argument("--job", dest="action", choices=["train", "tune", "compress"], default=None,
+                      help="the job it starts (compress: a pipeline config)")
     tadd.add_argument("--config", default=None, help="the job's recipe, relative to the project")
     tadd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override; {field} is filled from the event, e.g. data.dataset={name}@{version}")
@@ -146,6 +147,33 @@ def build_parser() -> argparse.ArgumentParser:
     trun = triggers.add_parser("run", help="the trigger engine: consume events and start the rules' jobs")
     trun.add_argument("--address", default=None, help="Ray job server (default: http://127.0.0.1:8265)")
     trun.add_argument("--once", action="store_true", help="handle what is waiting, record job states, exit")
+
+    sched = sub.add_parser("schedule", help="jobs on a cron schedule").add_subparsers(dest="cmd", required=True)
+    sadd = sched.add_parser("add", help="start a job at the slots of a cron expression (UTC)")
+    sadd.add_argument("--name", required=True, help="unique schedule name")
+    sadd.add_argument("--cron", required=True, help="minute hour day month weekday, e.g. '0 3 * * *'")
+    sadd.add_argument("--job", dest="action", choices=["train", "tune", "compress"], default="train")
+    sadd.add_argument("--config", required=True, help="the job's recipe, relative to the project")
+    sadd.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sadd.add_argument("--catch-up", choices=["once", "none"], default="once",
+                      help="after downtime: run the latest missed slot once (default), or wait for the next")
+    sched.add_parser("list", help="every schedule with its next slot")
+    for verb, text in (("show", "one schedule and its runs"), ("pause", "stop starting its jobs"),
+                       ("resume", "start its jobs again from the next slot (missed ones are not run)"),
+                       ("remove", "delete a schedule (its runs stay in the history)")):
+        sched.add_parser(verb, help=text).add_argument("name")
+
+    auto = sub.add_parser("automation", help="the service that runs schedules and triggers (a detached Ray "
+                                             "actor)").add_subparsers(dest="cmd", required=True)
+    astart = auto.add_parser("start", help="start it on the cluster unless it runs already")
+    astart.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS, else the local one)")
+    astart.add_argument("--jobs", default="http://127.0.0.1:8265", help="the Ray job server jobs go to")
+    astart.add_argument("--tick", type=float, default=15.0, help="seconds between ticks (default 15)")
+    for verb, text in (("status", "whether it runs, where, and how its ticks go"), ("stop", "stop it for good")):
+        auto.add_parser(verb, help=text).add_argument("--address", default=None)
+    atick = auto.add_parser("tick", help="tick the schedules now (or --at a time) and print what was recorded")
+    atick.add_argument("--address", default=None)
+    atick.add_argument("--at", default=None, help="ISO time to tick at, e.g. 2026-11-29T03:00:00+00:00")
 
     compress = sub.add_parser("compress", help="compress or convert a registered model, measured and gated"
                               ).add_subparsers(dest="cmd", required=True)
@@ -622,6 +650,7 @@ def _models_status(args) -> int:
 # ------------------------------------------------------------------ triggers
 @command("triggers add")
 def _triggers_add(args) -> int:
+    from mass.automation.launch import check_recipe
     from mass.automation.rules import load_rules, parse_rule
     from mass.automation.store import AutomationStore
     from mass.cli.output import emit
@@ -637,7 +666,7 @@ def _triggers_add(args) -> int:
                              "config": args.config, "set": args.overrides}, "rule")]
     root = project_root()
     for rule in rules:  # every rule checked before any is stored
-        rule.check_config(root)
+        check_recipe(rule.config, f"rule {rule.name}", root)
     store = AutomationStore()
     added = [store.add_rule(rule, replace=args.replace) for rule in rules]
     emit(args.output, [a.to_dict() for a in added], "\n".join(
@@ -701,6 +730,136 @@ def _triggers_run(args) -> int:
         run_engine(address, stop, once=args.once)
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+# ------------------------------------------------------------------ schedules and the automation service
+@command("schedule add")
+def _schedule_add(args) -> int:
+    from mass.automation.launch import check_recipe
+    from mass.automation.schedules import ScheduleStore, parse_schedule
+    from mass.cli.output import emit
+
+    spec = parse_schedule({"name": args.name, "cron": args.cron, "action": args.action, "config": args.config,
+                           "set": args.overrides, "catch_up": args.catch_up})
+    check_recipe(spec.config, f"schedule {spec.name}")
+    added = ScheduleStore().add(spec).to_dict()
+    emit(args.output, added, f"added schedule {spec.name}: {spec.action} {spec.config} at '{spec.cron}' (UTC), "
+                             f"next {added['next_slot']}; catch-up: {spec.catch_up}")
+    return 0
+
+
+@command("schedule list")
+def _schedule_list(args) -> int:
+    from mass.automation.schedules import ScheduleStore
+    from mass.cli.output import emit, table
+
+    shown = [s.to_dict() for s in ScheduleStore().list()]
+    rows = [[s["name"], s["cron"], f"{s['action']} {s['config']}", " ".join(s["set"]), s["catch_up"],
+             "paused" if s["paused"] else "active", s["last_slot"] or "", s["next_slot"] or ""] for s in shown]
+    emit(args.output, shown, table(["SCHEDULE", "CRON", "JOB", "SET", "CATCH-UP", "STATE", "LAST SLOT", "NEXT SLOT"],
+                                   rows) if rows else "no schedules (add one with `mass schedule add`)")
+    return 0
+
+
+@command("schedule show")
+def _schedule_show(args) -> int:
+    from mass.automation.schedules import ScheduleStore
+    from mass.automation.store import AutomationStore
+    from mass.cli.output import emit, table
+
+    shown = ScheduleStore().get(args.name).to_dict()
+    runs = AutomationStore().runs(args.name, kind="schedule", limit=20)
+    shown["runs"] = [r.to_dict() for r in runs]
+    lines = [f"{k:10} {shown[k]}" for k in ("name", "cron", "action", "config", "set", "catch_up", "paused",
+                                             "last_slot", "next_slot")]
+    rows = [[r.id, r.dedupe_key, r.status, r.job_id or "", r.detail] for r in runs]
+    lines += ["", table(["RUN", "SLOT", "STATUS", "JOB", "DETAIL"], rows) if rows else "no runs yet"]
+    emit(args.output, shown, "\n".join(lines))
+    return 0
+
+
+@command("schedule pause")
+def _schedule_pause(args) -> int:
+    from mass.automation.schedules import ScheduleStore
+    from mass.cli.output import emit
+
+    emit(args.output, ScheduleStore().set_paused(args.name, True).to_dict(), f"paused schedule {args.name}")
+    return 0
+
+
+@command("schedule resume")
+def _schedule_resume(args) -> int:
+    from mass.automation.schedules import ScheduleStore
+    from mass.cli.output import emit
+
+    shown = ScheduleStore().set_paused(args.name, False).to_dict()
+    emit(args.output, shown, f"resumed schedule {args.name}; next slot {shown['next_slot']}")
+    return 0
+
+
+@command("schedule remove")
+def _schedule_remove(args) -> int:
+    from mass.automation.schedules import ScheduleStore
+    from mass.cli.output import emit
+
+    ScheduleStore().remove(args.name)
+    emit(args.output, {"removed": args.name}, f"removed schedule {args.name}")
+    return 0
+
+
+@command("automation start")
+def _automation_start(args) -> int:
+    from mass.automation.service import start_service
+    from mass.cli.output import emit
+
+    shown = start_service(args.jobs, args.address, args.tick)
+    emit(args.output, shown, f"automation service running (pid {shown['pid']} on {shown['node']}, since "
+                             f"{shown['started_at']}); jobs go to {shown['job_address']}")
+    return 0
+
+
+@command("automation status")
+def _automation_status(args) -> int:
+    import ray
+
+    from mass.automation.service import service
+    from mass.cli.output import emit
+
+    handle = service(args.address)
+    if handle is None:
+        emit(args.output, {"running": False}, "automation service not running (start it with `mass automation "
+                                              "start`)")
+        return 1
+    shown = {"running": True, **ray.get(handle.status.remote(), timeout=60)}
+    emit(args.output, shown, "\n".join(f"{k:12} {v}" for k, v in shown.items()))
+    return 0
+
+
+@command("automation stop")
+def _automation_stop(args) -> int:
+    from mass.automation.service import stop_service
+    from mass.cli.output import emit
+
+    stopped = stop_service(args.address)
+    emit(args.output, {"stopped": stopped}, "automation service stopped" if stopped else "it was not running")
+    return 0
+
+
+@command("automation tick")
+def _automation_tick(args) -> int:
+    import ray
+
+    from mass.automation.service import service
+    from mass.cli.output import emit, table
+
+    handle = service(args.address)
+    if handle is None:
+        raise MassError("the automation service is not running; start it with `mass automation start`")
+    runs = ray.get(handle.tick.remote(args.at), timeout=300)
+    emit(args.output, runs, table(["RUN", "SCHEDULE", "SLOT", "STATUS", "JOB", "DETAIL"], [
+        [r["id"], r["name"], r["dedupe_key"], r["status"], r["job_id"] or "", r["detail"]] for r in runs])
+         if runs else "nothing was due")
     return 0
 
 

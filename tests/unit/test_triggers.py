@@ -124,16 +124,17 @@ def test_rules_are_stored_once_by_name(mass_home):
 
 
 def test_mass_triggers_commands(mass_home, tmp_path, capsys):
-    assert main(["triggers", "add", "retrain", "--on", "dataset.updated", "--where", "name == 'docs'",
-                 "--action", "train", "--config", SMOKE, "--set", "data.dataset={name}@{version}"]) == 0
+    assert main(["triggers", "add", "--name", "retrain", "--on", "dataset.updated", "--where", "name == 'docs'",
+                 "--job", "train", "--config", SMOKE, "--set", "data.dataset={name}@{version}"]) == 0
     assert "added rule retrain: on dataset.updated where name == 'docs' -> train" in capsys.readouterr().out
     assert main(["-o", "json", "triggers", "list"]) == 0
     [listed] = json.loads(capsys.readouterr().out)
     assert listed["name"] == "retrain" and listed["set"] == ["data.dataset={name}@{version}"]
-    assert main(["triggers", "add", "ghost", "--on", "dataset.updated", "--action", "train",
+    assert main(["triggers", "add", "--name", "ghost", "--on", "dataset.updated", "--job", "train",
                  "--config", "jobs/configs/deleted.yaml"]) == 2
     assert "config 'jobs/configs/deleted.yaml' is not a file under" in capsys.readouterr().err
-    assert main(["triggers", "add", "typo", "--on", "dataset.update", "--action", "train", "--config", SMOKE]) == 2
+    assert main(["triggers", "add", "--name", "typo", "--on", "dataset.update", "--job", "train", "--config",
+                 SMOKE]) == 2
     assert "unknown event type 'dataset.update'" in capsys.readouterr().err
     assert main(["triggers", "runs"]) == 0 and "no triggered runs" in capsys.readouterr().out
     assert main(["triggers", "remove", "retrain"]) == 0

@@ -1,4 +1,4 @@
-"""Trigger rules and the runs triggers and schedules started (one row per event or slot, deduplicated).
+"""Trigger rules, schedules, and the runs they started (one row per event or cron slot, deduplicated).
 
 Revision ID: 0005
 Revises: 0004
@@ -19,6 +19,14 @@ def upgrade() -> None:
         sa.Column("name", sa.String(64), primary_key=True),
         sa.Column("spec", sa.Text, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
+        "schedules",
+        sa.Column("name", sa.String(64), primary_key=True),
+        sa.Column("spec", sa.Text, nullable=False),
+        sa.Column("paused", sa.Boolean, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_slot", sa.DateTime(timezone=True)),
     )
     op.create_table(
         "automation_runs",
@@ -42,4 +50,5 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("automation_runs")
+    op.drop_table("schedules")
     op.drop_table("trigger_rules")
