@@ -81,14 +81,15 @@ class TriggerEngine:
 
 
 def run_engine(address: str, stop: threading.Event | None = None, once: bool = False, poll_s: float = 1.0,
-               follow_s: float = 5.0, events_url: str | None = None) -> None:
-    """Consume the bus and start triggered jobs until ``stop`` is set (``once``: handle what is waiting, record
-    the jobs' states, return). Delivery is at least once; the run table makes it exactly once per rule and
-    event."""
+               follow_s: float = 5.0, bus=None, engine: TriggerEngine | None = None) -> None:
+    """Consume the bus (default: ``MASS_EVENTS_URL``'s) and start triggered jobs until ``stop`` is set (``once``:
+    handle what is waiting, record the jobs' states, return). Delivery is at least once; the run table makes it
+    exactly once per rule and event."""
     from mass.events import Consumer, open_bus
 
-    engine = TriggerEngine(address)
-    bus = open_bus(events_url)
+    engine = engine or TriggerEngine(address)
+    own = bus is None
+    bus = bus or open_bus()
     consumer = Consumer(bus, GROUP, f"{socket.gethostname()}-{os.getpid()}", engine.handle, idle_s=30.0)
     stop = stop or threading.Event()
     last_follow = 0.0
@@ -101,4 +102,5 @@ def run_engine(address: str, stop: threading.Event | None = None, once: bool = F
             if once and not handled:
                 return
     finally:
-        bus.close()
+        if own:
+            bus.close()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
-from types import SimpleNamespace
 
 import pytest
 
@@ -16,26 +15,10 @@ from mass.automation.store import AutomationStore
 from mass.cli.main import main
 from mass.cli.submit import project_root
 from mass.errors import ConfigError, Conflict
+from tests.unit.jobserver import JobServer
 
 SMOKE = "jobs/configs/tiny-gpt-smoke.yaml"
 T0 = datetime(2026, 11, 28, 0, 0, tzinfo=timezone.utc)
-
-
-class JobServer:
-    """Records submissions as Ray's job server would: one job per submission id, RUNNING until told."""
-
-    def __init__(self):
-        self.jobs = {}
-
-    def submit_job(self, entrypoint, submission_id, metadata, runtime_env):
-        if submission_id in self.jobs:
-            raise RuntimeError(f"Job with submission_id {submission_id} already exists. Please use a different one.")
-        self.jobs[submission_id] = {"entrypoint": entrypoint, "status": "RUNNING", "env": runtime_env["env_vars"]}
-        return submission_id
-
-    def get_job_info(self, job_id):
-        return SimpleNamespace(status=self.jobs[job_id]["status"], message="exit 1" if self.jobs[job_id]["status"]
-                               == "FAILED" else "")
 
 
 def at(day: int, hour: int, minute: int = 0, second: int = 0) -> datetime:

@@ -140,3 +140,61 @@ def test_mass_triggers_commands(mass_home, tmp_path, capsys):
     assert main(["triggers", "remove", "retrain"]) == 0
     assert main(["triggers", "remove", "retrain"]) == 3
     assert "no trigger rule named 'retrain'" in capsys.readouterr().err
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def event_bus(request, tmp_path):
+    """The embedded log and Redis Streams (a key prefix of this test's own on the machine's Redis)."""
+    import uuid
+
+    from mass.events.redis_streams import RedisBus
+    from mass.events.sqlite_log import SqliteBus
+
+    bus = (SqliteBus(str(tmp_path / "events.db")) if request.param == "sqlite" else
+           RedisBus("redis://127.0.0.1:6379/0", prefix=f"test:triggers:{uuid.uuid4().hex[:8]}"))
+    yield bus
+    if request.param == "redis":
+        bus._redis.delete(bus.log_key, bus.dead_key)
+    bus.close()
+
+
+def test_the_engine_starts_one_job_per_rule_and_event_on_either_bus(mass_home, event_bus):
+    """Published twice, delivered again, handled by a second engine: one job. A job server that refuses leaves the
+    event to be tried again, and nothing recorded."""
+    from mass.automation.triggers import TriggerEngine, run_engine
+    from mass.errors import MassError
+    from tests.unit.jobserver import JobServer
+
+    store = AutomationStore()
+    store.add_rule(_rule(set=["data.dataset={name}@{version}", "optim.epochs=1"]))
+    server = JobServer()
+    engine = TriggerEngine("http://job-server")
+    engine._client = server  # (the stand-in for Ray's job server)
+    first = event_bus.publish("dataset.updated", _dataset().data)
+    event_bus.publish("dataset.updated", _dataset().data, source="again")  # the same change, published twice
+    event_bus.publish("dataset.updated", _dataset(name="other").data)       # no rule matches
+    run_engine("http://job-server", once=True, bus=event_bus, engine=engine)
+    assert list(server.jobs) == [f"mass-trigger-retrain-{dedupe_key(first)[:12]}"]
+    [run] = store.runs("retrain")
+    assert run.status == "running" and run.event_offset == first.offset  # (followed: RUNNING at the server)
+    assert "--set data.dataset=docs@3 --set optim.epochs=1" in server.jobs[run.job_id]["entrypoint"]
+    assert engine.handle(first) == []  # a redelivery
+    other = TriggerEngine("http://job-server")
+    other._client = server
+    assert other.handle(first) == [] and len(server.jobs) == 1  # a second engine
+
+    class Refusing(JobServer):
+        def submit_job(self, **kwargs):
+            raise ConnectionError("Failed to connect to Ray job server")
+
+    engine._client = Refusing()
+    later = event_bus.publish("dataset.updated", _dataset(version="4").data)
+    with pytest.raises(MassError, match="refused job .*Failed to connect.*"):
+        engine.handle(later)
+    assert len(store.runs("retrain")) == 1  # nothing recorded: the event is tried again
+    engine._client = server
+    [again] = engine.handle(later)
+    assert again.status == "submitted" and len(server.jobs) == 2
+    server.jobs[again.job_id]["status"] = "FAILED"
+    assert engine.follow() == 1 and store.runs("retrain")[0].status == "failed"
+    assert store.runs("retrain")[0].detail.endswith(": exit 1")
