@@ -252,7 +252,11 @@ def trial(config: dict[str, Any], recipe: dict[str, Any], paths: list[str], pare
     tags = {"mass.kind": TRIAL_KIND, "mlflow.parentRunId": parent_run, "mass.trial": trial_id,
             "mass.model_name": cfg.name}
     client = registry.client
-    with registry.tracked_run(f"trial-{trial_id}", tags) as run_id:
+    earlier = client.search_runs([registry.experiment_id()], max_results=1, filter_string=(
+        f"tags.mlflow.parentRunId = '{parent_run}' and tags.`mass.trial` = '{trial_id}'"))
+    # a search resumed after its driver died restarts its unfinished trials: each goes on in its own child run
+    with registry.tracked_run(f"trial-{trial_id}", tags, resume=earlier[0].info.run_id if earlier else None
+                              ) as run_id:
         log_recipe(client, run_id, cfg, prepared.data, prepared.sources)
         with tempfile.TemporaryDirectory() as tmp:
             prepared.tokenizer.save_pretrained(tmp)
