@@ -14,7 +14,7 @@ from typing import Any
 
 from mass.data.loaders import SUFFIXES, check_suffix, parse_texts
 from mass.errors import DataError, InvalidRequest, MassError, NotFound
-from mass.refs import validate_name
+from mass.refs import NAME_RE
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,11 @@ class DatasetStore:
         (a bus failure is logged: the database is the record).
 
         Raises:
-            InvalidModelRef: an illegal name. DataError: see ``scan``. DatabaseError: the database failed.
+            InvalidRequest: an illegal name. DataError: see ``scan``. DatabaseError: the database failed.
         """
-        validate_name(name)
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise InvalidRequest(f"illegal dataset name {name!r}: use letters, digits, '.', '_' or '-', starting with "
+                                 "a letter or digit, at most 64 characters", field="name")
         found = scan(path, field)
         latest = self.list(name)
         if latest and (latest[0].content_hash, latest[0].path, latest[0].field) == (found.content_hash,

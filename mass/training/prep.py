@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from mass.data.loaders import parse_texts
-from mass.errors import DataError
+from mass.errors import DataError, MassError
 from mass.training.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,12 @@ def read_inputs(cfg: DataConfig, corpus_dir: Path, seed: int, store=None) -> Inp
         raw = path.read_bytes()
         texts[split] = parse_texts(raw, str(path))
         digest = hash_files([(path.name, raw)])
-        known = store.find(digest)
+        try:
+            known = store.find(digest)
+        except MassError as exc:  # provenance is worth a warning, not a failed run, when files were named directly
+            log.warning("cannot look %s up among registered datasets (%s); recorded by its hash only", path,
+                        exc.message)
+            known = []
         sources.append({"split": split, "path": str(path.resolve()), "content_hash": digest,
                         "dataset": known[-1].ref if known else None})
 

@@ -14,7 +14,7 @@ import pytest
 
 from mass.cli.main import main
 from mass.data.datasets import DatasetNotFound, DatasetStore, scan
-from mass.errors import ConfigError, DataError, InvalidModelRef
+from mass.errors import ConfigError, DataError, InvalidRequest
 from mass.training.config import TrainConfig
 from mass.training.prep import read_inputs
 
@@ -122,7 +122,7 @@ def test_what_cannot_be_registered_is_refused_and_nothing_is_recorded(store, tmp
 
 
 def test_an_illegal_name_is_refused(store, tmp_path):
-    with pytest.raises(InvalidModelRef, match="illegal model name 'bad name'"):
+    with pytest.raises(InvalidRequest, match="illegal dataset name 'bad name'"):
         store.register("bad name", str(_jsonl(tmp_path / "d.jsonl", ["x"])))
 
 
