@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -50,6 +51,10 @@ class DataConfig(MassConfig):
     validation: str | None = Field(None, description="User validation file; default: 5% of `train`.")
     test: str | None = Field(None, description="User test file; default: 5% of `train`.")
     block_size: int = Field(128, ge=8, le=32768, description="Tokens per training sequence.")
+    pipeline: Literal["driver", "ray"] = Field("driver", description="Where the training split is tokenized and "
+                                                                     "packed: on the job driver (shared with the "
+                                                                     "workers whole), or by Ray Data tasks across the "
+                                                                     "cluster, streamed to the workers in shards.")
     max_train_tokens: int | None = Field(None, ge=1000, description="Cap on training tokens (smoke runs).")
 
     @model_validator(mode="after")

@@ -238,15 +238,18 @@ def fit(cfg: TrainConfig, settings: Settings, run_id: str, model_spec: dict[str,
     from ray.train.torch import TorchTrainer
 
     data_ref = ray.put({"train": data.train, "validation": data.validation, "test": data.test})
+    datasets = {"train": data.train_dataset} if data.train_dataset is not None else None
     init_ref = ray.put(base_model.state_dict()) if base_model is not None else None
     loop_config = {
         "run_id": run_id, "tracking_uri": settings.tracking_uri, "model_spec": model_spec,
-        "data_ref": data_ref, "init_state_ref": init_ref, "epochs": cfg.optim.epochs,
+        "data_ref": data_ref, "train_blocks": data.train_blocks, "init_state_ref": init_ref,
+        "epochs": cfg.optim.epochs,
         "optim": cfg.optim.model_dump(), "threads_per_worker": max(1, math.floor(cfg.scaling.cpus_per_worker)),
     }
     trainer = TorchTrainer(
         train_loop_per_worker=loop,
         train_loop_config=loop_config,
+        datasets=datasets,  # (data.pipeline: ray) split equally across the workers, streamed
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(

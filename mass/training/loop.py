@@ -50,9 +50,30 @@ def evaluate(model, blocks, batch_size: int, rank: int, world: int, device) -> f
     return float(total[0] / total[1].clamp(min=1))
 
 
+def _batches(train, shard, steps: int, batch: int, rank: int, world: int, seed: int):
+    """This rank's ``steps`` batches of one epoch (int64 tensors): a seeded permutation of the shared blocks, or
+    the streamed shard locally shuffled (its equal split holds exactly ``steps`` full batches)."""
+    import numpy as np
+    import torch
+
+    if shard is None:
+        order = np.random.default_rng(seed).permutation(len(train))
+        mine = order[: steps * world * batch][rank::world]  # equal steps on every rank
+        for i in range(steps):
+            yield torch.as_tensor(train[mine[i * batch:(i + 1) * batch]], dtype=torch.long)
+        return
+    done = 0
+    for item in shard.iter_torch_batches(batch_size=batch, drop_last=True, dtypes=torch.long,
+                                         local_shuffle_buffer_size=batch * 8, local_shuffle_seed=seed):
+        if done < steps:  # (the split is equal: a surplus would only come from a smaller world than planned)
+            yield item["ids"]
+        done += 1
+    if done < steps:  # fewer than the other ranks: DDP would wait for this rank forever
+        raise RuntimeError(f"rank {rank} got {done} batches of its shard, {steps} expected")
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Train one causal LM data-parallel; resume from the latest checkpoint when there is one."""
-    import numpy as np
     import ray
     import ray.train
     import torch
@@ -66,11 +87,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg["threads_per_worker"])))
     device = get_device()
 
-    # --- data: packed blocks shared through the object store, identical on every worker
+    # --- data: packed blocks shared through the object store, identical on every worker; or (data.pipeline: ray)
+    # this worker's shard of the training blocks, streamed (an equal split: every rank takes the same steps)
     data = ray.get(cfg["data_ref"])
     train, val, test = data["train"], data["validation"], data["test"]
+    shard = ray.train.get_dataset_shard("train") if train is None else None
     batch = opt["batch_size"]
-    steps_per_epoch = len(train) // (world * batch)
+    steps_per_epoch = cfg["train_blocks"] // (world * batch)
 
     # --- model: fresh from config or the fine-tune base, then wrapped in DDP
     model = build_model(cfg["model_spec"])
@@ -112,11 +135,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     # --- epochs: train, validate, checkpoint, report
     for epoch in range(start_epoch, cfg["epochs"]):
-        order = np.random.default_rng(opt["seed"] + epoch).permutation(len(train))
-        mine = order[: steps_per_epoch * world * batch][rank::world]  # equal steps on every rank
         started, running = time.perf_counter(), 0.0
-        for i in range(steps_per_epoch):
-            x = torch.as_tensor(train[mine[i * batch:(i + 1) * batch]], dtype=torch.long, device=device)
+        for i, x in enumerate(_batches(train, shard, steps_per_epoch, batch, rank, world, opt["seed"] + epoch)):
+            x = x.to(device)
             loss = model(input_ids=x, labels=x).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -7,6 +7,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,15 +20,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class PreparedData:
-    """Packed token blocks per split, each an int32 array of shape (n_blocks, block_size)."""
+    """Packed token blocks per split, each an int32 array of shape (n_blocks, block_size). With
+    ``data.pipeline: ray`` the training blocks are instead a materialized Ray Dataset of ``{"ids": block}`` rows in
+    the cluster's object store (``train_dataset``, ``train_blocks`` rows), streamed to the Train workers."""
 
-    train: np.ndarray
+    train: np.ndarray | None
     validation: np.ndarray
     test: np.ndarray
+    train_dataset: Any = None
+    train_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        if self.train is not None:
+            self.train_blocks = len(self.train)
 
     def counts(self) -> dict[str, int]:
         """Tokens per split."""
-        return {k: int(getattr(self, k).size) for k in ("train", "validation", "test")}
+        block = self.validation.shape[1] if self.validation.ndim == 2 else 0
+        return {"train": self.train_blocks * block, "validation": int(self.validation.size),
+                "test": int(self.test.size)}
 
 
 @dataclass
@@ -120,17 +131,47 @@ def pack(texts: list[str], tokenizer, block_size: int, max_tokens: int | None = 
     return np.asarray(stream[: n * block_size], dtype=np.int32).reshape(n, block_size)
 
 
+def pack_on_cluster(texts: list[str], tokenizer, block_size: int, max_tokens: int | None = None,
+                    batch_docs: int = 256):
+    """The training blocks made by Ray Data: documents split into batches tokenized and packed in parallel tasks
+    across the cluster (each batch's stream is cut into blocks; its tail, under one block, is dropped), capped at
+    ``max_tokens``, materialized in the object store. (Ray Dataset of ``{"ids": int32[block_size]}`` rows, rows)."""
+    import ray.data
+
+    eos = tokenizer.eos_token_id
+
+    def pack_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        stream: list[int] = []
+        for ids in tokenizer(list(batch["text"]), add_special_tokens=False, verbose=False)["input_ids"]:
+            stream.extend(ids)
+            stream.append(eos)
+        n = len(stream) // block_size
+        return {"ids": np.asarray(stream[: n * block_size], dtype=np.int32).reshape(n, block_size)}
+
+    ds = ray.data.from_items([{"text": t} for t in texts], override_num_blocks=max(1, len(texts) // batch_docs))
+    ds = ds.map_batches(pack_batch, batch_size=batch_docs, batch_format="numpy")
+    if max_tokens is not None:
+        ds = ds.limit(max_tokens // block_size)
+    ds = ds.materialize()
+    return ds, ds.count()
+
+
 def prepare(cfg: DataConfig, tokenizer, texts: dict[str, list[str]], min_blocks: int) -> PreparedData:
     """Pack every split of ``texts`` (``read_splits``); DataError when a split has fewer blocks than the
-    workers need."""
+    workers need. ``data.pipeline: ray`` packs the training split on the cluster (``pack_on_cluster``)."""
     eval_cap = None if cfg.max_train_tokens is None else max(cfg.max_train_tokens // 10, cfg.block_size * 8)
+    if cfg.pipeline == "ray":
+        dataset, rows = pack_on_cluster(texts["train"], tokenizer, cfg.block_size, cfg.max_train_tokens)
+        train = {"train": None, "train_dataset": dataset, "train_blocks": rows}
+    else:
+        train = {"train": pack(texts["train"], tokenizer, cfg.block_size, cfg.max_train_tokens)}
     data = PreparedData(
-        train=pack(texts["train"], tokenizer, cfg.block_size, cfg.max_train_tokens),
+        **train,
         validation=pack(texts["validation"], tokenizer, cfg.block_size, eval_cap),
         test=pack(texts["test"], tokenizer, cfg.block_size, eval_cap),
     )
     for split in ("train", "validation", "test"):
-        blocks = len(getattr(data, split))
+        blocks = data.train_blocks if split == "train" else len(getattr(data, split))
         need = min_blocks if split == "train" else 1
         if blocks < need:
             raise DataError(f"{split} split has {blocks} blocks of {cfg.block_size} tokens, need at least "

@@ -56,9 +56,10 @@ def test_registered_model_loads_and_generates(trained):
     assert model.config.n_layer == 2 and model.config.vocab_size == len(tokenizer)
 
 
-def test_fine_tune_a_registered_model_on_a_registered_dataset(trained, ray_cluster, tmp_path):
+def test_fine_tune_a_registered_model_on_a_registered_dataset_packed_by_ray_data(trained, ray_cluster, tmp_path):
     """User jsonl registered as a dataset version; the recipe names the version; the run and the model version
-    record it."""
+    record it. The training split is tokenized and packed by Ray Data tasks and streamed to the workers in
+    shards (``data.pipeline: ray``)."""
     from mass.data.datasets import DatasetStore
 
     docs = [{"text": f"The gateway routes request {i} to replica {i % 3} and returns tokens."} for i in range(400)]
@@ -68,7 +69,7 @@ def test_fine_tune_a_registered_model_on_a_registered_dataset(trained, ray_clust
     dataset, _ = DatasetStore().register("ops-docs", str(data.parent))
     cfg = TrainConfig.load(SMOKE, [f"data.dataset={dataset.ref}", "name=tiny-gpt-ops",
                                    "model.base=tiny-gpt@latest-train", "optim.epochs=2", "optim.batch_size=4",
-                                   "optim.warmup_steps=2", "registration.aliases=[]"])
+                                   "optim.warmup_steps=2", "registration.aliases=[]", "data.pipeline=ray"])
     result = run_training(cfg, address=ray_cluster.gcs_address)
     info = ModelRegistry().resolve(result.model_ref)
     assert info.ref == "tiny-gpt-ops/1"
@@ -76,5 +77,9 @@ def test_fine_tune_a_registered_model_on_a_registered_dataset(trained, ray_clust
                             "datasets": "ops-docs@1"}
     run = ModelRegistry().client.get_run(result.run_id)
     assert run.data.tags["mass.datasets"] == "ops-docs@1" and run.data.params["data.dataset"] == "ops-docs@1"
+    assert run.data.params["data.pipeline"] == "ray" and result.data_tokens["train"] % 128 == 0
+    # every step of both epochs ran on equal shards: 2 workers x 4 sequences per step
+    steps = result.data_tokens["train"] // 128 // (2 * 4)
+    assert int(run.data.metrics["data_tokens_train"]) == result.data_tokens["train"] and steps >= 5
     # the base's tokenizer is kept and the model learned the new domain quickly
     assert result.metrics["val_loss"] < result.metrics["initial_val_loss"] - 0.5
