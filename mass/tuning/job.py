@@ -220,11 +220,14 @@ def _tune_config(plan: TuningPlan, at_once: int):
     scheduler = FIFOScheduler() if search.algorithm == "random" else ASHAScheduler(
         time_attr="epoch", max_t=plan.max_epochs, grace_period=search.grace_period,
         reduction_factor=search.reduction_factor)
-    searcher = None
     if search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(seed=search.seed)
+    else:  # random sampling (ASHA's too) drawn from search.seed: the same seed draws the same trials
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        searcher = BasicVariantGenerator(random_state=search.seed)
     return tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler, search_alg=searcher,
                            num_samples=search.num_samples, max_concurrent_trials=at_once)
 
