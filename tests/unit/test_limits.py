@@ -5,6 +5,7 @@ when its Redis stops (a private ``redis-server`` on a free port, never the machi
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from datetime import datetime, timezone
@@ -140,7 +141,9 @@ def test_redis_limits_are_exact_under_concurrency(private_redis):
         k = key(rpm=50, budget_tokens=1000, budget_period="day")
         results = await asyncio.gather(*[(lim if i % 2 else other).admit(k, 10) for i in range(200)])
         admitted = [r for r in results if isinstance(r, Reservation)]
-        assert len(admitted) == 50 and {r.reason for r in results if isinstance(r, Refusal)} == {RPM}
+        reasons = collections.Counter(r.reason for r in results if isinstance(r, Refusal))
+        # (once, in a full suite run, none of the 200 was admitted: the reasons say why if it happens again)
+        assert len(admitted) == 50 and set(reasons) == {RPM}, (len(admitted), reasons, private_redis.up())
         await asyncio.gather(*[r.backend.settle(r, 4) for r in admitted])  # 200 of the 500 reserved
         b = key(tpm=100, max_parallel=3)
         held = [await lim.admit(b, 30) for _ in range(3)]
