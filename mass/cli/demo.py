@@ -147,8 +147,13 @@ def gpt2_parameters(config) -> int:
     return config.model.vocab_size * d + a.n_positions * d + a.n_layer * (12 * d * d + 13 * d) + 2 * d
 
 
-def run_demo(recipe: str | None = None) -> int:
-    """Build the corpus, train the smoke GPT on a local 2-worker Ray, import MiniLM, print the registry."""
+#: ``mass demo --quick``: each tiny-gpt trained for one epoch on 40,000 tokens
+QUICK = ["optim.epochs=1", "data.max_train_tokens=40000"]
+
+
+def run_demo(recipe: str | None = None, overrides: list[str] | None = None) -> int:
+    """Build the corpus, train the smoke GPT on a local 2-worker Ray (``overrides``: recipe ``--set`` values),
+    import MiniLM, compress it, serve both, search, and walk a model through its lifecycle."""
     from mass.cli.output import models_table
     from mass.data.corpus import build_corpus
     from mass.registry import ModelRegistry
@@ -171,7 +176,7 @@ def run_demo(recipe: str | None = None) -> int:
 
     _step("2/9 train tiny-gpt on a local Ray cluster (Ray Train, 2 DDP workers)")
     recipe = recipe or str(ROOT / "jobs" / "configs" / "tiny-gpt-smoke.yaml")
-    config = TrainConfig.load(recipe)
+    config = TrainConfig.load(recipe, overrides=overrides)
     trained_at = time.perf_counter()
     result = run_training(config)
     train_s = time.perf_counter() - trained_at
@@ -182,7 +187,7 @@ def run_demo(recipe: str | None = None) -> int:
             f"{result.data_tokens.get('train', 0):,} tokens (test perplexity {m['test_perplexity']:.0f})")
 
     _step("3/9 train a candidate: the same recipe with another seed (a second tiny-gpt version)")
-    candidate = run_training(TrainConfig.load(recipe, overrides=["optim.seed=1"]))
+    candidate = run_training(TrainConfig.load(recipe, overrides=[*(overrides or []), "optim.seed=1"]))
     print(f"registered {candidate.model_ref}: val_loss {candidate.metrics['val_loss']:.3f}", flush=True)
     from mass.lifecycle import Lifecycle
 

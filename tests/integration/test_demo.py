@@ -8,8 +8,9 @@ from tests.integration.support import run_cli
 
 
 def test_demo_runs_to_the_end(ray_cluster, tmp_path):
+    """``--quick`` trains for one epoch (the smoke recipe's full training is the ``trained`` fixture's)."""
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address, "MASS_HOME": str(tmp_path / "demo-home")}
-    proc = run_cli(["demo"], env=env)
+    proc = run_cli(["demo", "--quick"], env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     for step in ("1/9 build the docstring corpus", "2/9 train tiny-gpt", "3/9 train a candidate", "4/9 import",
