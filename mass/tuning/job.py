@@ -180,7 +180,7 @@ def _search(plan: TuningPlan, settings: Settings, run_id: str, experiment: str, 
         tuner = Tuner.restore(path, trainable=trainable, resume_unfinished=True, restart_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space={d.path: d.to_tune() for d in plan.dims},
-                           tune_config=_tune_config(plan, at_once),
+                           tune_config=_tune_config(plan, at_once, str(Path(path) / "mass_asha_state.pkl")),
                            run_config=tune.RunConfig(name=experiment,
                                                      storage_path=str(Path(settings.storage_path).expanduser()),
                                                      verbose=0, callbacks=[_progress(plan)]))
@@ -212,13 +212,15 @@ def _values(config: dict[str, Any], plan: TuningPlan) -> str:
     return " ".join(f"{d.path}={_fmt(config.get(d.path))}" for d in plan.dims)
 
 
-def _tune_config(plan: TuningPlan, at_once: int):
+def _tune_config(plan: TuningPlan, at_once: int, asha_state: str):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
+
+    from mass.tuning.asha import PersistentASHA
 
     search = plan.config.search
-    scheduler = FIFOScheduler() if search.algorithm == "random" else ASHAScheduler(
-        time_attr="epoch", max_t=plan.max_epochs, grace_period=search.grace_period,
+    scheduler = FIFOScheduler() if search.algorithm == "random" else PersistentASHA(
+        asha_state, time_attr="epoch", max_t=plan.max_epochs, grace_period=search.grace_period,
         reduction_factor=search.reduction_factor)
     if search.algorithm == "optuna":
         from ray.tune.search.optuna import OptunaSearch
