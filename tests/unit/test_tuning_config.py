@@ -103,3 +103,32 @@ def test_a_tuned_epoch_count_sets_the_budget_and_relative_recipes_resolve(tmp_pa
     plan = TuneConfig.load(path)
     assert plan.max_epochs == 6 and plan.recipe_path == tmp_path / "recipe.yaml"
     assert plan.dims == [Dimension("optim.epochs", "randint", (2, 6))]
+
+
+def test_asha_rung_records_survive_a_driver_restart(tmp_path):
+    """Ray Tune restores a scheduler from the pickle taken when the search started (ray#30838): PersistentASHA
+    reads the rungs it saved back, so a trial resumed after the restart still meets the bar the others set."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    from mass.tuning.asha import PersistentASHA
+
+    state = tmp_path / "asha.pkl"
+    first = PersistentASHA(str(state), time_attr="epoch", metric="val_loss", mode="min", max_t=3, grace_period=1,
+                           reduction_factor=2)
+    started = pickle.dumps(first)  # what tuner.pkl holds
+    good, bad = SimpleNamespace(trial_id="good"), SimpleNamespace(trial_id="bad")
+    first.on_trial_add(None, good)
+    for epoch, loss in ((1, 4.0), (2, 3.5)):
+        assert first.on_trial_result(None, good, {"epoch": epoch, "val_loss": loss}) == TrialScheduler.CONTINUE
+    first.on_trial_complete(None, good, {"epoch": 3, "val_loss": 3.2})
+
+    restored = pickle.loads(started)  # the driver died; Tuner.restore unpickles the scheduler as it was at start
+    restored.on_trial_add(None, bad)
+    assert restored.on_trial_result(None, bad, {"epoch": 1, "val_loss": 9.0}) == TrialScheduler.STOP
+    forgetful = pickle.loads(started)  # without the saved rungs the weak trial would go on
+    forgetful.state_path = str(tmp_path / "none.pkl")
+    forgetful.on_trial_add(None, bad)
+    assert forgetful.on_trial_result(None, bad, {"epoch": 1, "val_loss": 9.0}) == TrialScheduler.CONTINUE
