@@ -23,7 +23,7 @@ def _until(predicate, timeout: float, what: str):
         value = predicate()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(0.25)
     raise AssertionError(f"{what} within {timeout} s")
 
 
@@ -31,7 +31,8 @@ def _until(predicate, timeout: float, what: str):
 def tuned(ray_cluster, corpus):
     """Two trials of the smoke recipe one after the other: a good learning rate first (it sets the bar at each
     rung), then one far too small (ASHA stops it after its first epoch). The search is submitted as a Ray job;
-    once the first trial has finished the job is stopped (its driver killed), and the search is resumed here."""
+    once the first trial has reported its first epoch the job is stopped (its driver killed), and the search is
+    resumed here: the first trial goes on from its checkpoint, the second starts."""
     from ray.job_submission import JobSubmissionClient
 
     path = ROOT / "jobs" / "configs" / "test-tune-restore.yaml"  # (a job's recipe lives in the project)
@@ -54,13 +55,13 @@ def tuned(ray_cluster, corpus):
                                       "tags.`mass.model_name` = 'tiny-gpt-tuned'")
             return runs[0] if runs else None
 
-        def second_trial_started():
+        def first_epoch_reported():
             parent = search_run()
             children = [] if parent is None else client.search_runs(
                 [experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-            return parent if len(children) == 2 else None
+            return parent if any("val_loss" in r.data.metrics for r in children) else None
 
-        parent = _until(second_trial_started, 420, "the submitted search finished its first trial")
+        parent = _until(first_epoch_reported, 420, "the submitted search's first trial reported its first epoch")
         jobs = JobSubmissionClient(ray_cluster.dashboard_url)
         jobs.stop_job(job_id)  # the driver is killed: the search stops mid-way
         _until(lambda: str(jobs.get_job_status(job_id)).endswith(("STOPPED", "FAILED")), 120, "the job stopped")
