@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import Field, field_validator
+
+from mass.config import MassConfig
 from mass.errors import ConfigError, MassError
 
 if TYPE_CHECKING:  # (the store imports the rules, which import ACTIONS from here)
@@ -23,6 +27,39 @@ ACTIONS = {"train": "jobs/train.py", "tune": "jobs/tune.py", "compress": "jobs/c
 RUN_TAGS_ENV = "MASS_RUN_TAGS"
 _RAY_STATUS = {"PENDING": "submitted", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
                "STOPPED": "stopped"}
+
+
+class JobSpec(MassConfig):
+    """What a trigger rule and a schedule share: a unique name and the job they start (its kind, recipe and
+    ``--set`` overrides)."""
+
+    name: str = Field(..., description="Unique name.")
+    action: str = Field("train", description="train, tune or compress (a pipeline).")
+    config: str = Field(..., description="The job's recipe, relative to the project (jobs/configs/...).")
+    set: list[str] = Field(default_factory=list, description="--set overrides passed to the job.")
+
+    @field_validator("name")
+    @classmethod
+    def _legal_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+            raise ValueError(f"illegal name {value!r}: letters, digits, '.', '_' or '-', starting with a letter or "
+                             "digit, at most 64")
+        return value
+
+    @field_validator("action")
+    @classmethod
+    def _known_action(cls, value: str) -> str:
+        if value not in ACTIONS:
+            raise ValueError(f"unknown action {value!r}; use one of {', '.join(ACTIONS)}")
+        return value
+
+    @field_validator("set")
+    @classmethod
+    def _key_values(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if "=" not in item:
+                raise ValueError(f"set {item!r} is not KEY=VALUE")
+        return value
 
 
 def check_recipe(config: str, owner: str, root: Path | None = None) -> None:

@@ -14,8 +14,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from mass.automation.launch import ACTIONS
-from mass.config import MassConfig
+from mass.automation.launch import JobSpec
 from mass.errors import ConfigError
 from mass.events.schemas import SCHEMAS, Event
 
@@ -124,37 +123,20 @@ def _literal(node: ast.AST) -> bool:
     return True
 
 
-class Rule(MassConfig):
-    """One trigger rule (a YAML mapping, or ``mass triggers add`` flags)."""
+class Rule(JobSpec):
+    """One trigger rule (a YAML mapping, or ``mass triggers add`` flags): ``on`` an event type, ``where`` a
+    condition holds, start the job; ``{field}`` in ``set`` is replaced from the event's payload (e.g.
+    ``data.dataset={name}@{version}``)."""
 
-    name: str = Field(..., description="Unique rule name.")
     on: str = Field(..., description="Event type, e.g. dataset.updated, training.completed.")
     where: str | None = Field(None, description="Condition over the event's payload (None: every event).")
-    action: str = Field(..., description="train, tune or compress (a pipeline).")
-    config: str = Field(..., description="The job's recipe, relative to the project (jobs/configs/...).")
-    set: list[str] = Field(default_factory=list, description="--set overrides; {field} is replaced from the event's "
-                                                             "payload, e.g. data.dataset={name}@{version}.")
     enabled: bool = Field(True, description="Disabled rules match nothing.")
-
-    @field_validator("name")
-    @classmethod
-    def _legal_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
-            raise ValueError(f"illegal rule name {value!r}: letters, digits, '.', '_' or '-', at most 64")
-        return value
 
     @field_validator("on")
     @classmethod
     def _known_type(cls, value: str) -> str:
         if value not in SCHEMAS:
             raise ValueError(f"unknown event type {value!r}; known: {', '.join(sorted(SCHEMAS))}")
-        return value
-
-    @field_validator("action")
-    @classmethod
-    def _known_action(cls, value: str) -> str:
-        if value not in ACTIONS:
-            raise ValueError(f"unknown action {value!r}; use one of {', '.join(ACTIONS)}")
         return value
 
     @model_validator(mode="after")
@@ -166,8 +148,6 @@ class Rule(MassConfig):
                 raise ValueError(exc.message) from None
         fields = set(SCHEMAS[self.on][1].model_fields)
         for item in self.set:
-            if "=" not in item:
-                raise ValueError(f"set {item!r} is not KEY=VALUE")
             for name in _PLACEHOLDER.findall(item):
                 if name.split(".")[0] not in fields:
                     raise ValueError(f"set {item!r}: {self.on} events have no field {name!r}; fields: "

@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
-from mass.automation.launch import ACTIONS, follow, launch
+from mass.automation.launch import JobSpec, follow, launch
 from mass.automation.store import AutomationRun, AutomationStore
-from mass.config import MassConfig
 from mass.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -31,26 +30,13 @@ class ScheduleNotFound(NotFound):
     code = "schedule_not_found"
 
 
-class ScheduleSpec(MassConfig):
-    """One schedule (``mass schedule add`` flags)."""
+class ScheduleSpec(JobSpec):
+    """One schedule (``mass schedule add`` flags): start the job at every slot of ``cron``."""
 
-    name: str = Field(..., description="Unique schedule name.")
     cron: str = Field(..., description="Five cron fields (minute hour day month weekday), in UTC; a sixth field "
                                        "is seconds.")
-    action: str = Field("train", description="train, tune or compress (a pipeline).")
-    config: str = Field(..., description="The job's recipe, relative to the project.")
-    set: list[str] = Field(default_factory=list, description="--set overrides passed to the job.")
     catch_up: Literal["once", "none"] = Field("once", description="After downtime: run the latest missed slot once "
                                                                   "(once) or wait for the next slot (none).")
-
-    @field_validator("name")
-    @classmethod
-    def _legal_name(cls, value: str) -> str:
-        import re
-
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
-            raise ValueError(f"illegal schedule name {value!r}: letters, digits, '.', '_' or '-', at most 64")
-        return value
 
     @field_validator("cron")
     @classmethod
@@ -62,20 +48,6 @@ class ScheduleSpec(MassConfig):
             raise ValueError(f"cron {value!r} does not parse: give five fields, minute hour day-of-month month "
                              "day-of-week (e.g. '0 3 * * *': 03:00 UTC daily), or six with seconds last")
         return value
-
-    @field_validator("action")
-    @classmethod
-    def _known_action(cls, value: str) -> str:
-        if value not in ACTIONS:
-            raise ValueError(f"unknown action {value!r}; use one of {', '.join(ACTIONS)}")
-        return value
-
-    @model_validator(mode="after")
-    def _overrides(self) -> "ScheduleSpec":
-        for item in self.set:
-            if "=" not in item:
-                raise ValueError(f"set {item!r} is not KEY=VALUE")
-        return self
 
     def slots(self, after: datetime, until: datetime) -> tuple[datetime | None, int]:
         """(the latest slot in (after, until], how many slots that interval holds — at most 10,000 counted)."""

@@ -42,7 +42,7 @@ def nightly(mass_home, monkeypatch):
     ({"cron": "0 3 * * * * * *"}, "cron", "does not parse"),
     ({"action": "deploy"}, "action", "unknown action 'deploy'"),
     ({"catch_up": "all"}, "catch_up", "Input should be 'once' or 'none'"),
-    ({"name": "bad name"}, "name", "illegal schedule name"),
+    ({"name": "bad name"}, "name", "name: illegal name"),
     ({"set": ["epochs"]}, "set", "set 'epochs' is not KEY=VALUE"),
 ])
 def test_bad_schedules_are_refused_naming_the_field(data, field, needle):

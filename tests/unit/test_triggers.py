@@ -73,7 +73,7 @@ def test_the_dedupe_key_is_the_events_meaning_not_its_offset_or_time():
     ({"action": "deploy"}, "action", "unknown action 'deploy'; use one of train, tune, compress"),
     ({"set": ["data.dataset={nme}"]}, "set", "dataset.updated events have no field 'nme'"),
     ({"set": ["no-equals"]}, "set", "is not KEY=VALUE"),
-    ({"name": "bad name"}, "name", "illegal rule name 'bad name'"),
+    ({"name": "bad name"}, "name", "name: illegal name 'bad name'"),
     ({"cron": "0 3 * * *"}, "cron", "cron: Extra inputs are not permitted"),
 ])
 def test_bad_rules_are_refused_naming_the_field(over, field, needle):
