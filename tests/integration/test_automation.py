@@ -22,7 +22,7 @@ from mass.automation.triggers import run_engine
 from mass.data.datasets import DatasetStore
 from mass.events import open_bus
 from mass.registry import ModelRegistry
-from tests.integration.support import ROOT
+from tests.integration.support import ROOT, wait_for
 
 QUICK = ["optim.epochs=1", "data.max_train_tokens=20000", "registration.aliases=[]", "scaling.num_workers=1",
          "optim.batch_size=8"]
@@ -42,16 +42,6 @@ def _ghost(name: str) -> str:
     path = ROOT / "jobs" / "configs" / f"test-{name}.yaml"
     path.write_text((ROOT / SMOKE).read_text())
     return str(path.relative_to(ROOT))
-
-
-def _until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def test_a_dataset_update_starts_one_training_job_however_often_the_event_arrives(automation, ray_cluster,
@@ -76,10 +66,11 @@ def test_a_dataset_update_starts_one_training_job_however_often_the_event_arrive
     bus.publish("dataset.updated", event.data, source="replayed")
     bus.close()
 
-    [run] = _until(lambda: [r for r in store.runs("retrain-chats") if r.job_id], 60, "the service started the job")
+    [run] = wait_for(lambda: [r for r in store.runs("retrain-chats") if r.job_id], 60, "the service started the job",
+                     interval=1)
     assert run.job_id.startswith("mass-trigger-retrain-chats-") and run.event_type == "dataset.updated"
     assert run.event_offset == event.offset and "--set data.dataset=trig-chats@1" in run.detail
-    [failed] = _until(lambda: store.runs("ghost-recipe"), 30, "the ghost rule recorded its run")
+    [failed] = wait_for(lambda: store.runs("ghost-recipe"), 30, "the ghost rule recorded its run", interval=1)
     assert failed.status == "failed" and "test-ghost-rule.yaml' is not a file under" in failed.detail
     assert [r.rule.name for r in store.rules()] == ["ghost-recipe", "retrain-chats"]  # the rule is kept
     time.sleep(3)  # the service has seen the duplicate by now
@@ -103,8 +94,8 @@ def test_a_slot_runs_once_even_after_the_service_is_killed_and_restarted(automat
 
     pid = automation["pid"]
     ray.kill(handle, no_restart=False)  # Ray restarts it: max_restarts=-1
-    restarted = _until(lambda: (_status(ray_cluster) or {}).get("pid") not in (None, pid), 120,
-                       "the service came back in a new process")
+    restarted = wait_for(lambda: (_status(ray_cluster) or {}).get("pid") not in (None, pid), 120,
+                         "the service came back in a new process", interval=1)
     assert restarted
     again = ray.get(service(ray_cluster.gcs_address).tick.remote((slot + timedelta(seconds=30)).isoformat()),
                     timeout=120)
@@ -127,7 +118,7 @@ def test_the_started_jobs_train_and_their_runs_name_what_started_them(automation
         runs = store.runs("retrain-chats") + store.runs("nightly")
         return runs if all(r.status in ("succeeded", "failed", "stopped") for r in runs) else None
 
-    runs = _until(finished, 480, "both jobs finished")
+    runs = wait_for(finished, 480, "both jobs finished", interval=1)
     assert [r.status for r in runs] == ["succeeded", "succeeded"], [r.detail for r in runs]
     registry = ModelRegistry()
     triggered = registry.resolve("tiny-gpt-triggered")

@@ -4,27 +4,15 @@ model is registered with its lineage, the search is reported in MLflow and annou
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import yaml
 
 from mass.registry import ModelRegistry
 from mass.tuning.config import TuneConfig
 from mass.tuning.job import run_tuning
-from tests.integration.support import ROOT, last_json, run_cli
+from tests.integration.support import ROOT, last_json, run_cli, wait_for
 
 GOOD, BAD = 3e-3, 1e-5
-
-
-def _until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +49,12 @@ def tuned(ray_cluster, corpus):
                 [experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
             return parent if any("val_loss" in r.data.metrics for r in children) else None
 
-        parent = _until(first_epoch_reported, 420, "the submitted search's first trial reported its first epoch")
+        parent = wait_for(first_epoch_reported, 420, "the submitted search's first trial reported its first epoch",
+                          interval=0.25)
         jobs = JobSubmissionClient(ray_cluster.dashboard_url)
         jobs.stop_job(job_id)  # the driver is killed: the search stops mid-way
-        _until(lambda: str(jobs.get_job_status(job_id)).endswith(("STOPPED", "FAILED")), 120, "the job stopped")
+        wait_for(lambda: str(jobs.get_job_status(job_id)).endswith(("STOPPED", "FAILED")), 120, "the job stopped",
+                 interval=0.25)
         # the driver never finished it (stopped by SIGTERM it marks its run FAILED; a SIGKILL leaves it RUNNING)
         assert client.get_run(parent.info.run_id).info.status in ("FAILED", "RUNNING")
         result = run_tuning(plan, address=ray_cluster.gcs_address, resume=parent.info.run_id)
