@@ -1,6 +1,5 @@
-"""The tuning job on the session's Ray cluster, submitted as users do (``mass tune --address``), its driver killed
-mid-search and the search resumed (``--resume``, Tuner.restore): ASHA stops the weak trial, the best trial's
-model is registered with its lineage, the search is reported in MLflow and announced on the event bus."""
+"""The tuning job on the session's Ray cluster: ASHA stops the weak trial, the best trial's model is registered
+with its lineage, the search is reported in MLflow and announced on the event bus."""
 
 from __future__ import annotations
 
@@ -10,57 +9,23 @@ import yaml
 from mass.registry import ModelRegistry
 from mass.tuning.config import TuneConfig
 from mass.tuning.job import run_tuning
-from tests.integration.support import ROOT, last_json, run_cli, wait_for
+from tests.integration.support import SMOKE
 
 GOOD, BAD = 3e-3, 1e-5
 
 
 @pytest.fixture(scope="module")
-def tuned(ray_cluster, corpus):
+def tuned(ray_cluster, corpus, tmp_path_factory):
     """Two trials of the smoke recipe one after the other: a good learning rate first (it sets the bar at each
-    rung), then one far too small (ASHA stops it after its first epoch). The search is submitted as a Ray job;
-    once the first trial has reported its first epoch the job is stopped (its driver killed), and the search is
-    resumed here: the first trial goes on from its checkpoint, the second starts."""
-    from ray.job_submission import JobSubmissionClient
-
-    path = ROOT / "jobs" / "configs" / "test-tune-restore.yaml"  # (a job's recipe lives in the project)
+    rung), then one far too small (ASHA stops it after its first epoch)."""
+    path = tmp_path_factory.mktemp("tune") / "tune.yaml"
     path.write_text(yaml.safe_dump({
-        "name": "tiny-gpt-tuned", "train": "tiny-gpt-smoke.yaml",
+        "name": "tiny-gpt-tuned", "train": str(SMOKE),
         "set": ["data.max_train_tokens=40000", "optim.epochs=3", "registration.aliases=[best-tuned]"],
         "space": {"optim.lr": {"grid": [GOOD, BAD]}},
         "search": {"num_samples": 1, "max_concurrent_trials": 1, "grace_period": 1, "reduction_factor": 2}}))
-    try:
-        plan = TuneConfig.load(path)
-        proc = run_cli(["-o", "json", "tune", "--config", str(path.relative_to(ROOT)), "--address",
-                        ray_cluster.dashboard_url, "--no-follow"], env=ray_cluster.env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        job_id = last_json(proc.stdout)["job_id"]
-        registry = ModelRegistry()
-        client, experiment = registry.client, registry.experiment_id()
-
-        def search_run():
-            runs = client.search_runs([experiment], filter_string="tags.`mass.kind` = 'tune' and "
-                                      "tags.`mass.model_name` = 'tiny-gpt-tuned'")
-            return runs[0] if runs else None
-
-        def first_epoch_reported():
-            parent = search_run()
-            children = [] if parent is None else client.search_runs(
-                [experiment], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-            return parent if any("val_loss" in r.data.metrics for r in children) else None
-
-        parent = wait_for(first_epoch_reported, 420, "the submitted search's first trial reported its first epoch",
-                          interval=0.25)
-        jobs = JobSubmissionClient(ray_cluster.dashboard_url)
-        jobs.stop_job(job_id)  # the driver is killed: the search stops mid-way
-        wait_for(lambda: str(jobs.get_job_status(job_id)).endswith(("STOPPED", "FAILED")), 120, "the job stopped",
-                 interval=0.25)
-        # the driver never finished it (stopped by SIGTERM it marks its run FAILED; a SIGKILL leaves it RUNNING)
-        assert client.get_run(parent.info.run_id).info.status in ("FAILED", "RUNNING")
-        result = run_tuning(plan, address=ray_cluster.gcs_address, resume=parent.info.run_id)
-    finally:
-        path.unlink()
-    return plan, result
+    plan = TuneConfig.load(path)
+    return plan, run_tuning(plan, address=ray_cluster.gcs_address)
 
 
 def test_asha_stops_the_weak_trial_and_reports_what_it_saved(tuned):
