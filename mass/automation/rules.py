@@ -5,6 +5,7 @@ checked against the event's schema when a rule is added, and evaluated without `
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import operator
@@ -105,6 +106,12 @@ def _has(payload: dict[str, Any], path: list[str]) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=256)
+def _condition(where: str, event_type: str) -> Condition:
+    """A rule's parsed condition (parsed once per text, not for every event the engine reads)."""
+    return Condition(where, event_type)
+
+
 def _path(node: ast.AST) -> list[str] | None:
     """``metrics.val_loss`` -> ["metrics", "val_loss"]; None for anything that is not a dotted name."""
     if isinstance(node, ast.Name):
@@ -158,7 +165,7 @@ class Rule(JobSpec):
         """Whether ``event`` starts this rule's job."""
         if not self.enabled or event.type != self.on:
             return False
-        return self.where is None or Condition(self.where, self.on).matches(event.data.model_dump(mode="json"))
+        return self.where is None or _condition(self.where, self.on).matches(event.data.model_dump(mode="json"))
 
     def overrides(self, event: Event) -> list[str]:
         """``set`` with ``{field}`` filled from ``event``'s payload (dotted names reach into dicts)."""

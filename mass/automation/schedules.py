@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from mass.automation.launch import JobSpec, follow, launch
-from mass.automation.store import AutomationRun, AutomationStore
+from mass.automation.store import AutomationRun, AutomationStore, utc
 from mass.errors import Conflict, NotFound
 
 log = logging.getLogger(__name__)
@@ -177,15 +177,9 @@ class ScheduleStore:
             conn.execute(update(schedules).where(schedules.c.name == name).values(**values))
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value
-
-
 def _schedule(row) -> Schedule:
     return Schedule(ScheduleSpec.model_validate(json.loads(row["spec"])), bool(row["paused"]),
-                    _utc(row["created_at"]), _utc(row["last_slot"]))
+                    utc(row["created_at"]), utc(row["last_slot"]))
 
 
 class Scheduler:

@@ -93,7 +93,7 @@ class AutomationStore:
 
         with transaction(self.url, "read trigger rules") as conn:
             rows = conn.execute(select(trigger_rules).order_by(trigger_rules.c.name)).mappings().all()
-        return [StoredRule(parse_rule(json.loads(r["spec"]), f"stored rule {r['name']}"), _utc(r["created_at"]))
+        return [StoredRule(parse_rule(json.loads(r["spec"]), f"stored rule {r['name']}"), utc(r["created_at"]))
                 for r in rows]
 
     def remove_rule(self, name: str) -> None:
@@ -175,15 +175,16 @@ class AutomationStore:
             return [_run(r) for r in conn.execute(query).mappings()]
 
 
-def _utc(value: datetime | None) -> datetime | None:
+def utc(value: datetime | None) -> datetime | None:
+    """``value`` with UTC attached when the database handed it back naive (sqlite does)."""
     if value is not None and value.tzinfo is None:  # sqlite hands back naive datetimes
         value = value.replace(tzinfo=timezone.utc)
     return value
 
 
 def _run(row) -> AutomationRun:
-    return AutomationRun(id=int(row["id"]), at=_utc(row["at"]), kind=row["kind"], name=row["name"],
+    return AutomationRun(id=int(row["id"]), at=utc(row["at"]), kind=row["kind"], name=row["name"],
                          dedupe_key=row["dedupe_key"], event_type=row["event_type"], event_offset=row["event_offset"],
                          event=json.loads(row["event"]) if row["event"] else None, action=row["action"],
                          job_id=row["job_id"], status=row["status"], detail=row["detail"],
-                         finished_at=_utc(row["finished_at"]))
+                         finished_at=utc(row["finished_at"]))

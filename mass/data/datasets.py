@@ -118,7 +118,7 @@ def scan(path: str, field: str = "text") -> Scan:
         texts.extend(parse_texts(raw, where, field))
     return Scan(path=path if "://" in path else base, format=formats[0][1:], files=len(found),
                 bytes=sum(len(raw) for _, raw in read), content_hash=hash_files(read),
-                columns=_columns(filesystem, found[0].path, formats[0], field), texts=texts)
+                columns=_columns(read[0][1], formats[0], field), texts=texts)
 
 
 def hash_files(files: list[tuple[str, bytes]]) -> str:
@@ -129,19 +129,18 @@ def hash_files(files: list[tuple[str, bytes]]) -> str:
     return digest.hexdigest()
 
 
-def _columns(filesystem, first: str, suffix: str, field: str) -> dict[str, str]:
-    """Column -> type of the first file (parquet: its Arrow schema; jsonl: its first row's keys)."""
+def _columns(raw: bytes, suffix: str, field: str) -> dict[str, str]:
+    """Column -> type of the first file, from its bytes already read (parquet: its Arrow schema; jsonl: its first
+    row's keys)."""
     if suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        with filesystem.open_input_file(first) as handle:
-            schema = pq.read_schema(handle)
-        return {f.name: str(f.type) for f in schema}
+        return {f.name: str(f.type) for f in pq.read_schema(pa.BufferReader(raw))}
     if suffix == ".jsonl":
-        with filesystem.open_input_stream(first) as stream:
-            for line in stream.read().decode("utf-8").splitlines():
-                if line.strip():
-                    return {k: type(v).__name__ for k, v in json.loads(line).items()}
+        for line in raw.decode("utf-8").splitlines():
+            if line.strip():
+                return {k: type(v).__name__ for k, v in json.loads(line).items()}
     return {field: "str"}
 
 
@@ -284,9 +283,9 @@ class DatasetStore:
 
 
 def _row(row) -> DatasetVersion:
-    created = row["created_at"]
-    if created.tzinfo is None:  # sqlite hands back naive datetimes
-        created = created.replace(tzinfo=timezone.utc)
+    from mass.automation.store import utc
+
+    created = utc(row["created_at"])
     return DatasetVersion(name=row["name"], version=int(row["version"]), path=row["path"], format=row["format"],
                           field=row["field"], files=int(row["files"]), rows=int(row["rows"]),
                           bytes=int(row["bytes"]), content_hash=row["content_hash"],

@@ -92,7 +92,9 @@ class PreparedRun:
 
     def datasets(self) -> list[str]:
         """The registered dataset versions the data came from (``name@version``), once each."""
-        return list(dict.fromkeys(s["dataset"] for s in self.sources if s.get("dataset")))
+        from mass.training.prep import datasets_read
+
+        return datasets_read(self.sources)
 
     def model(self, state: dict[str, Any]):
         """The trained model: the base (fine-tune) or a fresh one of ``model_spec``, with ``state`` loaded."""
@@ -154,9 +156,10 @@ def log_recipe(client, run_id: str, cfg: TrainConfig, data, sources: list[dict] 
     for split, tokens in data.counts().items():
         client.log_metric(run_id, f"data_tokens_{split}", tokens)
     if sources:
+        from mass.training.prep import datasets_read
+
         client.log_dict(run_id, sources, DATASETS_ARTIFACT)
-        client.set_tag(run_id, "mass.datasets", ",".join(dict.fromkeys(s["dataset"] for s in sources
-                                                                       if s.get("dataset"))))
+        client.set_tag(run_id, "mass.datasets", ",".join(datasets_read(sources)))
 
 
 def run_training(cfg: TrainConfig, address: str | None = None, settings: Settings | None = None) -> TrainResult:

@@ -52,7 +52,12 @@ class Inputs:
 
     def datasets(self) -> list[str]:
         """The registered dataset versions read, in order, once each."""
-        return list(dict.fromkeys(s["dataset"] for s in self.sources if s["dataset"]))
+        return datasets_read(self.sources)
+
+
+def datasets_read(sources: list[dict]) -> list[str]:
+    """The registered dataset versions (``name@version``) among ``sources``, in order, once each."""
+    return list(dict.fromkeys(s["dataset"] for s in sources if s.get("dataset")))
 
 
 def read_splits(cfg: DataConfig, corpus_dir: Path, seed: int) -> dict[str, list[str]]:
