@@ -32,12 +32,11 @@ class Condition:
     and parentheses. A field an event lacks makes its comparison false (never an error)."""
 
     def __init__(self, text: str, event_type: str) -> None:
-        from mass.data.corpus import AST_LOCK  # one AST built at a time per process (see there)
+        from mass.data.corpus import parse_python  # thread-safe ast.parse (see there)
 
         self.text = text.strip()
         try:
-            with AST_LOCK:
-                self.tree = ast.parse(self.text, mode="eval").body
+            self.tree = parse_python(self.text, mode="eval").body
         except SyntaxError as exc:
             raise ConfigError(f"where {self.text!r} does not parse: {exc.msg}; write e.g. \"name == 'docs'\"",
                               field="where") from None

@@ -39,12 +39,11 @@ class Gate:
     def parse(cls, text: str | None) -> "Gate":
         """Parse ``text`` (default ``DEFAULT_GATE``): comparisons of the figures in ``FIGURES`` with numbers,
         joined by ``and``/``or`` and parentheses. ConfigError naming what is wrong otherwise."""
-        from mass.data.corpus import AST_LOCK  # one AST built at a time per process (see there)
+        from mass.data.corpus import parse_python  # thread-safe ast.parse (see there)
 
         text = (text or DEFAULT_GATE).strip()
         try:
-            with AST_LOCK:
-                tree = ast.parse(text, mode="eval")
+            tree = parse_python(text, mode="eval")
         except SyntaxError as exc:
             raise ConfigError(f"gate {text!r} does not parse: {exc.msg}; write e.g. {DEFAULT_GATE!r}",
                               field="gate") from None

@@ -24,9 +24,25 @@ from pathlib import Path
 from mass.errors import DataError
 
 log = logging.getLogger(__name__)
-# CPython's AST constructor is not thread-safe ("AST constructor recursion depth mismatch" when threads parse at
-# once, as a pipeline's steps do): one parse at a time per process
+# CPython 3.11's AST constructor is not thread-safe ("AST constructor recursion depth mismatch" when threads parse
+# at once, as a pipeline's steps do): one parse at a time per process. The lock cannot cover other libraries'
+# threads (3.11's traceback module parses the source lines it prints), so parse_python also retries that error.
 AST_LOCK = threading.Lock()
+
+
+def parse_python(source: str, mode: str = "exec") -> ast.AST:
+    """``ast.parse`` under ``AST_LOCK``, tried again (up to 3 times) when CPython 3.11's shared AST-constructor
+    state was disturbed by another thread's parse (cpython#106905): that SystemError says nothing about the
+    source. SyntaxError and ValueError pass through."""
+    for attempt in range(3):
+        try:
+            with AST_LOCK:
+                return ast.parse(source, mode=mode)
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc) or attempt == 2:
+                raise
+            log.debug("ast.parse disturbed by another thread's parse (%s); parsing again", exc)
+    raise AssertionError("unreachable")
 
 #: Standard-library packages present on every Python 3.11: several MB of well-written English.
 DEFAULT_PACKAGES = ("argparse", "asyncio", "collections", "concurrent", "email", "http", "importlib", "json",
@@ -68,21 +84,20 @@ def _package_files(name: str) -> list[Path]:
 def _docstrings(path: Path, module: str) -> list[tuple[str, str]]:
     """(qualified source, cleaned docstring) for the module, its classes and functions."""
     source = path.read_text(encoding="utf-8", errors="replace")
-    with AST_LOCK:
-        try:
-            tree = ast.parse(source)
-        except (SyntaxError, ValueError):
-            return []
-        found = []
-        stack: list[tuple[ast.AST, str]] = [(tree, module)]
-        while stack:
-            node, qual = stack.pop(0)
-            doc = ast.get_docstring(node, clean=False)
-            if doc:
-                found.append((qual, inspect.cleandoc(doc)))
-            for child in ast.iter_child_nodes(node):
-                if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    stack.append((child, f"{qual}.{child.name}"))
+    try:
+        tree = parse_python(source)
+    except (SyntaxError, ValueError):
+        return []
+    found = []
+    stack: list[tuple[ast.AST, str]] = [(tree, module)]
+    while stack:
+        node, qual = stack.pop(0)
+        doc = ast.get_docstring(node, clean=False)
+        if doc:
+            found.append((qual, inspect.cleandoc(doc)))
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                stack.append((child, f"{qual}.{child.name}"))
     return found
 
 

@@ -226,10 +226,11 @@ def _tune_config(plan: TuningPlan, at_once: int, asha_state: str):
         from ray.tune.search.optuna import OptunaSearch
 
         searcher = OptunaSearch(seed=search.seed)
-    else:  # random sampling (ASHA's too) drawn from search.seed: the same seed draws the same trials
+    else:  # random sampling (ASHA's too) drawn from search.seed: the same seed draws the same trials. Tune ignores
+        # max_concurrent_trials for a generator passed in (it limits only Searchers): the generator limits itself
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        searcher = BasicVariantGenerator(random_state=search.seed)
+        searcher = BasicVariantGenerator(random_state=search.seed, max_concurrent=at_once)
     return tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler, search_alg=searcher,
                            num_samples=search.num_samples, max_concurrent_trials=at_once)
 

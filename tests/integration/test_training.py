@@ -78,8 +78,8 @@ def test_fine_tune_a_registered_model_on_a_registered_dataset_packed_by_ray_data
     run = ModelRegistry().client.get_run(result.run_id)
     assert run.data.tags["mass.datasets"] == "ops-docs@1" and run.data.params["data.dataset"] == "ops-docs@1"
     assert run.data.params["data.pipeline"] == "ray"
-    # every rank took the same steps over its equal shard: 2 workers x 4 sequences per step, 2 epochs
-    steps = result.data_tokens["train"] // 128 // (2 * 4)
+    # every rank took the same steps over its equal shard: 2 workers x 4 sequences of block_size per step, 2 epochs
+    steps = result.data_tokens["train"] // cfg.data.block_size // (2 * 4)
     assert [int(m.step) for m in ModelRegistry().client.get_metric_history(result.run_id, "val_loss")] == [1, 2]
     assert ModelRegistry().client.get_metric_history(result.run_id, "train_loss")[-1].step == 2 * steps
     # the base's tokenizer is kept and the model learned the new domain quickly

@@ -67,8 +67,10 @@ def test_the_search_is_one_mlflow_run_with_a_child_run_per_trial_and_is_announce
                                   filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
     status = {float(r.data.params["optim.lr"]): r.info.status for r in children}
     assert status == {GOOD: "FINISHED", BAD: "KILLED"}
-    good = next(r for r in children if float(r.data.params["optim.lr"]) == GOOD)
-    assert [m.step for m in client.get_metric_history(good.info.run_id, "val_loss")] == [1, 2, 3]
+    good, bad = (next(r for r in children if float(r.data.params["optim.lr"]) == lr) for lr in (GOOD, BAD))
+    reported = client.get_metric_history(good.info.run_id, "val_loss")
+    assert [m.step for m in reported] == [1, 2, 3]
+    assert reported[-1].timestamp <= bad.info.start_time  # max_concurrent_trials=1: one trial after the other
 
     from mass.events import open_bus
 

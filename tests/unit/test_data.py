@@ -83,3 +83,34 @@ def test_tokenizer_round_trips_and_is_deterministic(tmp_path):
 
     assert AutoTokenizer.from_pretrained(tmp_path)(docs[0])["input_ids"] == ids
 
+
+
+def test_a_parse_disturbed_by_another_threads_parse_is_tried_again(monkeypatch):
+    """CPython 3.11's AST constructor state is shared by threads (cpython#106905): a parse disturbed by another
+    thread's (one the lock cannot cover, e.g. the traceback module's) raises a SystemError that says nothing
+    about the source; parse_python parses again. Any other SystemError, and a SyntaxError, pass through."""
+    import ast
+
+    from mass.data import corpus
+
+    real, calls = ast.parse, []
+
+    def disturbed(source, *args, **kwargs):
+        calls.append(source)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=132, after=74)")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(corpus.ast, "parse", disturbed)
+    tree = corpus.parse_python("a > 1", mode="eval")
+    assert isinstance(tree.body, ast.Compare) and len(calls) == 2
+
+    def broken(source, *args, **kwargs):
+        raise SystemError("something else")
+
+    monkeypatch.setattr(corpus.ast, "parse", broken)
+    with pytest.raises(SystemError, match="something else"):
+        corpus.parse_python("a > 1", mode="eval")
+    monkeypatch.setattr(corpus.ast, "parse", real)
+    with pytest.raises(SyntaxError):
+        corpus.parse_python("a >", mode="eval")
