@@ -5,6 +5,7 @@ if it passes."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -271,7 +272,8 @@ class Phases:
     """When a job may make children and when it may measure them. Alone, a job is never in two phases at once;
     jobs running side by side (a pipeline's independent steps) share one ``Phases`` that lets any number make
     children together but measures only while nothing else is being made or measured, so each card keeps the
-    CPUs to itself. Each phase's start and end go into ``spans`` (label, phase, start, end)."""
+    CPUs to itself. Each phase's start and end go into ``spans`` (label, phase, start, end). ``parents`` keeps the
+    parent rows measured in this run, so the steps of one pipeline over one parent measure it once."""
 
     def __init__(self) -> None:
         import threading
@@ -281,6 +283,7 @@ class Phases:
         self._measuring = False
         self._waiting = 0  # measurements waiting: new makings wait behind them, so measuring is not starved
         self.spans: list[tuple[str, str, float, float]] = []
+        self.parents: dict[tuple, tuple] = {}  # (version, threads, rounds) -> (fp32 row, its outputs, bf16 row)
         self._local = threading.local()
 
     def label(self, text: str) -> None:
@@ -367,11 +370,18 @@ class _Job:
                 if all(isinstance(child, Exception) for child in made.values()):  # nothing to measure or register
                     raise JobFailed("no child could be made: " + "; ".join(f"{k}: {_cause(e)}" for k, e in made.items())
                                     + "; nothing was measured or registered", methods=[c.key for c in children])
-                # the measurements, one at a time (a fresh worker each: memory is measured from a clean start)
-                base, self.parent_out = self._measure(Subject("parent fp32", paths["parent"], paths["tokenizer"]))
+                # the measurements, one at a time (a fresh worker each: memory is measured from a clean start); the
+                # parent's once per run (a pipeline's steps over one parent share its rows)
+                key = (self.parent.ref, self.threads, self.rounds)
+                measured = self.phases.parents.get(key)
+                if measured is None:
+                    base, self.parent_out = self._measure(Subject("parent fp32", paths["parent"], paths["tokenizer"]))
+                    if self.causal:
+                        base.quality = 1.0
+                else:
+                    log.info("%s: its rows measured earlier in this run are reused", self.parent.ref)
+                    base, self.parent_out, bf16 = copy.deepcopy(measured)
                 self.parent_perplexity = base.perplexity  # causal LMs
-                if self.causal:
-                    base.quality = 1.0
                 parity: str | None = None
                 if export:  # checked before anything else is spent on the export's children
                     onnx, self.worst = self._compare(_subject(Child("onnx", "onnx", {}), paths["export"]), worst=True)
@@ -381,7 +391,9 @@ class _Job:
                         if all(METHODS.get(c.method, DISTILLED).export for c in children):
                             raise ParityError(f"{parity}; nothing was registered", max_abs_diff=self.worst,
                                               tolerance=tolerance)
-                bf16 = self._compare(Subject("parent bf16", paths["parent"], paths["tokenizer"], dtype="bfloat16"))
+                if measured is None:
+                    bf16 = self._compare(Subject("parent bf16", paths["parent"], paths["tokenizer"], dtype="bfloat16"))
+                    self.phases.parents[key] = copy.deepcopy((base, self.parent_out, bf16))
                 shared = [base, bf16] + ([onnx] if export else [])
                 results = []
                 for child in children:

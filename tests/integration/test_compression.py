@@ -478,6 +478,11 @@ def test_a_pipeline_chains_steps_runs_independent_ones_side_by_side_and_never_me
     # have waited for the pruned child and its int8 child)
     recovered = max(b for label, phase, _, b in spans if label == "pruned" and phase == "make")
     assert min(a for label, _, a, _ in spans if label == "int8") < recovered, spans
+    # the parent was measured once for the three steps over it: their cards share its rows
+    from mass.compression.job import CompressionResult
+
+    firsts = [CompressionResult(**by_id[i].results[0]).card["rows"][:2] for i in ("pruned", "int8", "sparse")]
+    assert firsts[0] == firsts[1] == firsts[2] and [r["label"] for r in firsts[0]] == ["parent fp32", "parent bf16"]
     # and every card was measured alone
     measures = [(a, b) for _, phase, a, b in spans if phase == "measure"]
     assert len(measures) == 4
