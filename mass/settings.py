@@ -159,3 +159,21 @@ def apply_offline_env() -> None:
     """Put the offline switches into this process's environment (called by entry points, not imports)."""
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+
+
+#: A job started by the automation service carries the tags its MLflow runs should add (a JSON object: the rule or
+#: schedule and the event that started it) in this environment variable.
+RUN_TAGS_ENV = "MASS_RUN_TAGS"
+
+
+def run_tags() -> dict[str, str]:
+    """The tags ``MASS_RUN_TAGS`` asks this job's MLflow runs to carry ({} when unset or not a JSON object)."""
+    import json
+    import logging
+
+    try:
+        tags = json.loads(os.environ.get(RUN_TAGS_ENV) or "{}")
+    except json.JSONDecodeError:
+        logging.getLogger(__name__).warning("%s is not JSON; ignored", RUN_TAGS_ENV)
+        return {}
+    return {str(k): str(v) for k, v in tags.items()} if isinstance(tags, dict) else {}

@@ -15,6 +15,7 @@ from pydantic import Field, field_validator
 
 from mass.config import MassConfig
 from mass.errors import ConfigError, MassError
+from mass.settings import RUN_TAGS_ENV
 
 if TYPE_CHECKING:  # (the store imports the rules, which import ACTIONS from here)
     from mass.automation.store import AutomationRun, AutomationStore
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 #: what a rule or schedule can start: the job script (run through the Ray job API) per action
 ACTIONS = {"train": "jobs/train.py", "tune": "jobs/tune.py", "compress": "jobs/compress.py"}
 #: JSON object of MLflow tags a job's runs carry (set on the jobs automation submits)
-RUN_TAGS_ENV = "MASS_RUN_TAGS"
 _RAY_STATUS = {"PENDING": "submitted", "RUNNING": "running", "SUCCEEDED": "succeeded", "FAILED": "failed",
                "STOPPED": "stopped"}
 

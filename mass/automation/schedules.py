@@ -135,10 +135,11 @@ class ScheduleStore:
 
     def get(self, name: str) -> Schedule:
         """Schedule ``name``; ScheduleNotFound naming those there are."""
-        for schedule in self.list():
+        schedules = self.list()
+        for schedule in schedules:
             if schedule.spec.name == name:
                 return schedule
-        names = [s.spec.name for s in self.list()]
+        names = [s.spec.name for s in schedules]
         raise ScheduleNotFound(f"no schedule named {name!r}" + (f"; schedules: {', '.join(names)}" if names else
                                                                 "; add one with `mass schedule add`"), field="name")
 

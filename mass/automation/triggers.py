@@ -4,30 +4,19 @@ and follows the jobs it started to their end. Each job's MLflow run carries tags
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import threading
 import time
 
-from mass.automation.launch import RUN_TAGS_ENV, follow, launch
+from mass.automation.launch import follow, launch
 from mass.automation.rules import dedupe_key
 from mass.automation.store import AutomationRun, AutomationStore
 
 log = logging.getLogger(__name__)
 
 GROUP = "mass-triggers"
-
-
-def run_tags() -> dict[str, str]:
-    """The tags ``MASS_RUN_TAGS`` asks this job's MLflow runs to carry ({} when unset or not a JSON object)."""
-    try:
-        tags = json.loads(os.environ.get(RUN_TAGS_ENV) or "{}")
-    except json.JSONDecodeError:
-        log.warning("%s is not JSON; ignored", RUN_TAGS_ENV)
-        return {}
-    return {str(k): str(v) for k, v in tags.items()} if isinstance(tags, dict) else {}
 
 
 class TriggerEngine:

@@ -169,7 +169,7 @@ class ModelRegistry:
                 self.client.update_run(resume, status="RUNNING")
                 run_id = resume
             else:
-                from mass.automation.triggers import run_tags
+                from mass.settings import run_tags
 
                 tags = {**run_tags(), **tags}  # a triggered job's runs name the rule and event that started it
                 run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
