@@ -211,11 +211,14 @@ def test_a_causal_lm_is_refused_by_the_methods_that_serve_encoders_only(gateway)
 @pytest.fixture(scope="module")
 def causal_students(gateway, ray_cluster):
     """tiny-gpt/1 (2 layers) distilled into a 1-layer student by logit distillation, and pruned of a quarter of its
-    FFN channels with a recovery epoch: short Ray Train runs (2 DDP workers, 256 blocks of 64 tokens)."""
+    FFN channels with a recovery epoch: short Ray Train runs (2 DDP workers, 256 blocks of 64 tokens). The two jobs
+    share one ``Phases``, as a pipeline's steps do: the parent is measured once, for both cards."""
     from mass.compression.distill import run_distillation
+    from mass.compression.job import Phases
     from mass.compression.prune import run_pruning
 
-    common = {"max_texts": 256, "max_length": 64, "threads": 2, "rounds": 1, "address": ray_cluster.gcs_address}
+    common = {"max_texts": 256, "max_length": 64, "threads": 2, "rounds": 1, "address": ray_cluster.gcs_address,
+              "phases": Phases()}
     student = run_distillation("tiny-gpt/1", layers=["1"], epochs=2, gate="perplexity < 10", **common)
     pruned = run_pruning("tiny-gpt/1", ffn=0.25, gate="perplexity <= 1.5", **common)
     return student[0], pruned[0]
@@ -240,6 +243,7 @@ def test_a_causal_lm_is_distilled_by_its_logits_and_pruned_each_on_a_perplexity_
         assert result.passed, result.why
         assert [r["label"] for r in result.card["rows"]] == ["parent fp32", "parent bf16", label]
         assert result.card["rows"][-1]["unit"] == "tokens" and result.card["figures"]["perplexity"] is not None
+    assert student.card["rows"][:2] == pruned.card["rows"][:2]  # the parent's rows, measured once
     info = registry.resolve(student.registered)
     assert (info.task, info.lineage["method"]) == ("text-generation", "distill")
     params = json.loads(info.lineage["params"])
