@@ -232,7 +232,8 @@ def _tune_config(plan: TuningPlan, at_once: int, asha_state: str):
 
         searcher = BasicVariantGenerator(random_state=search.seed, max_concurrent=at_once)
     return tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler, search_alg=searcher,
-                           num_samples=search.num_samples, max_concurrent_trials=at_once)
+                           num_samples=search.num_samples,
+                           max_concurrent_trials=at_once if search.algorithm == "optuna" else None)
 
 
 def trial(config: dict[str, Any], recipe: dict[str, Any], paths: list[str], parent_run: str,
