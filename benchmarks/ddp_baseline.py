@@ -12,10 +12,12 @@ import json
 import math
 import os
 import tempfile
+import time
 
 
 def main() -> None:
-    """Train as ``mass.training.loop.train_loop_per_worker`` does, minus Ray; rank 0 prints the wall seconds."""
+    """Train as ``mass.training.loop.train_loop_per_worker`` does, minus Ray; rank 0 prints one JSON line with
+    each epoch's seconds of training steps (``epoch_s``, as the Ray Train loop reports them)."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -34,7 +36,7 @@ def main() -> None:
     torch.manual_seed(opt["seed"])
     torch.set_num_threads(1)
     data = np.load(args.data)
-    train, val = data["train"], data["validation"]
+    train, val, test = data["train"], data["validation"], data["test"]
     batch = opt["batch_size"]
     steps_per_epoch = len(train) // (world * batch)
     model = torch.nn.parallel.DistributedDataParallel(build_model(json.loads(open(args.spec).read())))
@@ -50,8 +52,10 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     device = torch.device("cpu")
     evaluate(model, val, batch, rank, world, device)
+    epoch_s = []
     with tempfile.TemporaryDirectory() as tmp:
         for epoch in range(args.epochs):
+            started = time.perf_counter()
             order = np.random.default_rng(opt["seed"] + epoch).permutation(len(train))
             mine = order[: steps_per_epoch * world * batch][rank::world]
             for i in range(steps_per_epoch):
@@ -62,12 +66,17 @@ def main() -> None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), opt["grad_clip"])
                 optimizer.step()
                 scheduler.step()
+            epoch_s.append(round(time.perf_counter() - started, 3))
             evaluate(model, val, batch, rank, world, device)
+            if epoch == args.epochs - 1:  # the final test evaluation, as the Ray Train loop's last report has
+                evaluate(model, test, batch, rank, world, device)
             if rank == 0:
                 torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict()},
                            os.path.join(tmp, "state.pt"))
             dist.barrier()
     dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps({"epoch_s": epoch_s}), flush=True)
 
 
 if __name__ == "__main__":

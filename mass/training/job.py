@@ -218,9 +218,9 @@ def run_training(cfg: TrainConfig, address: str | None = None, settings: Setting
 
 
 def final_metrics(reported: dict[str, Any]) -> dict[str, float]:
-    """The figures of a run's last report worth keeping with the model (not its epoch and step counters)."""
+    """The figures of a run's last report worth keeping with the model (not its epoch and step counters or timing)."""
     return {k: float(v) for k, v in reported.items()
-            if isinstance(v, (int, float)) and k not in ("epoch", "step", "start_epoch")}
+            if isinstance(v, (int, float)) and k not in ("epoch", "step", "start_epoch", "epoch_s")}
 
 
 def load_state(checkpoint_dir: str | Path) -> dict[str, Any]:

@@ -152,8 +152,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                               scheduler.get_last_lr()[0], rate))
                 if mlflow_client is not None:
                     mlflow_client.log_metric(cfg["run_id"], "train_loss", loss.item(), step=step)
+        epoch_s = time.perf_counter() - started  # the epoch's training steps alone (no evaluation or checkpoint)
         val_loss = evaluate(model, val, batch, rank, world, device)
-        metrics = {"epoch": epoch + 1, "step": step, "train_loss": running / max(1, steps_per_epoch),
+        metrics = {"epoch": epoch + 1, "step": step, "epoch_s": round(epoch_s, 3),
+                   "train_loss": running / max(1, steps_per_epoch),
                    "val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50)),
                    "initial_val_loss": initial_val, "start_epoch": start_epoch}
         if epoch == cfg["epochs"] - 1:  # final test evaluation rides on the last report
