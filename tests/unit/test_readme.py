@@ -34,7 +34,7 @@ def test_every_recipe_section_is_documented():
 
 @pytest.mark.parametrize("name,saved", [("serving", "serving"), ("serving", "serving_cuda_4x256"),
                                         ("serving", "serving_cuda_12x768"), ("proxy", "proxy"), ("rollout", "rollout"),
-                                        ("compression", "compression")])
+                                        ("compression", "compression"), ("tuning", "tuning")])
 def test_benchmark_tables_are_the_saved_runs(name, saved):
     """The README's benchmark tables are exactly what benchmarks/<name>.py renders from its saved JSON
     (``saved``: the GPU runs of the serving benchmark have their own JSON and README block)."""
@@ -60,6 +60,10 @@ def test_benchmark_tables_are_the_saved_runs(name, saved):
     elif name == "compression":
         assert [r["label"] for r in result["card"]["rows"]][:3] == ["parent fp32", "parent bf16", "onnx fp32"]
         assert set(result["cards"]) == set(result["methods"]) and {"onnx-int8", "torch-int8"} <= set(result["methods"])
+    elif name == "tuning":
+        assert all(len(v) == result["rounds"] for part in ("walls", "epoch_s") for v in result[part].values())
+        assert result["searches"] and all(r["asha"]["steps_budget"] == r["random"]["steps_budget"]
+                                          for r in result["searches"])
     elif name == "proxy":
         assert {"embed_on", "embed_off", "chat_on", "chat_off"} == set(result["rates"])
     else:
