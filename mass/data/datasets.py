@@ -17,6 +17,8 @@ from mass.errors import DataError, InvalidRequest, MassError, NotFound
 from mass.refs import NAME_RE
 
 log = logging.getLogger(__name__)
+#: Tries to insert a new version of one name while others are registering it at once (see DatasetStore._insert)
+INSERT_TRIES = 20
 
 
 class DatasetNotFound(NotFound):
@@ -241,14 +243,21 @@ class DatasetStore:
     # ---------------------------------------------------------------- plumbing
     def _insert(self, name: str, found: Scan, field: str, description: str) -> DatasetVersion:
         """The next version number of ``name``, inserted; a concurrent register of the same name takes the
-        number first -> try the next (the primary key refuses a duplicate)."""
+        number first -> try the next (the primary key refuses a duplicate), after a short random pause. Every
+        lost try is another registration's success, so ``INSERT_TRIES`` registrations of one name at once all
+        get a number."""
+        import random
+        import time
+
         from sqlalchemy import func, insert, select
         from sqlalchemy.exc import IntegrityError
 
         from mass.access.db import DatabaseError, transaction
         from mass.access.schema import datasets
 
-        for _ in range(5):
+        for attempt in range(INSERT_TRIES):
+            if attempt:
+                time.sleep(random.uniform(0, 0.02 * attempt))
             now = datetime.now(timezone.utc)
             try:
                 with transaction(self.url, "register a dataset") as conn:
@@ -263,8 +272,8 @@ class DatasetStore:
             except DatabaseError as exc:
                 if not isinstance(exc.__cause__, IntegrityError):
                     raise
-        raise DatabaseError(f"could not register dataset {name!r}: other registrations of it kept taking the next "
-                            "version number; retry")
+        raise DatabaseError(f"could not register dataset {name!r}: {INSERT_TRIES} other registrations of it took "
+                            "the next version number first; retry")
 
     def _announce(self, version: DatasetVersion) -> None:
         from mass.events import open_bus
