@@ -44,6 +44,7 @@ def parse_python(source: str, mode: str = "exec") -> ast.AST:
             log.debug("ast.parse disturbed by another thread's parse (%s); parsing again", exc)
     raise AssertionError("unreachable")
 
+
 #: Standard-library packages present on every Python 3.11: several MB of well-written English.
 DEFAULT_PACKAGES = ("argparse", "asyncio", "collections", "concurrent", "email", "http", "importlib", "json",
                     "logging", "multiprocessing", "pathlib", "unittest", "urllib", "xml", "typing",

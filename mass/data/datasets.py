@@ -272,8 +272,8 @@ class DatasetStore:
             except DatabaseError as exc:
                 if not isinstance(exc.__cause__, IntegrityError):
                     raise
-        raise DatabaseError(f"could not register dataset {name!r}: {INSERT_TRIES} other registrations of it took "
-                            "the next version number first; retry")
+        raise DatabaseError(f"could not register dataset {name!r}: other registrations of it took the next version "
+                            f"number first {INSERT_TRIES} times; retry")
 
     def _announce(self, version: DatasetVersion) -> None:
         from mass.events import open_bus
