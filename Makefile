@@ -3,10 +3,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mass-installed
+# The newest openai client (3.x) cannot share .venv with LlamaIndex (openai<3); the compat tier runs it from here.
+OPENAI3_VENV := .venv-openai3
+OPENAI3_REQS := tests/integration/openai3-requirements.txt
+OPENAI3_STAMP := $(OPENAI3_VENV)/.installed
 
 .PHONY: demo test install clean-venv
 
-install: $(STAMP)
+install: $(STAMP) $(OPENAI3_STAMP)
 
 # Re-install only when the dependency metadata changes; the package itself is editable.
 $(STAMP): setup.cfg setup.py
@@ -15,11 +19,16 @@ $(STAMP): setup.cfg setup.py
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+$(OPENAI3_STAMP): $(OPENAI3_REQS)
+	@test -x $(OPENAI3_VENV)/bin/python || $(PYTHON) -m venv $(OPENAI3_VENV)
+	$(OPENAI3_VENV)/bin/python -m pip install --quiet -r $(OPENAI3_REQS)
+	@touch $(OPENAI3_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/mass demo
 
-test: $(STAMP)
+test: $(STAMP) $(OPENAI3_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(OPENAI3_VENV)

@@ -1,20 +1,24 @@
 """Compatibility tier: the client libraries people use, unchanged, against the served app over HTTP —
 the official ``openai`` client (sync, async, streaming, every supported field), LangChain's ``ChatOpenAI`` and
-``OpenAIEmbeddings`` and LlamaIndex's ``OpenAILike``."""
+``OpenAIEmbeddings`` and LlamaIndex's ``OpenAILike``; the newest ``openai`` (3.x) from its own venv."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
 
 import openai
 import pytest
 import torch
 
-from tests.integration.support import api_key
+from tests.integration.support import ROOT, api_key
 
 pytestmark = pytest.mark.compat
 
 HELLO = [{"role": "user", "content": "hello"}]
+OPENAI3 = (ROOT / "tests" / "integration" / "openai3-requirements.txt").read_text().split("openai==")[1].strip()
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +142,42 @@ def test_llamaindex_openai_like_complete_chat_stream(client, gateway):
     messages = [ChatMessage(role="user", content="hello")]
     assert chat.chat(messages).message.content == chat_expected
     assert "".join(r.delta for r in chat.stream_chat(messages)) == chat_expected
+
+
+def test_openai_3x_with_its_httpx2_transport_sees_what_2x_sees(client, gateway):
+    """openai 3.x (HTTPX2 transport) cannot share the venv with LlamaIndex (``openai<3``): ``make install`` gives
+    it ``.venv-openai3``, and ``openai3_client.py`` makes the tier's calls there, errors included."""
+    from mass.access.keys import KeyStore
+
+    python = ROOT / ".venv-openai3" / "bin" / "python"
+    assert python.exists(), f"{python} is missing: `make install` builds it (openai {OPENAI3} in its own venv)"
+    _, user = KeyStore().create({"name": f"openai3-{os.urandom(3).hex()}", "models": ["minilm*"], "rpm": 2})
+    run = subprocess.run([str(python), str(ROOT / "tests" / "integration" / "openai3_client.py"), gateway],
+                         env={**os.environ, "MASS_USER_KEY": user}, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    seen = json.loads(run.stdout.strip().splitlines()[-1])
+    assert seen["openai"] == OPENAI3 and "httpx2.Client" in seen["transport"]  # the new transport answered
+
+    chat = client.chat.completions.create(model="tiny-gpt", messages=HELLO, max_tokens=12, temperature=0)
+    completion = client.completions.create(model="tiny-gpt", prompt="Return the", max_tokens=10, temperature=0,
+                                           logprobs=2)
+    embeddings = client.embeddings.create(model="minilm", input=["a cat sits", "tax filing"])
+    assert seen["models"] == ["minilm", "tiny-gpt"] and seen["user_models"] == ["minilm"]
+    assert seen["chat"] == seen["stream"] == chat.choices[0].message.content
+    assert seen["chat_usage"] == [chat.usage.prompt_tokens, chat.usage.completion_tokens]
+    assert seen["stream_usage"] == chat.usage.completion_tokens
+    assert seen["completion"] == seen["async_stream"] == completion.choices[0].text
+    assert seen["logprob_tokens"] == completion.choices[0].logprobs.tokens
+    assert torch.allclose(torch.tensor(seen["embeddings"]), torch.tensor([d.embedding for d in embeddings.data]),
+                          atol=1e-5)
+    assert torch.allclose(torch.tensor(seen["embedding_float"]), torch.tensor(seen["embeddings"][0]), atol=1e-5)
+    assert seen["ratelimit_header"] == "2" and float(seen["overhead_header"]) >= 0
+    errors = seen["errors"]
+    assert errors["bad_key"] == {"type": "AuthenticationError", "status": 401, "code": "invalid_api_key",
+                                 "retry_after": None}
+    assert errors["unknown_model"]["type"] == errors["hidden_model"]["type"] == "NotFoundError"
+    assert errors["hidden_model"]["code"] == "model_not_found"
+    assert errors["rate_limited"]["type"] == "RateLimitError" and errors["rate_limited"]["code"] == \
+        "rate_limit_exceeded" and int(errors["rate_limited"]["retry_after"]) >= 1
+    assert errors["admin_with_user_key"]["type"] == "PermissionDeniedError"
+    assert errors["unsupported_field"]["type"] == "BadRequestError" and errors["unsupported_field"]["status"] == 400
