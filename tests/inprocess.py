@@ -66,9 +66,10 @@ def _unbatched(server) -> None:
     server._embed_batch = embed_batch
 
 
-def build_state(app_args: dict[str, Any], models: dict[str, tuple[Any, Any]], keys: Any = None):
+def build_state(app_args: dict[str, Any], models: dict[str, tuple[Any, Any]], keys: Any = None,
+                app: str = "mass"):
     """A GatewayState for ``app_args`` whose handles call real deployment objects built over ``models``
-    (served name -> (model, tokenizer)); ``keys``: its API key store."""
+    (served name -> (model, tokenizer)); ``keys``: its API key store; ``app``: the Serve app name it plays."""
     from mass.gateway.state import GatewayState
     from mass.serving.args import AppArgs
     from mass.serving.deployments import EmbeddingServer, LLMServer, Served
@@ -81,7 +82,7 @@ def build_state(app_args: dict[str, Any], models: dict[str, tuple[Any, Any]], ke
         if m.engine == "embedding":
             _unbatched(server)
         handles[m.name] = LocalHandle(server)
-    return GatewayState(handles, args, keys=keys)
+    return GatewayState(handles, args, keys=keys, app=app)
 
 
 def served(state, name: str):

@@ -73,7 +73,7 @@ class Gateway:
             from mass.lifecycle.controller import start_controller
 
             controller = start_controller(serve.get_replica_context().app_name, app_args)
-        set_state(GatewayState(handles, app_args, controller=controller))
+        set_state(GatewayState(handles, app_args, controller=controller, app=serve.get_replica_context().app_name))
 
     async def routes(self, report: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
         """The routing table, for SDK handle calls (not an HTTP route); ``report``: the SDK's handle calls of

@@ -1,7 +1,7 @@
 """One circuit breaker per served model: closed -> open when the failure ratio over a sliding window (with a
 minimum request count) reaches the limit; open -> half-open after ``open_s``, letting a few probe requests
 through; half-open -> closed when they all succeed, or open again on any failure. Transitions are logged and
-kept for ``/admin/services``."""
+kept for ``/admin/services``. This one lives in one gateway replica; ``shared_breaker`` shares it through Redis."""
 
 from __future__ import annotations
 
@@ -83,6 +83,10 @@ class CircuitBreaker:
             self._probes_out += 1
             return True
         return False
+
+    async def admit(self) -> bool:
+        """``allow`` for the gateway's async path (the shared breaker may need a round trip to Redis here)."""
+        return self.allow()
 
     def record(self, failed: bool) -> None:
         """The outcome of a request that ``allow`` let through."""

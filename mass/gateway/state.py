@@ -84,15 +84,13 @@ class GatewayState:
             app config turns ``gateway.auth`` off.
     """
 
-    def __init__(self, handles: dict[str, Any], args: AppArgs, keys: Any = None, controller: Any = None) -> None:
+    def __init__(self, handles: dict[str, Any], args: AppArgs, keys: Any = None, controller: Any = None,
+                 app: str = "mass") -> None:
         self.args = args
         self.routes = {m.name: Route(m, [] if m.managed else [Version(None, handles[m.name])]) for m in args.models}
-        from mass.gateway.breaker import CircuitBreaker
-
         for route in self.routes.values():
             for version in route.versions:
                 self._prepare(route, version)
-            route.breaker = CircuitBreaker(route.args.name, **args.gateway.breaker.model_dump())
         self.controller = controller  # the lifecycle controller's actor handle (an app with managed models)
         self.table_revision = ""
         self._report: dict[str, dict[str, dict[str, Any]]] = {}  # model -> version -> outcomes since the last poll
@@ -105,6 +103,8 @@ class GatewayState:
 
             self.ledger = UsageLedger(keys.url if keys is not None else None)
         self.limits = self._limiter(args.gateway, keys.url if keys is not None else None)
+        self._breakers(app)
+        self._breaker_sync: asyncio.Task | None = None
         self.resolver = None
         if args.gateway.auth:
             from mass.access.keys import KeyStore
@@ -132,6 +132,20 @@ class GatewayState:
                         "limits on its own (up to %dx the limit in all); set redis_url for exact shared limits",
                         gw.replicas, gw.replicas)
         return LocalLimiter(seed=partial(spent_since, db_url) if self.ledger is not None else None)
+
+    def _breakers(self, app: str) -> None:
+        """One breaker per model: shared by the app's gateway replicas through the limits' Redis when the config
+        names one (``mass:breaker:<app>:{model}``), else one per replica."""
+        from mass.gateway.breaker import CircuitBreaker
+        from mass.gateway.shared_breaker import SharedBreaker
+
+        gw = self.args.gateway
+        for route in self.routes.values():
+            if gw.redis_url:
+                route.breaker = SharedBreaker(route.args.name, self.limits.redis, f"mass:breaker:{app}",
+                                              stale_s=gw.request_timeout_s + 10, **gw.breaker.model_dump())
+            else:
+                route.breaker = CircuitBreaker(route.args.name, **gw.breaker.model_dump())
 
     async def admit(self, call, tokens: int) -> None:
         """Admit ``call`` (a proxied request) against its key's limits, reserving one request and ``tokens``;
@@ -193,9 +207,15 @@ class GatewayState:
         version.coalescer = Coalescer(send, batch.max_batch_size, batch.batch_wait_timeout_s)
 
     def follow(self) -> None:
-        """Start polling the controller's routing table (once; a no-op without managed models)."""
+        """Start polling the controller's routing table (once; a no-op without managed models) and syncing the
+        shared circuit breakers (once; a no-op without Redis)."""
         if self.controller is not None and (self._poller is None or self._poller.done()):
             self._poller = asyncio.get_running_loop().create_task(self._poll())
+        if self.args.gateway.redis_url and (self._breaker_sync is None or self._breaker_sync.done()):
+            from mass.gateway.shared_breaker import keep_in_sync
+
+            self._breaker_sync = asyncio.get_running_loop().create_task(
+                keep_in_sync([r.breaker for r in self.routes.values()], every_s=0.25))
 
     async def _poll(self) -> None:
         failing = False
@@ -289,7 +309,7 @@ class GatewayState:
         candidates = [route, *(self.routes[name] for name in route.args.fallbacks if fallbacks)]
         failure: BaseException | None = None
         for candidate in candidates:
-            if not candidate.breaker.allow():
+            if not await candidate.breaker.admit():
                 continue
             for retry in (False, True):
                 try:
@@ -300,7 +320,7 @@ class GatewayState:
                         raise
                     candidate.breaker.record(True)
                     failure = exc
-                    if replica_lost(exc) and not retry and candidate.breaker.allow():
+                    if replica_lost(exc) and not retry and await candidate.breaker.admit():
                         log.warning("model %r lost a replica mid-request; retrying once", candidate.args.name)
                         continue
                     break

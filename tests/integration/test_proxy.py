@@ -198,7 +198,12 @@ def test_redis_stopped_mid_run_budgets_fail_closed_rates_fall_back_then_recover(
         def embed(secret):
             return http.post("/v1/embeddings", headers=bearer(secret), json={"model": "minilm", "input": "a"})
 
+        def breakers_shared() -> set[bool]:  # as the replicas that answer see it (HAProxy spreads the calls)
+            return {http.get("/admin/services", headers=bearer(proxy.admin)).json()["data"][m]["breaker"]["shared"]
+                    for _ in range(4) for m in ("minilm", "tiny-gpt")}
+
         assert embed(rated).status_code == embed(budgeted).status_code == 200
+        assert breakers_shared() == {True}
         proxy.redis.stop()
         try:
             down = [embed(budgeted) for _ in range(4)]
@@ -206,9 +211,11 @@ def test_redis_stopped_mid_run_budgets_fail_closed_rates_fall_back_then_recover(
             assert {r.json()["error"]["code"] for r in down} == {"limits_unavailable"}
             assert all("retry-after" in r.headers for r in down)
             assert all(embed(rated).status_code == 200 for _ in range(4))  # rates fail open (per-replica cap)
+            wait_for(lambda: breakers_shared() == {False}, 15, "every replica keeping breakers of its own")
         finally:
             proxy.redis.start()
         wait_for(lambda: embed(budgeted).status_code == 200, 30, "budgets checked again once Redis is back")
+        wait_for(lambda: breakers_shared() == {True}, 15, "the breakers shared again once Redis is back")
 
 
 def test_a_postgresql_restart_loses_no_ledger_record_of_an_answered_request(proxy):

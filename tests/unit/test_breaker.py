@@ -265,3 +265,189 @@ def test_a_resumed_stream_that_loses_its_replica_again_ends_with_an_error_event(
     last = json.loads(resp.text.strip().split("\n\n")[-1][6:])
     assert resp.status_code == 200 and last["error"]["code"] == "upstream_unavailable", resp.text[-300:]
     assert "resume" in sent[-1]
+
+
+# --- one breaker per model shared by every gateway replica (Redis) ---
+
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+async def _replicas(url: str, n: int = 2, **settings):
+    """``n`` SharedBreakers of one model as ``n`` gateway replicas would hold them (own clients, one prefix)."""
+    import uuid
+
+    import redis.asyncio as aioredis
+
+    from mass.gateway.shared_breaker import SharedBreaker
+
+    prefix = f"test:breaker:{uuid.uuid4().hex[:8]}"
+    clients = [aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5) for _ in range(n)]
+    breakers = [SharedBreaker("m", c, prefix, **settings) for c in clients]
+    return breakers, clients, prefix
+
+
+async def _cleanup(clients, prefix):
+    keys = await clients[0].keys(f"{prefix}:*")
+    if keys:
+        await clients[0].delete(*keys)
+    for c in clients:
+        await c.aclose()
+
+
+def test_a_shared_breaker_counts_every_replicas_outcomes_and_hands_out_the_probes_once():
+    import asyncio
+
+    async def run():
+        (a, b), clients, prefix = await _replicas(REDIS, failure_ratio=0.5, min_requests=4, window_s=10,
+                                                  open_s=0.4, half_open_probes=2)
+        try:
+            for breaker in (a, b):  # 2 failures and 0 successes each: neither alone has min_requests outcomes
+                assert await breaker.admit()
+                breaker.record(True)
+                breaker.record(True)
+            await a.sync()
+            assert a.state == CLOSED and a.status()["window_requests"] == 2
+            await b.sync()  # the shared window now holds 4 outcomes, all failed
+            assert b.state == OPEN and "4 of the last 4 requests failed" in b.status()["transitions"][-1]["why"]
+            await a.sync()
+            assert a.state == OPEN and not await a.admit() and 0 < a.retry_after_s() <= 0.4
+            await asyncio.sleep(0.45)
+            claims = [await a.admit(), await b.admit(), await a.admit(), await b.admit()]
+            assert claims == [True, True, False, False]  # 2 probes for the model, not 2 per replica
+            assert a.state == b.state == HALF_OPEN
+            a.record(False)
+            await a.sync()
+            assert a.state == HALF_OPEN  # one of two probes answered
+            b.record(False)
+            await b.sync()
+            await a.sync()
+            assert a.state == b.state == CLOSED and a.status()["window_requests"] == 0
+            assert [t["to"] for t in a.status()["transitions"]] == [OPEN, HALF_OPEN, CLOSED]
+            assert a.status()["shared"] and await a.admit()
+        finally:
+            await _cleanup(clients, prefix)
+
+    asyncio.run(run())
+
+
+def test_a_failed_probe_on_one_replica_opens_the_breaker_for_all():
+    import asyncio
+
+    async def run():
+        (a, b), clients, prefix = await _replicas(REDIS, failure_ratio=0.5, min_requests=1, window_s=10,
+                                                  open_s=0.3, half_open_probes=1)
+        try:
+            a.record(True)
+            await a.sync()
+            await b.sync()
+            assert a.state == b.state == OPEN
+            await asyncio.sleep(0.35)
+            assert await b.admit() and not await a.admit()
+            b.record(True)  # the probe failed
+            await b.sync()
+            await a.sync()
+            assert a.state == b.state == OPEN and a.status()["transitions"][-1]["why"] == "a probe request failed"
+            assert not await a.admit()
+        finally:
+            await _cleanup(clients, prefix)
+
+    asyncio.run(run())
+
+
+def test_a_probe_whose_replica_never_answers_is_given_up_after_stale_s():
+    import asyncio
+
+    async def run():
+        (a, b), clients, prefix = await _replicas(REDIS, min_requests=1, open_s=0.2, half_open_probes=1,
+                                                  stale_s=0.3)
+        try:
+            a.record(True)
+            await a.sync()
+            await b.sync()
+            await asyncio.sleep(0.25)
+            assert await a.admit()  # a claims the probe, then "dies": it never records the outcome
+            assert not await b.admit()
+            await asyncio.sleep(0.35)
+            assert await b.admit()
+        finally:
+            await _cleanup(clients, prefix)
+
+    asyncio.run(run())
+
+
+def test_while_redis_is_down_each_replica_keeps_a_breaker_of_its_own_then_shares_again():
+    import asyncio
+
+    from tests import servers
+    from tests.integration.support import free_port
+
+    server = servers.PrivateRedis(free_port())
+    server.start()
+
+    async def run():
+        (a,), clients, prefix = await _replicas(server.url, n=1, min_requests=2, window_s=10, open_s=30)
+        try:
+            await a.sync()
+            assert a.status()["shared"]
+            server.stop()
+            a.record(True)
+            await a.sync()  # Redis is gone: the counted outcome is lost with it, the replica decides alone
+            assert not a.status()["shared"] and await a.admit()
+            a.record(True)
+            a.record(True)
+            assert a.state == OPEN and not await a.admit()  # its own breaker opened
+            assert a.retry_after_s() > 29
+            server.start()
+            await a.sync()
+            assert a.status()["shared"] and a.state == CLOSED and await a.admit()  # the shared one decides again
+        finally:
+            await _cleanup(clients, prefix)
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.remove()
+
+
+def test_two_gateway_replicas_with_redis_share_one_breaker_and_both_fail_fast(lm, unit_keys):
+    """Two in-process gateways of one app sharing the machine's Redis: one failure seen by each replica opens the
+    breaker of both (min_requests 2), both then fail fast, and /admin/services says the breaker is shared."""
+    import uuid
+
+    import redis
+
+    from mass.gateway.app import create_app
+    from tests.inprocess import build_state
+
+    app_name = f"test-breaker-{uuid.uuid4().hex[:8]}"
+    config = {"gateway": {"redis_url": REDIS, "replicas": 2,
+                          "breaker": {"min_requests": 2, "failure_ratio": 0.5, "open_s": 30.0}},
+              "models": [{"name": "solo", "ref": "tiny-gpt@production", "engine": "llm", "max_tokens_limit": 16}]}
+    states = [build_state(config, {"solo": lm}, keys=unit_keys["store"], app=app_name) for _ in range(2)]
+    heals = [fail_with(s, "solo", lambda: RuntimeError("injected model failure")) for s in states]
+    headers = {"Authorization": f"Bearer {unit_keys['admin']}"}
+    try:
+        with TestClient(create_app(states[0]), raise_server_exceptions=False, headers=headers) as a, \
+                TestClient(create_app(states[1]), raise_server_exceptions=False, headers=headers) as b:
+            assert [c.post("/v1/completions", json={"model": "solo", **BODY}).status_code for c in (a, b)] == [500] * 2
+            deadline = time.monotonic() + 5  # each replica sends its outcome within sync_s (0.25 s)
+            while not all(s.routes["solo"].breaker.state == OPEN for s in states):
+                assert time.monotonic() < deadline, [s.routes["solo"].breaker.status() for s in states]
+                a.get("/v1/models")  # requests start the sync task (it lives on the app's event loop)
+                b.get("/v1/models")
+                time.sleep(0.05)
+            for client in (a, b):
+                resp = client.post("/v1/completions", json={"model": "solo", **BODY})
+                assert resp.status_code == 503 and int(resp.headers["retry-after"]) >= 25
+            breaker = b.get("/admin/services").json()["data"]["solo"]["breaker"]
+            assert breaker["shared"] and breaker["state"] == OPEN and breaker["window_failures"] == 2
+            assert "2 of the last 2 requests failed" in breaker["transitions"][-1]["why"]
+    finally:
+        for heal in heals:
+            heal()
+        for state in states:
+            state.routes["solo"].handle._target.served.engine.shutdown()
+        r = redis.Redis.from_url(REDIS)
+        stale = r.keys(f"mass:breaker:{app_name}:*")
+        if stale:
+            r.delete(*stale)
