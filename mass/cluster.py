@@ -17,7 +17,21 @@ def connect_ray(address: str | None = None, settings: Settings | None = None) ->
     target = address or settings.ray_address or "local"
     if target == "local":  # the Ray started here inherits this process's environment
         apply_ray_start_env(settings)
+        _interpreter_first_on_path()
     ray.init(address=target, configure_logging=False)
+
+
+def _interpreter_first_on_path() -> None:
+    """A Ray job's entrypoint runs ``python`` from the PATH of the Ray it goes to: for a local Ray started here,
+    make that this interpreter (as activating its venv would), not whatever ``python`` the shell had."""
+    import os
+    import sys
+    from pathlib import Path
+
+    here = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != here:
+        os.environ["PATH"] = os.pathsep.join([here, path]) if path else here
 
 
 def require(resource: str, need: float, asks: str, fix: str, field: str) -> None:

@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the end-to-end demo that `make demo` runs")
     demo.add_argument("--quick", action="store_true", help="train each tiny-gpt for one epoch on 40,000 tokens "
                                                          "(about a minute less; the rest is the same)")
+    demo.add_argument("--tuning", action="store_true", help="instead: a 4-trial ASHA search, then a retrain "
+                                                          "started by a dataset.updated event (with --quick: "
+                                                          "trials on 20,000 tokens, a one-epoch retrain)")
     return parser
 
 
@@ -1026,6 +1029,10 @@ def _compress_pipeline(args) -> int:
 
 @command("demo")
 def _demo(args) -> int:
+    if args.tuning:
+        from mass.cli.demo_tuning import run_tuning_demo
+
+        return run_tuning_demo(quick=args.quick)
     from mass.cli.demo import QUICK, run_demo
 
     return run_demo(overrides=QUICK if args.quick else None)

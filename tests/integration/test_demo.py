@@ -41,3 +41,25 @@ def test_demo_runs_to_the_end(ray_cluster, tmp_path):
     assert ["tiny-gpt", "1", "production", "READY", "text-generation"] in rows
     assert ["tiny-gpt", "2", "latest-train", "READY", "text-generation"] in rows
     assert (tmp_path / "demo-home" / "mlflow.db").is_file()
+
+
+def test_tuning_demo_searches_then_retrains_on_an_event(ray_cluster, tmp_path):
+    """``mass demo --tuning --quick`` in a fresh MASS_HOME: 4 trials (ASHA), the best registered, then a dataset
+    version that a trigger rule turns into a Ray job whose model names the event."""
+    env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.gcs_address, "MASS_HOME": str(tmp_path / "tuning-home")}
+    proc = run_cli(["demo", "--tuning", "--quick"], env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if re.match(r"\| \w+_0000\d", line)]
+    assert len(rows) == 4 and {r[4].strip() for r in rows} <= {"completed", "stopped early"}
+    steps = [tuple(int(n) for n in r[6].split("/")) for r in rows]
+    run, budget = sum(s[0] for s in steps), sum(s[1] for s in steps)
+    saved = re.search(r"steps run: (\d+) of a full budget of (\d+) \(early stopping saved (\d+)%\)", out)
+    assert saved and (int(saved[1]), int(saved[2])) == (run, budget)
+    assert int(saved[3]) == round(100 * (1 - run / budget))
+    assert sum("**best**" in r[0] for r in rows) == 1 and "best trial registered as tiny-gpt/1" in out
+    assert "registered dataset demo-chats@1 (600 rows): dataset.updated published" in out
+    job = re.search(r"started Ray job (mass-trigger-demo-retrain-\w+) for event (dataset\.updated@\d+)", out)
+    assert job and f"job {job[1]}: SUCCEEDED" in out
+    assert ("registered tiny-gpt-retrained/1: trained on demo-chats@1" in out
+            and f"rule demo-retrain, event {job[2]}" in out)
