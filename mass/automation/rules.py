@@ -32,7 +32,7 @@ class Condition:
     and parentheses. A field an event lacks makes its comparison false (never an error)."""
 
     def __init__(self, text: str, event_type: str) -> None:
-        from mass.data.corpus import parse_python  # thread-safe ast.parse (see there)
+        from mass.pyast import parse_python  # thread-safe ast.parse (see there)
 
         self.text = text.strip()
         try:

@@ -39,7 +39,7 @@ class Gate:
     def parse(cls, text: str | None) -> "Gate":
         """Parse ``text`` (default ``DEFAULT_GATE``): comparisons of the figures in ``FIGURES`` with numbers,
         joined by ``and``/``or`` and parentheses. ConfigError naming what is wrong otherwise."""
-        from mass.data.corpus import parse_python  # thread-safe ast.parse (see there)
+        from mass.pyast import parse_python  # thread-safe ast.parse (see there)
 
         text = (text or DEFAULT_GATE).strip()
         try:

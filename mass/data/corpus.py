@@ -17,34 +17,13 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mass.errors import DataError
+from mass.pyast import parse_python
 
 log = logging.getLogger(__name__)
-# CPython 3.11's AST constructor is not thread-safe ("AST constructor recursion depth mismatch" when threads parse
-# at once, as a pipeline's steps do): one parse at a time per process. The lock cannot cover other libraries'
-# threads (3.11's traceback module parses the source lines it prints), so parse_python also retries that error.
-AST_LOCK = threading.Lock()
-
-
-def parse_python(source: str, mode: str = "exec") -> ast.AST:
-    """``ast.parse`` under ``AST_LOCK``, tried again (up to 3 times) when CPython 3.11's shared AST-constructor
-    state was disturbed by another thread's parse (cpython#106905): that SystemError says nothing about the
-    source. SyntaxError and ValueError pass through."""
-    for attempt in range(3):
-        try:
-            with AST_LOCK:
-                return ast.parse(source, mode=mode)
-        except SystemError as exc:
-            if "recursion depth mismatch" not in str(exc) or attempt == 2:
-                raise
-            log.debug("ast.parse disturbed by another thread's parse (%s); parsing again", exc)
-    raise AssertionError("unreachable")
-
-
 #: Standard-library packages present on every Python 3.11: several MB of well-written English.
 DEFAULT_PACKAGES = ("argparse", "asyncio", "collections", "concurrent", "email", "http", "importlib", "json",
                     "logging", "multiprocessing", "pathlib", "unittest", "urllib", "xml", "typing",

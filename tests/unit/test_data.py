@@ -91,7 +91,7 @@ def test_a_parse_disturbed_by_another_threads_parse_is_tried_again(monkeypatch):
     about the source; parse_python parses again. Any other SystemError, and a SyntaxError, pass through."""
     import ast
 
-    from mass.data import corpus
+    from mass import pyast
 
     real, calls = ast.parse, []
 
@@ -101,16 +101,16 @@ def test_a_parse_disturbed_by_another_threads_parse_is_tried_again(monkeypatch):
             raise SystemError("AST constructor recursion depth mismatch (before=132, after=74)")
         return real(source, *args, **kwargs)
 
-    monkeypatch.setattr(corpus.ast, "parse", disturbed)
-    tree = corpus.parse_python("a > 1", mode="eval")
+    monkeypatch.setattr(pyast.ast, "parse", disturbed)
+    tree = pyast.parse_python("a > 1", mode="eval")
     assert isinstance(tree.body, ast.Compare) and len(calls) == 2
 
     def broken(source, *args, **kwargs):
         raise SystemError("something else")
 
-    monkeypatch.setattr(corpus.ast, "parse", broken)
+    monkeypatch.setattr(pyast.ast, "parse", broken)
     with pytest.raises(SystemError, match="something else"):
-        corpus.parse_python("a > 1", mode="eval")
-    monkeypatch.setattr(corpus.ast, "parse", real)
+        pyast.parse_python("a > 1", mode="eval")
+    monkeypatch.setattr(pyast.ast, "parse", real)
     with pytest.raises(SyntaxError):
-        corpus.parse_python("a >", mode="eval")
+        pyast.parse_python("a >", mode="eval")
