@@ -535,17 +535,27 @@ GATEWAY_KEYS = ("serve_ingress", "texts_per_s", "in_process_baseline", "gateway_
                 "gateway_one_2cpu_replica_vs_in_process", "batched_vs_unbatched", "handle_batched_vs_unbatched")
 
 
+def saved_other_part(path: str | None, machine: str, is_other) -> tuple[dict, dict] | None:
+    """The saved JSON at ``path`` and its keys of the part this run did not measure (``is_other(key)``), when it
+    ran on the same machine line (same CPU, cores, torch, threads): one table, one machine. None otherwise (no
+    file, or another machine: said on stdout), and the table has only this run's part. Shared by the benchmarks
+    that run in parts (``--part``)."""
+    if not path or not Path(path).exists():
+        return None
+    saved = json.loads(Path(path).read_text())
+    if saved.get("machine") != machine:
+        print(f"not merging {path}: it ran on {saved.get('machine')!r}, this on {machine!r}")
+        return None
+    return saved, {k: v for k, v in saved.items() if is_other(k) and k not in ("machine", "rounds", "date")}
+
+
 def with_other_part(result: dict, args) -> dict:
-    """A one-part run completed by the other part of the saved JSON when that ran on the same machine line (same
-    CPU, cores, torch, threads): one table, one machine. Otherwise the table has only this run's part."""
-    if args.part == "all" or not args.json or not Path(args.json).exists():
+    """A one-part run completed by the other part of the saved JSON (``saved_other_part``); the dates of both."""
+    found = None if args.part == "all" else saved_other_part(
+        args.json, result["machine"], lambda k: (k in GATEWAY_KEYS) == (args.part == "continuous"))
+    if found is None:
         return result
-    saved = json.loads(Path(args.json).read_text())
-    if saved.get("machine") != result["machine"]:
-        print(f"not merging {args.json}: it ran on {saved.get('machine')!r}, this on {result['machine']!r}")
-        return result
-    other = {k: v for k, v in saved.items() if (k in GATEWAY_KEYS) == (args.part == "continuous")
-             and k not in ("machine", "rounds", "date")}
+    saved, other = found
     dates = sorted({saved.get("date"), result["date"]})
     return {**result, **other, "date": " and ".join(d for d in dates if d)}
 

@@ -168,20 +168,19 @@ def run(args) -> dict:
 
 
 def _with_other_part(out: dict, args) -> dict:
-    if args.part == "all" or not args.json or not Path(args.json).exists():
-        return out
-    from serving import machine_line
+    """A one-part run completed by the other part of the saved JSON (``serving.saved_other_part``); the training
+    part's rounds and the other part's date are kept."""
+    from serving import machine_line, saved_other_part
 
-    saved = json.loads(Path(args.json).read_text())
-    if saved.get("machine") != machine_line():
-        print(f"not merging {args.json}: it ran on {saved.get('machine')!r}")
+    found = None if args.part == "all" else saved_other_part(
+        args.json, machine_line(), lambda k: (k in TRAINING_KEYS) == (args.part == "searches"))
+    if found is None:
         return out
-    keep = [k for k in saved if (k in TRAINING_KEYS) == (args.part == "searches") and k not in ("machine", "date",
-                                                                                              "rounds")]
+    saved, other = found
     if args.part == "searches":
         out["rounds"] = saved.get("rounds")  # the training part's rounds
     out["other_date"] = saved.get("date")
-    return {**{k: saved[k] for k in keep}, **out}
+    return {**other, **out}
 
 
 def _spread(values: list[float], fmt: str = "{:.2f}") -> str:
