@@ -13,10 +13,11 @@ METHODS = {k: ALL_METHODS[k].help for k in ("onnx", "onnx-int8")}
 def run_convert(ref: str, method: str = "onnx-int8", name: str | None = None, gate: str | None = None,
                 tolerance: float = 1e-4, per_channel: bool = True, embeddings: bool = True,
                 aliases: tuple[str, ...] = (), threads: int | None = None, rounds: int = 3,
-                address: str | None = None) -> CompressionResult:
+                address: str | None = None, phases=None) -> CompressionResult:
     """Convert the registered encoder ``ref`` by ``method`` (``METHODS``) and register the child as a new version
     of ``name`` (default: ``<parent>-<method>``) if it passes ``gate``. An export beyond ``tolerance`` of its
-    parent raises ``ParityError`` and registers nothing; see ``run_compression`` for the rest."""
+    parent raises ``ParityError`` and registers nothing; see ``run_compression`` for the rest (``phases``
+    included: jobs sharing one measure their common parent once)."""
     from mass.errors import ConfigError
 
     if method not in METHODS:
@@ -24,7 +25,7 @@ def run_convert(ref: str, method: str = "onnx-int8", name: str | None = None, ga
                           "mass compress quantize)", field="method")
     return run_compression(ref, [method], name=name, gate=gate, tolerance=tolerance, per_channel=per_channel,
                            embeddings=embeddings, aliases=aliases, threads=threads, rounds=rounds,
-                           address=address)[0]
+                           address=address, phases=phases)[0]
 
 
 def add_common_args(parser, embeddings: bool = True) -> None:

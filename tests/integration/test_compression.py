@@ -29,25 +29,35 @@ def _vectors(url: str, model: str, api_key: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def converted(gateway, ray_cluster):
+def minilm_phases():
+    """One ``Phases`` for the conversion and quantization jobs over minilm-l6@production: the parent is measured
+    once for both cards, as a pipeline's steps share it."""
+    from mass.compression.job import Phases
+
+    return Phases()
+
+
+@pytest.fixture(scope="module")
+def converted(gateway, ray_cluster, minilm_phases):
     """minilm-l6@production converted to ONNX int8 (one throughput round: the figures are not the point here)."""
     from mass.events import open_bus
 
     bus = open_bus()
     start = bus.last_offset()
-    result = run_convert("minilm-l6@production", name=CHILD, threads=2, rounds=1, address=ray_cluster.gcs_address)
+    result = run_convert("minilm-l6@production", name=CHILD, threads=2, rounds=1, address=ray_cluster.gcs_address,
+                         phases=minilm_phases)
     events = [e for e in bus.replay(start, count=1000) if e.type == "compression.completed"]
     bus.close()
     return result, events
 
 
 @pytest.fixture(scope="module")
-def quantized(gateway, ray_cluster):
+def quantized(gateway, ray_cluster, converted, minilm_phases):
     """minilm-l6@production quantized by PyTorch dynamic int8 and bitsandbytes nf4 in one job (children made in
-    parallel), registered under the default names; by method."""
+    parallel), registered under the default names; by method. After ``converted``, whose parent rows it reuses."""
     results = run_compression("minilm-l6@production", ["torch-int8", "bnb-nf4"], threads=2, rounds=1,
                               gate="quality >= 0.95 and (speedup > 1.05 or memory < 0.9)",
-                              address=ray_cluster.gcs_address)
+                              address=ray_cluster.gcs_address, phases=minilm_phases)
     return {r.method: r for r in results}
 
 
@@ -112,7 +122,7 @@ def test_what_cannot_work_is_refused_before_any_work(converted, kwargs, needle):
     assert len(registry.client.search_runs([registry.experiment_id()], max_results=1000)) == runs
 
 
-def test_quantization_methods_make_their_children_in_parallel_each_on_its_own_card(quantized, ray_cluster):
+def test_quantization_methods_make_their_children_in_parallel_each_on_its_own_card(quantized, converted, ray_cluster):
     from ray.util.state import list_tasks
 
     parent = ModelRegistry().resolve("minilm-l6@production")
@@ -124,6 +134,7 @@ def test_quantization_methods_make_their_children_in_parallel_each_on_its_own_ca
         assert info.lineage["parent"] == parent.ref and info.lineage["method"] == method
         assert info.lineage["source_run"] == result.run_id and info.format == {"torch-int8": "torch-int8",
                                                                                "bnb-nf4": "bnb"}[method]
+        assert result.card["rows"][:2] == converted[0].card["rows"][:2]  # the parent measured once for both jobs
     figures = {m: r.card["figures"] for m, r in quantized.items()}
     assert figures["torch-int8"]["quality"] >= 0.98 and figures["torch-int8"]["memory"] < 0.45, figures
     assert 0.95 <= figures["bnb-nf4"]["quality"] < 1 and figures["bnb-nf4"]["memory"] < 0.7, figures

@@ -272,139 +272,121 @@ def test_a_resumed_stream_that_loses_its_replica_again_ends_with_an_error_event(
 REDIS = "redis://127.0.0.1:6379/0"
 
 
-async def _replicas(url: str, n: int = 2, **settings):
-    """``n`` SharedBreakers of one model as ``n`` gateway replicas would hold them (own clients, one prefix)."""
+def _on_replicas(body, url: str = REDIS, n: int = 2, **settings) -> None:
+    """``await body(*breakers)`` on ``n`` SharedBreakers of one model as ``n`` gateway replicas would hold them
+    (own clients, one fresh prefix); the prefix's keys are deleted afterwards."""
+    import asyncio
     import uuid
 
     import redis.asyncio as aioredis
 
     from mass.gateway.shared_breaker import SharedBreaker
 
-    prefix = f"test:breaker:{uuid.uuid4().hex[:8]}"
-    clients = [aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5) for _ in range(n)]
-    breakers = [SharedBreaker("m", c, prefix, **settings) for c in clients]
-    return breakers, clients, prefix
+    async def run():
+        prefix = f"test:breaker:{uuid.uuid4().hex[:8]}"
+        clients = [aioredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5) for _ in range(n)]
+        try:
+            await body(*(SharedBreaker("m", c, prefix, **settings) for c in clients))
+        finally:
+            keys = await clients[0].keys(f"{prefix}:*")
+            if keys:
+                await clients[0].delete(*keys)
+            for c in clients:
+                await c.aclose()
 
-
-async def _cleanup(clients, prefix):
-    keys = await clients[0].keys(f"{prefix}:*")
-    if keys:
-        await clients[0].delete(*keys)
-    for c in clients:
-        await c.aclose()
+    asyncio.run(run())
 
 
 def test_a_shared_breaker_counts_every_replicas_outcomes_and_hands_out_the_probes_once():
     import asyncio
 
-    async def run():
-        (a, b), clients, prefix = await _replicas(REDIS, failure_ratio=0.5, min_requests=4, window_s=10,
-                                                  open_s=0.4, half_open_probes=2)
-        try:
-            for breaker in (a, b):  # 2 failures and 0 successes each: neither alone has min_requests outcomes
-                assert await breaker.admit()
-                breaker.record(True)
-                breaker.record(True)
-            await a.sync()
-            assert a.state == CLOSED and a.status()["window_requests"] == 2
-            await b.sync()  # the shared window now holds 4 outcomes, all failed
-            assert b.state == OPEN and "4 of the last 4 requests failed" in b.status()["transitions"][-1]["why"]
-            await a.sync()
-            assert a.state == OPEN and not await a.admit() and 0 < a.retry_after_s() <= 0.4
-            await asyncio.sleep(0.45)
-            claims = [await a.admit(), await b.admit(), await a.admit(), await b.admit()]
-            assert claims == [True, True, False, False]  # 2 probes for the model, not 2 per replica
-            assert a.state == b.state == HALF_OPEN
-            a.record(False)
-            await a.sync()
-            assert a.state == HALF_OPEN  # one of two probes answered
-            b.record(False)
-            await b.sync()
-            await a.sync()
-            assert a.state == b.state == CLOSED and a.status()["window_requests"] == 0
-            assert [t["to"] for t in a.status()["transitions"]] == [OPEN, HALF_OPEN, CLOSED]
-            assert a.status()["shared"] and await a.admit()
-        finally:
-            await _cleanup(clients, prefix)
+    async def body(a, b):
+        for breaker in (a, b):  # 2 failures and 0 successes each: neither alone has min_requests outcomes
+            assert await breaker.admit()
+            breaker.record(True)
+            breaker.record(True)
+        await a.sync()
+        assert a.state == CLOSED and a.status()["window_requests"] == 2
+        await b.sync()  # the shared window now holds 4 outcomes, all failed
+        assert b.state == OPEN and "4 of the last 4 requests failed" in b.status()["transitions"][-1]["why"]
+        await a.sync()
+        assert a.state == OPEN and not await a.admit() and 0 < a.retry_after_s() <= 0.4
+        await asyncio.sleep(0.45)
+        claims = [await a.admit(), await b.admit(), await a.admit(), await b.admit()]
+        assert claims == [True, True, False, False]  # 2 probes for the model, not 2 per replica
+        assert a.state == b.state == HALF_OPEN
+        a.record(False)
+        await a.sync()
+        assert a.state == HALF_OPEN  # one of two probes answered
+        b.record(False)
+        await b.sync()
+        await a.sync()
+        assert a.state == b.state == CLOSED and a.status()["window_requests"] == 0
+        assert [t["to"] for t in a.status()["transitions"]] == [OPEN, HALF_OPEN, CLOSED]
+        assert a.status()["shared"] and await a.admit()
 
-    asyncio.run(run())
+    _on_replicas(body, failure_ratio=0.5, min_requests=4, window_s=10, open_s=0.4, half_open_probes=2)
 
 
 def test_a_failed_probe_on_one_replica_opens_the_breaker_for_all():
     import asyncio
 
-    async def run():
-        (a, b), clients, prefix = await _replicas(REDIS, failure_ratio=0.5, min_requests=1, window_s=10,
-                                                  open_s=0.3, half_open_probes=1)
-        try:
-            a.record(True)
-            await a.sync()
-            await b.sync()
-            assert a.state == b.state == OPEN
-            await asyncio.sleep(0.35)
-            assert await b.admit() and not await a.admit()
-            b.record(True)  # the probe failed
-            await b.sync()
-            await a.sync()
-            assert a.state == b.state == OPEN and a.status()["transitions"][-1]["why"] == "a probe request failed"
-            assert not await a.admit()
-        finally:
-            await _cleanup(clients, prefix)
+    async def body(a, b):
+        a.record(True)
+        await a.sync()
+        await b.sync()
+        assert a.state == b.state == OPEN
+        await asyncio.sleep(0.35)
+        assert await b.admit() and not await a.admit()
+        b.record(True)  # the probe failed
+        await b.sync()
+        await a.sync()
+        assert a.state == b.state == OPEN and a.status()["transitions"][-1]["why"] == "a probe request failed"
+        assert not await a.admit()
 
-    asyncio.run(run())
+    _on_replicas(body, failure_ratio=0.5, min_requests=1, window_s=10, open_s=0.3, half_open_probes=1)
 
 
 def test_a_probe_whose_replica_never_answers_is_given_up_after_stale_s():
     import asyncio
 
-    async def run():
-        (a, b), clients, prefix = await _replicas(REDIS, min_requests=1, open_s=0.2, half_open_probes=1,
-                                                  stale_s=0.3)
-        try:
-            a.record(True)
-            await a.sync()
-            await b.sync()
-            await asyncio.sleep(0.25)
-            assert await a.admit()  # a claims the probe, then "dies": it never records the outcome
-            assert not await b.admit()
-            await asyncio.sleep(0.35)
-            assert await b.admit()
-        finally:
-            await _cleanup(clients, prefix)
+    async def body(a, b):
+        a.record(True)
+        await a.sync()
+        await b.sync()
+        await asyncio.sleep(0.25)
+        assert await a.admit()  # a claims the probe, then "dies": it never records the outcome
+        assert not await b.admit()
+        await asyncio.sleep(0.35)
+        assert await b.admit()
 
-    asyncio.run(run())
+    _on_replicas(body, min_requests=1, open_s=0.2, half_open_probes=1, stale_s=0.3)
 
 
 def test_while_redis_is_down_each_replica_keeps_a_breaker_of_its_own_then_shares_again():
-    import asyncio
-
     from tests import servers
     from tests.integration.support import free_port
 
     server = servers.PrivateRedis(free_port())
     server.start()
 
-    async def run():
-        (a,), clients, prefix = await _replicas(server.url, n=1, min_requests=2, window_s=10, open_s=30)
-        try:
-            await a.sync()
-            assert a.status()["shared"]
-            server.stop()
-            a.record(True)
-            await a.sync()  # Redis is gone: the counted outcome is lost with it, the replica decides alone
-            assert not a.status()["shared"] and await a.admit()
-            a.record(True)
-            a.record(True)
-            assert a.state == OPEN and not await a.admit()  # its own breaker opened
-            assert a.retry_after_s() > 29
-            server.start()
-            await a.sync()
-            assert a.status()["shared"] and a.state == CLOSED and await a.admit()  # the shared one decides again
-        finally:
-            await _cleanup(clients, prefix)
+    async def body(a):
+        await a.sync()
+        assert a.status()["shared"]
+        server.stop()
+        a.record(True)
+        await a.sync()  # Redis is gone: the counted outcome is lost with it, the replica decides alone
+        assert not a.status()["shared"] and await a.admit()
+        a.record(True)
+        a.record(True)
+        assert a.state == OPEN and not await a.admit()  # its own breaker opened
+        assert a.retry_after_s() > 29
+        server.start()
+        await a.sync()
+        assert a.status()["shared"] and a.state == CLOSED and await a.admit()  # the shared one decides again
 
     try:
-        asyncio.run(run())
+        _on_replicas(body, url=server.url, n=1, min_requests=2, window_s=10, open_s=30)
     finally:
         server.remove()
 
