@@ -1,6 +1,6 @@
 """``SharedBreaker``: one model's circuit breaker kept in Redis, so every gateway replica of an app sees one state,
 one window of outcomes and one set of half-open probes. The request path reads a local mirror; outcomes are
-counted locally and sent, with the mirror refreshed, every ``sync_s`` (one Lua script per model). While Redis is
+counted locally and sent, with the mirror refreshed, every ``SYNC_S`` (one Lua script per model). While Redis is
 unreachable each replica falls back to a breaker of its own and returns to the shared one by itself."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from mass.gateway.breaker import CLOSED, OPEN, CircuitBreaker, Transition
 
 log = logging.getLogger(__name__)
+SYNC_S = 0.25  # outcomes go out and the state comes back this often: what another replica sees, at the latest
 
 # KEYS: 1 state (hash: state, opened_at, probes_out, probes_ok, probe_at), 2 window (hash: "<second>:n|f" -> count),
 # 3 transitions (list of JSON, newest first). Shared by both scripts.
@@ -115,15 +116,13 @@ class SharedBreaker:
         redis: an asyncio Redis client (shared by the app's breakers).
         prefix: key prefix in Redis; the gateway uses ``mass:breaker:<app>`` so apps never share a breaker.
         stale_s: a half-open probe not answered within this long frees its slot (its gateway replica died).
-        sync_s: how often outcomes are sent and the state read (what the other replicas see, at the latest).
         **settings: ``failure_ratio``, ``min_requests``, ``window_s``, ``open_s``, ``half_open_probes``.
     """
 
-    def __init__(self, model: str, redis: Any, prefix: str, stale_s: float = 70.0, sync_s: float = 0.25,
-                 **settings: Any) -> None:
+    def __init__(self, model: str, redis: Any, prefix: str, stale_s: float = 70.0, **settings: Any) -> None:
         from mass.access.redis_limits import ScriptBatch
 
-        self.model, self.redis, self.stale_s, self.sync_s = model, redis, stale_s, sync_s
+        self.model, self.redis, self.stale_s = model, redis, stale_s
         self.local = CircuitBreaker(model, **settings)  # while Redis is unreachable
         self.failure_ratio, self.min_requests = self.local.failure_ratio, self.local.min_requests
         self.window_s, self.open_s, self.half_open_probes = self.local.window_s, self.local.open_s, \
@@ -237,7 +236,7 @@ class SharedBreaker:
                 "transitions": [t.to_dict() for t in self.transitions], "shared": True}
 
 
-async def keep_in_sync(breakers: list[SharedBreaker], every_s: float) -> None:
+async def keep_in_sync(breakers: list[SharedBreaker], every_s: float = SYNC_S) -> None:
     """Sync every shared breaker every ``every_s`` (their scripts go out in one pipeline) until cancelled."""
     while True:
         await asyncio.gather(*(b.sync() for b in breakers))

@@ -37,7 +37,7 @@ class Route:
     args: LLMArgs | EmbeddingArgs
     versions: list[Version] = field(default_factory=list)
     offline: dict[str, Any] | None = None  # why, who, when: the model answers 404 model_offline
-    breaker: Any = None  # mass.gateway.breaker.CircuitBreaker
+    breaker: Any = None  # mass.gateway.breaker.CircuitBreaker, or shared_breaker.SharedBreaker with Redis
 
     def pick(self) -> Version:
         """A version by weight (the one that answers this call); Overloaded (503) while none is ready."""
@@ -215,7 +215,7 @@ class GatewayState:
             from mass.gateway.shared_breaker import keep_in_sync
 
             self._breaker_sync = asyncio.get_running_loop().create_task(
-                keep_in_sync([r.breaker for r in self.routes.values()], every_s=0.25))
+                keep_in_sync([r.breaker for r in self.routes.values()]))
 
     async def _poll(self) -> None:
         failing = False

@@ -412,7 +412,7 @@ def test_two_gateway_replicas_with_redis_share_one_breaker_and_both_fail_fast(lm
         with TestClient(create_app(states[0]), raise_server_exceptions=False, headers=headers) as a, \
                 TestClient(create_app(states[1]), raise_server_exceptions=False, headers=headers) as b:
             assert [c.post("/v1/completions", json={"model": "solo", **BODY}).status_code for c in (a, b)] == [500] * 2
-            deadline = time.monotonic() + 5  # each replica sends its outcome within sync_s (0.25 s)
+            deadline = time.monotonic() + 5  # each replica sends its outcome within SYNC_S (0.25 s)
             while not all(s.routes["solo"].breaker.state == OPEN for s in states):
                 assert time.monotonic() < deadline, [s.routes["solo"].breaker.status() for s in states]
                 a.get("/v1/models")  # requests start the sync task (it lives on the app's event loop)
