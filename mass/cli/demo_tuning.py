@@ -119,8 +119,9 @@ def run_tuning_demo(quick: bool = False) -> int:
     if status != "SUCCEEDED":
         print(f"see `ray job logs {run.job_id}`", file=sys.stderr)
         return 1
-    info = ModelRegistry(settings).resolve(RETRAINED)
-    tags: dict[str, Any] = ModelRegistry(settings).client.get_run(info.run_id).data.tags
+    registry = ModelRegistry(settings)
+    info = registry.resolve(RETRAINED)
+    tags: dict[str, Any] = registry.client.get_run(info.run_id).data.tags
     print(f"registered {info.ref}: trained on {info.lineage.get('datasets')}, val_loss "
           f"{info.metrics.get('val_loss', float('nan')):.3f}; its MLflow run names what started it: rule "
           f"{tags.get('mass.trigger.rule')}, event {tags.get('mass.trigger.event')}", flush=True)

@@ -16,13 +16,14 @@ from mass.gateway.breaker import CLOSED, OPEN, CircuitBreaker, Transition
 log = logging.getLogger(__name__)
 SYNC_S = 0.25  # outcomes go out and the state comes back this often: what another replica sees, at the latest
 
-# KEYS: 1 state (hash: state, opened_at, probes_out, probes_ok, probe_at), 2 window (hash: "<second>:n|f" -> count),
-# 3 transitions (list of JSON, newest first). Shared by both scripts.
+# KEYS: 1 state (hash: state, opened_at, probes, probes_out, probes_ok, probe_at, seq: transitions so far),
+# 2 window (hash: "<second>:n|f" -> count), 3 transitions (list of JSON, newest first). Shared by both scripts.
 _MOVE = """
 local function move(new, why)
   redis.call('LPUSH', KEYS[3], cjson.encode({at = now, from = state, to = new, why = why}))
   redis.call('LTRIM', KEYS[3], 0, 19)
   redis.call('HSET', KEYS[1], 'state', new)
+  redis.call('HINCRBY', KEYS[1], 'seq', 1)
   state = new
 end
 local function keep()
@@ -30,12 +31,12 @@ local function keep()
 end
 """
 
-# ARGV: now (s), successes, failures, failure ratio, min requests, window s. Returns state, opened_at, window
-# requests, window failures, transitions.
+# ARGV: now (s), successes, failures, failure ratio, min requests, window s, the transition seq the caller has.
+# Returns state, opened_at, window requests, window failures, seq, and the transitions only when seq moved on.
 SYNC = """
 local now = tonumber(ARGV[1])
 local ok, failed = tonumber(ARGV[2]), tonumber(ARGV[3])
-local ratio, minreq, win = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local ratio, minreq, win, known = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local st = redis.call('HMGET', KEYS[1], 'state', 'opened_at')
 local state = st[1] or 'closed'
 local opened = st[2] or '0'
@@ -79,7 +80,8 @@ else
   end
 end
 keep()
-return {state, opened, n, f, redis.call('LRANGE', KEYS[3], 0, 19)}
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+return {state, opened, n, f, seq, seq ~= known and redis.call('LRANGE', KEYS[3], 0, 19) or {}}
 """
 
 # ARGV: now (s), open s, half-open probes, stale s (a probe unanswered this long is given up: its replica died).
@@ -123,16 +125,14 @@ class SharedBreaker:
         from mass.access.redis_limits import ScriptBatch
 
         self.model, self.redis, self.stale_s = model, redis, stale_s
-        self.local = CircuitBreaker(model, **settings)  # while Redis is unreachable
-        self.failure_ratio, self.min_requests = self.local.failure_ratio, self.local.min_requests
-        self.window_s, self.open_s, self.half_open_probes = self.local.window_s, self.local.open_s, \
-            self.local.half_open_probes
+        self.local = CircuitBreaker(model, **settings)  # the settings; and the breaker while Redis is unreachable
         base = f"{prefix}:{{{model}}}"
         self.keys = [f"{base}:state", f"{base}:window", f"{base}:transitions"]
         self._sync, self._probe = ScriptBatch(redis, SYNC), ScriptBatch(redis, PROBE)
         self._state, self._opened_at = CLOSED, 0.0
         self._window = (0, 0)
         self._transitions: list[dict[str, Any]] = []
+        self._seq = -1  # the shared transition count ``_transitions`` is from (read again only when it moves)
         self._ok = self._failed = 0
         self._logged_at = 0.0  # the newest shared transition this replica has logged
         self.shared = True  # False while Redis is unreachable: the local breaker decides
@@ -153,7 +153,7 @@ class SharedBreaker:
         """Seconds until an open breaker lets probes through (0 when not open)."""
         if not self.shared:
             return self.local.retry_after_s()
-        return max(0.0, self._opened_at + self.open_s - time.time()) if self._state == OPEN else 0.0
+        return max(0.0, self._opened_at + self.local.open_s - time.time()) if self._state == OPEN else 0.0
 
     def allow(self) -> bool:
         """The mirror's answer without a round trip: closed lets through, open refuses, probing is ``admit``'s."""
@@ -168,11 +168,12 @@ class SharedBreaker:
 
         if not self.shared or self._state == CLOSED:
             return self.allow()
-        if self._state == OPEN and time.time() < self._opened_at + self.open_s:
+        if self._state == OPEN and time.time() < self._opened_at + self.local.open_s:
             return False
         try:
             allowed, state, opened = await self._probe(
-                self.keys, [repr(time.time()), repr(self.open_s), self.half_open_probes, repr(self.stale_s)])
+                self.keys, [repr(time.time()), repr(self.local.open_s), self.local.half_open_probes,
+                            repr(self.stale_s)])
         except (RedisError, OSError) as exc:
             self._lost(exc)
             return self.local.allow()
@@ -196,9 +197,9 @@ class SharedBreaker:
         ok, failed = self._ok, self._failed
         self._ok = self._failed = 0
         try:
-            state, opened, n, f, transitions = await self._sync(
-                self.keys, [repr(time.time()), ok, failed, repr(self.failure_ratio), self.min_requests,
-                            repr(self.window_s)])
+            state, opened, n, f, seq, transitions = await self._sync(
+                self.keys, [repr(time.time()), ok, failed, repr(self.local.failure_ratio), self.local.min_requests,
+                            repr(self.local.window_s), self._seq])
         except (RedisError, OSError) as exc:
             self._lost(exc)
             return
@@ -208,7 +209,9 @@ class SharedBreaker:
             self.shared = True
         self._mirror(state, opened)
         self._window = (int(n), int(f))
-        self._transitions = [json.loads(t) for t in transitions]
+        if seq == self._seq:
+            return
+        self._seq, self._transitions = seq, [json.loads(t) for t in transitions]
         if not self._logged_at:  # a replica starting logs what happens from now on, not the history
             self._logged_at = self._transitions[0]["at"] if self._transitions else time.time()
         for t in reversed(self._transitions):  # every replica logs every shared transition once
