@@ -16,9 +16,13 @@ def test_a_local_ray_starts_with_this_interpreter_first_on_path(monkeypatch):
     from mass.cluster import connect_ray
 
     here = str(Path(sys.executable).parent)
-    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/local/bin", "/usr/bin"]))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # connect_ray writes the Ray start switches and PATH into os.environ: give it a copy to write into
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    os.environ["PATH"] = os.pathsep.join(["/usr/local/bin", "/usr/bin"])
+    os.environ.pop("RAY_ADDRESS", None)
     seen = []
+    # in the suite another test may already have a Ray up in this process: connect_ray must not see it
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda address, **kw: seen.append((address, os.environ["PATH"])))
     connect_ray()
     connect_ray()
