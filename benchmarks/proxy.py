@@ -11,6 +11,9 @@ how exact the shared limits are, measured side by side in one run on a local Ray
   saturates the two cores, a request waits somewhere for a CPU: before the proxy's Redis round trip it is
   counted as overhead, while the proxy-off path has no such await and its wait counts as the model's; the
   one-client rows have no queue, so they show the proxy's own work.
+- gateway work: py-spy samples the gateway replica's busy threads (100 Hz) during each saturated run: its busy
+  milliseconds per request with the proxy on and off, and which of MASS's parts the proxy-on samples were in
+  (limits, keys, ledger, breakers); skipped with ``--no-profile`` or when py-spy is not beside the interpreter.
 - accuracy: two gateway replicas sharing Redis; 64 concurrent clients on one key with ``rpm: 120`` for
   ``--accuracy-s`` seconds (admitted must be at most 120 + 1); 64 concurrent streams on one key with a budget
   of 400 tokens (tokens charged must equal tokens used, and never exceed the budget).
@@ -23,10 +26,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
+import signal
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 APP = "mass-bench-proxy"
 
@@ -88,6 +97,45 @@ async def load(session, url: str, path: str, body: dict, requests: int, clients:
     return time.perf_counter() - start, tokens
 
 
+#: the proxy's parts, by the source files of their frames (a sample counts for a part when any frame is in it)
+PARTS = {"limits": ("mass/access/limits.py", "mass/access/redis_limits.py"),
+         "keys": ("mass/access/keys.py", "mass/access/resolver.py"), "ledger": ("mass/access/ledger.py",),
+         "breakers": ("mass/gateway/breaker.py", "mass/gateway/shared_breaker.py")}
+RATE_HZ = 100
+
+
+class GatewayProfile:
+    """py-spy recording the gateway replica's busy threads while a load runs (``with`` it around the load)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.spy = Path(sys.executable).parent / "py-spy"
+        self.enabled = enabled and self.spy.exists()
+        self.samples: collections.Counter = collections.Counter()  # part ("all" too) -> samples
+        self._proc: subprocess.Popen | None = None
+
+    def __enter__(self):
+        if self.enabled:
+            pid = subprocess.run(["pgrep", "-f", f"ServeReplica:{APP}:Gateway"], capture_output=True, text=True)
+            self._out = Path(tempfile.mkdtemp()) / "gateway.txt"
+            self._proc = subprocess.Popen([str(self.spy), "record", "-p", pid.stdout.split()[0], "-r", str(RATE_HZ),
+                                           "-f", "raw", "-o", str(self._out), "--nonblocking"],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)  # py-spy attached
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._proc is None:
+            return
+        self._proc.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+        self._proc.wait(timeout=60)
+        self._proc = None
+        for line in self._out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            self.samples["all"] += int(count)
+            for part, files in PARTS.items():
+                self.samples[part] += int(count) * any(f in stack for f in files)
+
+
 EMBED = ("/v1/embeddings", {"model": "minilm", "input": ["the json module reads and writes json text"],
                             "encoding_format": "base64"})
 CHAT = ("/v1/chat/completions", {"model": "tiny-gpt", "messages": [{"role": "user", "content": "hello"}],
@@ -126,6 +174,8 @@ def run(args) -> dict:
     rates = {f"{part}_{variant}": [] for part in ("embed", "chat") for variant in ("on", "off")}
     overheads: dict[str, list[float]] = {f"{part}_{variant}{load}": [] for part in ("embed", "chat")
                                          for variant in ("on", "off") for load in ("", "_light")}
+    # the gateway's busy samples and requests, by part and variant (summed over rounds)
+    work = {f"{part}_{variant}": [collections.Counter(), 0] for part in ("embed", "chat") for variant in ("on", "off")}
 
     async def measure():
         headers = {"Authorization": f"Bearer {secret}"}
@@ -137,7 +187,10 @@ def run(args) -> dict:
                                                            ("chat", CHAT, 16, args.chat_requests)):
                         await load(http, url, path, body, max(16, n // 8), clients, [])  # warm-up
                         seen: list[float] = []
-                        seconds, tokens = await load(http, url, path, body, n, clients, seen)
+                        with GatewayProfile(args.profile) as profile:
+                            seconds, tokens = await load(http, url, path, body, n, clients, seen)
+                        work[f"{part}_{variant}"][0].update(profile.samples)
+                        work[f"{part}_{variant}"][1] += n
                         rates[f"{part}_{variant}"].append(n / seconds if part == "embed" else tokens / seconds)
                         overheads[f"{part}_{variant}"] += seen
                         # one client at a time: no queue anywhere, so the header is the proxy's own work
@@ -198,7 +251,20 @@ def run(args) -> dict:
             "chat_on_vs_off": round(med["chat_on"] / med["chat_off"], 3),
             "overhead_ms": {k: {"p50": round(percentile(v, 0.5), 2), "p99": round(percentile(v, 0.99), 2),
                                 "n": len(v)} for k, v in overheads.items()},
+            "gateway_work": gateway_work(work) if args.profile else None,
             "accuracy": acc}
+
+
+def gateway_work(work: dict) -> dict:
+    """Per variant: the gateway's busy ms per request (py-spy samples / rate / requests) and, per part of the
+    proxy, its share of the samples."""
+    out = {}
+    for name, (samples, requests) in work.items():
+        if samples["all"]:
+            out[name] = {"busy_ms_per_request": round(1000 * samples["all"] / RATE_HZ / requests, 3),
+                         "samples": samples["all"],
+                         "share": {part: round(samples[part] / samples["all"], 4) for part in PARTS}}
+    return out
 
 
 def _cell(values: list[float], unit: str) -> str:
@@ -233,6 +299,14 @@ def render_table(result: dict) -> str:
              f"{a['rpm_refused']} refused | | | ≤ 121{met(a['rpm_admitted'] <= 121)} |",
              f"| budget 400 tokens, 64 concurrent streams | {a['budget_used']} used, {a['budget_charged']} charged | | | "
              f"0 over{met(a['budget_charged'] <= 400 and a['budget_used'] <= 400)} |"]
+    w = result.get("gateway_work")
+    if w and all(f"{p}_{v}" in w for p in ("embed", "chat") for v in ("on", "off")):
+        for part, label in (("embed", "embeddings"), ("chat", "chat")):
+            on, off = w[f"{part}_on"], w[f"{part}_off"]
+            shares = ", ".join(f"{name} {100 * share:.1f} %" for name, share in on["share"].items())
+            lines.append(f"| gateway busy time per request, {label} (py-spy) | {on['busy_ms_per_request']} ms "
+                         f"({shares} of it) | {off['busy_ms_per_request']} ms | "
+                         f"{on['busy_ms_per_request'] / off['busy_ms_per_request']:.2f}x | |")
     return "\n".join(lines)
 
 
@@ -244,9 +318,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="runs of every variant (medians reported)")
     parser.add_argument("--embed-requests", type=int, default=512, help="embedding requests per run")
-    parser.add_argument("--chat-requests", type=int, default=64, help="chat requests per run")
+    parser.add_argument("--chat-requests", type=int, default=256, help="chat requests per run")
     parser.add_argument("--accuracy-s", type=float, default=60.0, help="length of the rpm accuracy run")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="the Redis the limits share")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="do not sample the gateway with py-spy")
     parser.add_argument("--json", help="also write the JSON result to this file")
     parser.add_argument("--readme", help="rewrite this README's proxy table from the result")
     args = parser.parse_args(argv)

@@ -229,8 +229,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the packing and training parts")
     parser.add_argument("--search-rounds", type=int, default=1, help="ASHA/random pairs (seeds 0, 1, ...)")
-    parser.add_argument("--samples", type=int, default=8, help="trials per search")
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per trial")
+    parser.add_argument("--samples", type=int, default=16, help="trials per search")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs per trial")
     parser.add_argument("--part", choices=("all", "training", "searches"), default="all",
                         help="run one part; the other comes from --json's saved run (same machine line)")
     parser.add_argument("--json", help="also write the JSON result to this file")

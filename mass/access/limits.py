@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import calendar
 import collections
+import itertools
 import logging
 import math
 import time
@@ -97,13 +98,24 @@ def budget_period(key: ApiKey, now: float) -> tuple[str | None, float]:
     """(the budget period ``now`` falls in, seconds until it ends); (None, 0) for a key without a budget."""
     if not key.budget_tokens:
         return None, 0.0
+    kind = "month" if key.budget_period == "month" else "day"
+    start, end, label = _PERIODS.get(kind, (0.0, 0.0, ""))
+    if not start <= now < end:  # on every admission: the calendar is consulted once a period, not per request
+        start, end, label = _PERIODS[kind] = _period_at(kind, now)
+    return label, end - now
+
+
+_PERIODS: dict[str, tuple[float, float, str]] = {}  # kind -> (start, end, label) of the period last asked for
+
+
+def _period_at(kind: str, now: float) -> tuple[float, float, str]:
+    """(start, end, label) of the UTC day or month that ``now`` falls in."""
     t = datetime.fromtimestamp(now, timezone.utc)
-    if key.budget_period == "month":
-        days = calendar.monthrange(t.year, t.month)[1]
-        end = datetime(t.year, t.month, 1, tzinfo=timezone.utc).timestamp() + days * 86400
-        return t.strftime("%Y-%m"), end - now
-    end = datetime(t.year, t.month, t.day, tzinfo=timezone.utc).timestamp() + 86400
-    return t.strftime("%Y-%m-%d"), end - now
+    if kind == "month":
+        start = datetime(t.year, t.month, 1, tzinfo=timezone.utc).timestamp()
+        return start, start + calendar.monthrange(t.year, t.month)[1] * 86400, t.strftime("%Y-%m")
+    start = datetime(t.year, t.month, t.day, tzinfo=timezone.utc).timestamp()
+    return start, start + 86400, t.strftime("%Y-%m-%d")
 
 
 def refusal_error(key: ApiKey, refusal: Refusal) -> MassError:
@@ -148,6 +160,7 @@ class LocalLimiter:
         self._entry: dict[str, list] = {}
         self._inflight: dict[str, int] = collections.defaultdict(int)
         self._budget: dict[tuple[str, str], int] = collections.defaultdict(int)
+        self._rid_prefix, self._rids = uuid.uuid4().hex[:16] + "-", itertools.count()  # not a uuid4 per request
 
     def _limit(self, value: int | None) -> int | None:
         return None if value is None else max(1, value // self.scale)
@@ -184,7 +197,7 @@ class LocalLimiter:
             self._seed(key, period)
             if self._budget[(key.id, period)] + tokens > key.budget_tokens:
                 return Refusal(BUDGET, period_left, quota)
-        rid = uuid.uuid4().hex
+        rid = f"{self._rid_prefix}{next(self._rids)}"
         requests.append(now)
         entry = [now, tokens, rid]
         token_log.append(entry)

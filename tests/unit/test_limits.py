@@ -71,6 +71,24 @@ def test_a_budget_is_never_exceeded_and_renews_with_its_period():
     assert isinstance(lim.admit(k, 100, now=noon + 12 * 3600), Reservation)  # the next UTC day
 
 
+def test_budget_periods_are_utc_days_and_months_whatever_order_they_are_asked_in():
+    """budget_period keeps the period it last computed (it runs on every admission): asking across boundaries,
+    backwards in time and for both kinds in turn still gives each instant its own period."""
+    from mass.access.limits import budget_period
+
+    day, month = key(budget_tokens=1, budget_period="day"), key(budget_tokens=1, budget_period="month")
+    at = lambda *t: datetime(*t, tzinfo=timezone.utc).timestamp()  # noqa: E731
+    for when, d, m, m_left in [((2026, 12, 31, 23, 59, 59), "2026-12-31", "2026-12", 1),
+                               ((2027, 1, 1), "2027-01-01", "2027-01", 31 * 86400),
+                               ((2026, 2, 28, 12), "2026-02-28", "2026-02", 12 * 3600),
+                               ((2028, 2, 28, 12), "2028-02-28", "2028-02", 36 * 3600),  # a leap year
+                               ((2026, 12, 31, 23, 59, 59), "2026-12-31", "2026-12", 1)]:
+        now = at(*when)
+        assert budget_period(day, now) == (d, pytest.approx((at(*when[:3]) + 86400) - now))
+        assert budget_period(month, now) == (m, pytest.approx(m_left))
+    assert budget_period(key(), at(2026, 1, 1)) == (None, 0.0)
+
+
 def test_a_restarted_replica_starts_budgets_from_the_ledger(tmp_path):
     """The in-process limiter asks the usage ledger what a key spent in the period (once), so a restarted
     gateway does not hand out the budget again; while the ledger cannot be read, budgets fail closed."""
