@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]  # the checkout: serve_apps/ and jobs
 DEMO_APP = "mass-demo"
 
 
-def _step(title: str) -> None:
+def step(title: str) -> None:
+    """Print a demo step's heading (the demos' output and their tests find steps by these lines)."""
     print(f"\n== {title}", flush=True)
 
 
@@ -70,7 +71,7 @@ def _serve(corpus_dir: str, card: str, candidate: int) -> str:
                         print(choice["text"], end="", flush=True)
         print(flush=True)
 
-        _step("8/9 semantic search over the corpus: MiniLM embeddings through the SDK (Serve handles)")
+        step("8/9 semantic search over the corpus: MiniLM embeddings through the SDK (Serve handles)")
         client = Client(app_name=DEMO_APP)  # this process is inside the Ray cluster: it calls the deployments
         docs = load_corpus_split(corpus_dir, "train")[:500]
         vectors = client.embed("minilm", docs)
@@ -82,7 +83,7 @@ def _serve(corpus_dir: str, card: str, candidate: int) -> str:
             for score, doc in scores[:3]:
                 print(f"    {score:.3f}  {doc.splitlines()[0][:90]}", flush=True)
 
-        _step("9/9 lifecycle: canary the candidate at 20 %, promote it, roll back (clients never see a gap)")
+        step("9/9 lifecycle: canary the candidate at 20 %, promote it, roll back (clients never see a gap)")
         _lifecycle_story(url, auth, candidate)
     finally:
         keys.revoke(key.id)  # the demo's key ends with the demo
@@ -170,11 +171,11 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None) -> i
     bus = open_bus(settings.events_url)
     before = bus.last_offset()  # the demo shows the events of this run only
 
-    _step("1/9 build the docstring corpus")
+    step("1/9 build the docstring corpus")
     corpus = build_corpus()
     print(f"corpus {corpus.path}: {corpus.counts}", flush=True)
 
-    _step("2/9 train tiny-gpt on a local Ray cluster (Ray Train, 2 DDP workers)")
+    step("2/9 train tiny-gpt on a local Ray cluster (Ray Train, 2 DDP workers)")
     recipe = recipe or str(ROOT / "jobs" / "configs" / "tiny-gpt-smoke.yaml")
     config = TrainConfig.load(recipe, overrides=overrides)
     trained_at = time.perf_counter()
@@ -186,7 +187,7 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None) -> i
     card = (f"a {gpt2_parameters(config) / 1e6:.1f}M-parameter GPT-2 trained for {train_s:.0f}s on "
             f"{result.data_tokens.get('train', 0):,} tokens (test perplexity {m['test_perplexity']:.0f})")
 
-    _step("3/9 train a candidate: the same recipe with another seed (a second tiny-gpt version)")
+    step("3/9 train a candidate: the same recipe with another seed (a second tiny-gpt version)")
     candidate = run_training(TrainConfig.load(recipe, overrides=[*(overrides or []), "optim.seed=1"]))
     print(f"registered {candidate.model_ref}: val_loss {candidate.metrics['val_loss']:.3f}", flush=True)
     from mass.lifecycle import Lifecycle
@@ -195,25 +196,25 @@ def run_demo(recipe: str | None = None, overrides: list[str] | None = None) -> i
                         reason="the demo's first model")
     print(f"published {result.model_ref} as production (mass models publish)", flush=True)
 
-    _step("4/9 import the pretrained all-MiniLM-L6-v2 from its package")
+    step("4/9 import the pretrained all-MiniLM-L6-v2 from its package")
     registry = ModelRegistry(settings)
     info, created = import_minilm(registry)
     print(f"{'imported' if created else 'already imported'} {info.ref} ({', '.join(info.aliases)})", flush=True)
 
-    _step("5/9 compress MiniLM: ONNX int8, measured against its parent on one card, registered if it passes")
+    step("5/9 compress MiniLM: ONNX int8, measured against its parent on one card, registered if it passes")
     from mass.compression.convert import result_text, run_convert
 
     compressed = run_convert(info.ref, name="minilm-l6-int8", rounds=1)
     print(result_text(compressed), flush=True)
 
-    _step("6/9 the model repository, and what it announced on the event bus")
+    step("6/9 the model repository, and what it announced on the event bus")
     print(models_table(registry.list_models()), flush=True)
     for event in bus.replay(after=before, count=100):  # what a lifecycle controller or any subscriber receives
         data = event.data.model_dump(exclude_none=True, exclude={"metrics", "task", "run_id"})
         print(f"  event {event.offset}: {event.type} {data} (from {event.source})", flush=True)
     bus.close()
 
-    _step("7/9 serve tiny-gpt and MiniLM behind the OpenAI-compatible gateway (Ray Serve)")
+    step("7/9 serve tiny-gpt and MiniLM behind the OpenAI-compatible gateway (Ray Serve)")
     url = _serve(corpus.path, card, int(candidate.model_ref.split("/")[-1]))
     print("what the lifecycle announced on the event bus (the controller acted on these):", flush=True)
     bus = open_bus(settings.events_url)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mass.cli.demo import ROOT, _step
+from mass.cli.demo import ROOT, step
 
 RULE, DATASET, RETRAINED = "demo-retrain", "demo-chats", "tiny-gpt-retrained"
 #: ``--quick``: trials on 20,000 tokens (still 4 epochs each, so ASHA has rungs to stop at), a one-epoch retrain
@@ -76,11 +76,11 @@ def run_tuning_demo(quick: bool = False) -> int:
     started = time.perf_counter()
     print(f"MASS tuning demo  (MASS_HOME={settings.home}, registry {settings.tracking_uri})", flush=True)
 
-    _step("1/4 build the docstring corpus")
+    step("1/4 build the docstring corpus")
     corpus = build_corpus()
     print(f"corpus {corpus.path}: {corpus.counts}", flush=True)
 
-    _step("2/4 a 4-trial ASHA search over the smoke recipe (jobs/configs/tiny-gpt-tune.yaml; Ray Tune, each trial "
+    step("2/4 a 4-trial ASHA search over the smoke recipe (jobs/configs/tiny-gpt-tune.yaml; Ray Tune, each trial "
           "a Ray Train run)")
     connect_ray(settings=settings)
     plan = TuneConfig.load(ROOT / "jobs" / "configs" / "tiny-gpt-tune.yaml",
@@ -90,7 +90,7 @@ def run_tuning_demo(quick: bool = False) -> int:
     print(f"best trial registered as {result.model_ref} (val_loss {result.best['metric']:.3f}); the search is MLflow "
           f"run {result.run_id}, a child run per trial", flush=True)
 
-    _step(f"3/4 a trigger rule: a new version of dataset {DATASET!r} retrains tiny-gpt on it")
+    step(f"3/4 a trigger rule: a new version of dataset {DATASET!r} retrains tiny-gpt on it")
     store = AutomationStore()
     store.add_rule(parse_rule({
         "name": RULE, "on": "dataset.updated", "where": f"name == '{DATASET}'", "action": "train",
@@ -104,7 +104,7 @@ def run_tuning_demo(quick: bool = False) -> int:
     version, _ = datasets.register(DATASET, str(folder))
     print(f"registered dataset {version.ref} ({version.rows} rows): dataset.updated published", flush=True)
 
-    _step("4/4 the trigger engine starts the retrain as a Ray job (once per event, however often it arrives)")
+    step("4/4 the trigger engine starts the retrain as a Ray job (once per event, however often it arrives)")
     address = _job_address()
     run_engine(address, once=True)
     runs = [r for r in store.runs(RULE) if r.job_id and f"{DATASET}@{version.version}" in r.detail]
