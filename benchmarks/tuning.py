@@ -47,8 +47,20 @@ def search(algorithm: str, seed: int, samples: int, epochs: int, workdir: Path) 
     started = time.perf_counter()
     result = run_tuning(TuneConfig.load(path))
     return {"best": result.best["metric"], "steps_run": result.steps_run, "steps_budget": result.steps_budget,
+            "worker_steps": worker_steps(result.trials),
             "wall_s": round(time.perf_counter() - started, 1),
             "trials": sorted((json.dumps(t["config"], sort_keys=True), t["status"]) for t in result.trials)}
+
+
+def worker_steps(trials: list[dict]) -> int:
+    """Training steps the trials' workers ran: Tune counts a stopped trial's steps at its last recorded result, but
+    its workers go on with the next epoch until the stop reaches them. Rank 0 logs ``train_loss`` to the trial's
+    MLflow child run every ``log_every`` steps and at each epoch's end, so its last step is what was run."""
+    from mass.registry import ModelRegistry
+
+    client = ModelRegistry().client
+    return sum(max([t["steps"], *(m.step for m in client.get_metric_history(t["run_id"], "train_loss"))])
+               if t.get("run_id") else t["steps"] for t in trials)
 
 
 def asha_vs_random(rounds: int, samples: int, epochs: int) -> list[dict]:
@@ -60,7 +72,8 @@ def asha_vs_random(rounds: int, samples: int, epochs: int) -> list[dict]:
             assert [c for c, _ in asha["trials"]] == [c for c, _ in rand["trials"]], "different trials drawn"
             out.append({"seed": seed, "asha": asha, "random": rand,
                         "best_ratio": round(asha["best"] / rand["best"], 4),
-                        "steps_share": round(asha["steps_run"] / rand["steps_run"], 4)})
+                        "steps_share": round(asha["steps_run"] / rand["steps_run"], 4),
+                        "worker_steps_share": round(asha["worker_steps"] / rand["worker_steps"], 4)})
             print(f"seed {seed}: ASHA best {asha['best']:.4f} in {asha['steps_run']} steps; random best "
                   f"{rand['best']:.4f} in {rand['steps_run']} steps", flush=True)
     return out
@@ -205,8 +218,11 @@ def render_table(result: dict) -> str:
              f"trials): best val_loss | ASHA {_spread([r['asha']['best'] for r in s], '{:.3f}')} vs random "
              f"{_spread([r['random']['best'] for r in s], '{:.3f}')}: "
              f"**{_spread([r['best_ratio'] for r in s], '{:.3f}')}x** | within 2 % (≤ 1.02x) |",
-             f"| ASHA's trial-steps / random search's | **{_spread([100 * r['steps_share'] for r in s], '{:.0f}')} "
-             f"%** | ≤ 40 % |",
+             f"| ASHA's trial-steps / random search's, as Tune recorded them | "
+             f"**{_spread([100 * r['steps_share'] for r in s], '{:.0f}')} %** | ≤ 40 % |",
+             *([f"| the same, as the workers ran them (a stopped trial's workers go on until the stop reaches "
+                f"them) | **{_spread([100 * r['worker_steps_share'] for r in s], '{:.0f}')} %** | ≤ 40 % |"]
+               if all("worker_steps_share" in r for r in s) else []),
              f"| 2-worker DDP run, Ray Train (MASS) vs torchrun: wall | {_spread(walls['ray_train'], '{:.1f}')} s vs "
              f"{_spread(walls['torchrun'], '{:.1f}')} s: **{_spread(ratio)}x** | ≤ 1.10x |",
              f"| the same run's last epoch, training steps only (no start, evaluation or checkpoint): Ray Train vs "
