@@ -113,8 +113,8 @@ class ScriptBatch:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((keys, args, future))
-        if len(self._pending) == 1:
-            loop.call_soon(lambda: loop.create_task(self._flush()))
+        if len(self._pending) == 1:  # the flush's first step runs next turn, after this turn's other calls joined
+            loop.create_task(self._flush())
         return await future
 
     async def _flush(self) -> None:
