@@ -2,7 +2,8 @@
 
 - ASHA vs random search: one search space over the smoke recipe (learning rate, width), the same seed (so the
   same trials are drawn), the same trial count and epochs; ASHA (grace 1 epoch) against random search without
-  stopping. Best validation loss of each, and the trial-steps ASHA ran as a share of random search's.
+  stopping. Best validation loss of each, and the trial-steps ASHA ran as a share of random search's: as Tune
+  recorded them (``steps_run`` in the JSON) and as the workers ran them (``worker_steps``; ``mass tune``'s count).
 - Ray Train vs torchrun: the same 2-worker DDP run (same packed blocks, model, optimizer, steps, per-epoch
   validation and checkpoint) through MASS's Ray Train runner (``mass.training.job.fit``) and through ``torchrun``
   directly (``benchmarks/ddp_baseline.py``); wall time of each, process start to end, MLflow logging off in both.
@@ -46,21 +47,10 @@ def search(algorithm: str, seed: int, samples: int, epochs: int, workdir: Path) 
                    "reduction_factor": 4, "seed": seed}}))
     started = time.perf_counter()
     result = run_tuning(TuneConfig.load(path))
-    return {"best": result.best["metric"], "steps_run": result.steps_run, "steps_budget": result.steps_budget,
-            "worker_steps": worker_steps(result.trials),
+    return {"best": result.best["metric"], "steps_run": result.steps_reported, "steps_budget": result.steps_budget,
+            "worker_steps": result.steps_run,
             "wall_s": round(time.perf_counter() - started, 1),
             "trials": sorted((json.dumps(t["config"], sort_keys=True), t["status"]) for t in result.trials)}
-
-
-def worker_steps(trials: list[dict]) -> int:
-    """Training steps the trials' workers ran: Tune counts a stopped trial's steps at its last recorded result, but
-    its workers go on with the next epoch until the stop reaches them. Rank 0 logs ``train_loss`` to the trial's
-    MLflow child run every ``log_every`` steps and at each epoch's end, so its last step is what was run."""
-    from mass.registry import ModelRegistry
-
-    client = ModelRegistry().client
-    return sum(max([t["steps"], *(m.step for m in client.get_metric_history(t["run_id"], "train_loss"))])
-               if t.get("run_id") else t["steps"] for t in trials)
 
 
 def asha_vs_random(rounds: int, samples: int, epochs: int) -> list[dict]:

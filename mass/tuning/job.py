@@ -30,12 +30,13 @@ class TrialSummary:
     status: str  # completed | stopped early | failed
     epochs: int  # epochs it ran
     planned_epochs: int
-    steps: int  # optimizer steps it ran (0 when it never reported)
+    steps: int  # optimizer steps its workers ran (0 when it never reported); see ``worker_steps``
     planned_steps: int
     metric: float | None  # its last reported value of the search's metric
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, metric) per epoch
     run_id: str | None = None  # its MLflow child run
     error: str | None = None
+    reported_steps: int = 0  # its steps at the last result Tune recorded (a stopped trial's workers ran on)
 
 
 @dataclass
@@ -47,9 +48,10 @@ class TuneResult:
     metric: str
     best: dict[str, Any]
     trials: list[dict[str, Any]]
-    steps_run: int
+    steps_run: int  # optimizer steps the trials' workers ran (what the search cost)
     steps_budget: int
     experiment: str  # Ray Tune's experiment folder (``--resume`` takes the run id and finds it)
+    steps_reported: int = 0  # the same at the trials' last results as Tune recorded them
 
     @property
     def saved(self) -> float:
@@ -131,7 +133,8 @@ def run_tuning(plan: TuningPlan, address: str | None = None, settings: Settings 
             best = (min if plan.config.search.mode == "min" else max)(reported, key=lambda t: t.metric)
             result = TuneResult(run_id, None, plan.config.search.metric, asdict(best),
                                 [asdict(t) for t in trials], sum(t.steps for t in trials),
-                                sum(t.planned_steps for t in trials), experiment)
+                                sum(t.planned_steps for t in trials), experiment,
+                                sum(t.reported_steps for t in trials))
             _log_report(client, run_id, result, trials)
             if plan.recipe.registration.enabled:
                 result.model_ref = _register_best(registry, plan, best, grid, run_id)
@@ -291,14 +294,25 @@ def _summaries(plan: TuningPlan, grid, client, experiment_id: str, run_id: str) 
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
         error = None if result.error is None else str(result.error).strip().splitlines()[-1][:500]
         status = "failed" if error else ("completed" if epochs >= planned else "stopped early")
-        summary = TrialSummary(trial_id, config, status, epochs, planned, steps, per_epoch * planned,
-                               float(rows[-1][metric]) if rows else None,
-                               [(int(r["step"]), float(r[metric])) for r in rows], runs.get(trial_id), error)
+        run = runs.get(trial_id)
+        summary = TrialSummary(trial_id, config, status, epochs, planned, worker_steps(client, run, steps),
+                               per_epoch * planned, float(rows[-1][metric]) if rows else None,
+                               [(int(r["step"]), float(r[metric])) for r in rows], run, error, steps)
         if summary.run_id:
             client.set_terminated(summary.run_id, {"completed": "FINISHED", "stopped early": "KILLED"}.get(
                 status, "FAILED"))
         out.append(summary)
     return sorted(out, key=lambda t: t.trial_id)
+
+
+def worker_steps(client, run_id: str | None, reported: int) -> int:
+    """The steps a trial's workers ran: when ASHA stops a trial, its Ray Train workers go on into the next epoch
+    until the stop reaches them, past the last result Tune recorded (``reported``). Rank 0 logs ``train_loss`` to
+    the trial's MLflow run every ``log_every`` steps and at each epoch's end, so its last logged step is what
+    was run (to within ``log_every`` steps)."""
+    if run_id is None:
+        return reported
+    return max([reported, *(m.step for m in client.get_metric_history(run_id, "train_loss"))])
 
 
 def report_table(result: TuneResult) -> str:
@@ -315,6 +329,9 @@ def report_table(result: TuneResult) -> str:
                                         f"{t['planned_epochs']}", f"{t['steps']}/{t['planned_steps']}", value]) + " |")
     lines.append(f"\nsteps run: {result.steps_run} of a full budget of {result.steps_budget} "
                  f"(early stopping saved {result.saved:.0%})")
+    if result.steps_reported and result.steps_reported != result.steps_run:
+        lines.append(f"Tune recorded {result.steps_reported} of them: stopped trials' workers ran on until the "
+                     "stop reached them")
     return "\n".join(lines)
 
 
@@ -346,6 +363,7 @@ def _log_report(client, run_id: str, result: TuneResult, trials: list[TrialSumma
         client.log_artifacts(run_id, tmp, "tuning")
     client.log_metric(run_id, f"best_{result.metric}", float(result.best["metric"]))
     client.log_metric(run_id, "steps_run", result.steps_run)
+    client.log_metric(run_id, "steps_reported", result.steps_reported)
     client.log_metric(run_id, "steps_budget", result.steps_budget)
     client.log_metric(run_id, "early_stopping_saved", result.saved)
     client.set_tag(run_id, "mass.best_trial", result.best["trial_id"])
