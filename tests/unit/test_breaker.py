@@ -328,13 +328,18 @@ def test_a_shared_breaker_counts_every_replicas_outcomes_and_hands_out_the_probe
     _on_replicas(body, failure_ratio=0.5, min_requests=4, window_s=10, open_s=0.4, half_open_probes=2)
 
 
+async def _failed_on_a_seen_by_both(a, b) -> None:
+    """One failure on replica ``a`` (enough to open a breaker with ``min_requests=1``), synced by both."""
+    a.record(True)
+    await a.sync()
+    await b.sync()
+
+
 def test_a_failed_probe_on_one_replica_opens_the_breaker_for_all():
     import asyncio
 
     async def body(a, b):
-        a.record(True)
-        await a.sync()
-        await b.sync()
+        await _failed_on_a_seen_by_both(a, b)
         assert a.state == b.state == OPEN
         await asyncio.sleep(0.35)
         assert await b.admit() and not await a.admit()
@@ -351,9 +356,7 @@ def test_a_probe_whose_replica_never_answers_is_given_up_after_stale_s():
     import asyncio
 
     async def body(a, b):
-        a.record(True)
-        await a.sync()
-        await b.sync()
+        await _failed_on_a_seen_by_both(a, b)
         await asyncio.sleep(0.25)
         assert await a.admit()  # a claims the probe, then "dies": it never records the outcome
         assert not await b.admit()
