@@ -107,6 +107,7 @@ class ScriptBatch:
     def __init__(self, redis, script: str) -> None:
         self.redis, self.script = redis, redis.register_script(script)
         self._pending: list[tuple[list[str], list, asyncio.Future]] = []
+        self._flushes: set[asyncio.Task] = set()
 
     async def __call__(self, keys: list[str], args: list) -> Any:
         """The script's result for ``keys`` and ``args`` (or its error)."""
@@ -114,7 +115,9 @@ class ScriptBatch:
         future = loop.create_future()
         self._pending.append((keys, args, future))
         if len(self._pending) == 1:  # the flush's first step runs next turn, after this turn's other calls joined
-            loop.create_task(self._flush())
+            task = loop.create_task(self._flush())
+            self._flushes.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._flushes.discard)
         return await future
 
     async def _flush(self) -> None:
