@@ -17,7 +17,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from mass.access.keys import ApiKey
 from mass.errors import MassError, QuotaExceeded, RateLimited
@@ -105,6 +105,13 @@ def budget_period(key: ApiKey, now: float) -> tuple[str | None, float]:
     return label, end - now
 
 
+def reservation_ids() -> Iterator[str]:
+    """Reservation ids unique across replicas and restarts (a random prefix and a counter): not a ``uuid4`` per
+    request, whose ``os.urandom`` is a syscall that showed in the gateway's profile under load."""
+    prefix = uuid.uuid4().hex[:16] + "-"
+    return (f"{prefix}{n}" for n in itertools.count())
+
+
 _PERIODS: dict[str, tuple[float, float, str]] = {}  # kind -> (start, end, label) of the period last asked for
 
 
@@ -160,7 +167,7 @@ class LocalLimiter:
         self._entry: dict[str, list] = {}
         self._inflight: dict[str, int] = collections.defaultdict(int)
         self._budget: dict[tuple[str, str], int] = collections.defaultdict(int)
-        self._rid_prefix, self._rids = uuid.uuid4().hex[:16] + "-", itertools.count()  # not a uuid4 per request
+        self._rids = reservation_ids()
 
     def _limit(self, value: int | None) -> int | None:
         return None if value is None else max(1, value // self.scale)
@@ -197,7 +204,7 @@ class LocalLimiter:
             self._seed(key, period)
             if self._budget[(key.id, period)] + tokens > key.budget_tokens:
                 return Refusal(BUDGET, period_left, quota)
-        rid = f"{self._rid_prefix}{next(self._rids)}"
+        rid = next(self._rids)
         requests.append(now)
         entry = [now, tokens, rid]
         token_log.append(entry)

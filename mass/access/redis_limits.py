@@ -6,15 +6,13 @@ fail open to a local cap of limit / gateway replicas; it goes back to Redis by i
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-import uuid
 from typing import Any
 
 from mass.access.keys import ApiKey
 from mass.access.limits import (BUDGET, OK, WINDOW_S, LimitsUnavailable, LocalLimiter, Quota, Refusal,
-                                Reservation, _too_big, budget_period)
+                                Reservation, _too_big, budget_period, reservation_ids)
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +167,7 @@ class RedisLimiter:
         self.redis = aioredis.Redis(connection_pool=pool)
         self._admit, self._settle = ScriptBatch(self.redis, ADMIT), ScriptBatch(self.redis, SETTLE)
         self.fallback = LocalLimiter(scale=replicas)
-        # a reservation's id: unique across replicas and restarts without a uuid4 per request (os.urandom is a
-        # syscall, and it showed in the gateway's profile under load)
-        self._rid_prefix, self._rids = uuid.uuid4().hex[:16] + "-", itertools.count()
+        self._rids = reservation_ids()
         self._down_until = 0.0
         self.failures = 0
         self._unsettled: list[tuple[Reservation, int]] = []  # settlements Redis did not take, tried again
@@ -196,7 +192,7 @@ class RedisLimiter:
         now = time.time()
         period, period_left = budget_period(key, now)
         if time.monotonic() >= self._down_until:
-            rid = f"{self._rid_prefix}{next(self._rids)}"
+            rid = next(self._rids)
             try:
                 reason, reqs, toks, wait_ms, first_req, first_tok = await self._admit(
                     keys=self._keys(key, period),

@@ -42,6 +42,8 @@ def test_asha_stops_the_weak_trial_and_reports_what_it_saved(tuned):
     assert (good["reported_steps"], bad["reported_steps"], result.steps_reported) == (3 * per_epoch, per_epoch,
                                                                                       4 * per_epoch)
     assert good["steps"] == 3 * per_epoch and per_epoch <= bad["steps"] <= 2 * per_epoch
+    history = ModelRegistry().client.get_metric_history(bad["run_id"], "train_loss")
+    assert bad["steps"] == max(m.step for m in history)  # the last step its rank 0 logged
     assert 1 / 6 - 1e-9 <= result.saved <= 1 / 3 + 1e-9
     assert result.best["trial_id"] == good["trial_id"] and result.best["metric"] == good["metric"]
 
