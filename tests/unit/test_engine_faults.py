@@ -128,18 +128,63 @@ def test_a_failure_in_one_greedy_sequences_penalties_fails_that_request_alone(lm
     assert isinstance(poisoned, MassError) and "injected penalty fault" in poisoned.message
 
 
-def test_a_failed_shared_forward_is_retried_per_sequence(lm, expected):
-    """The batch decode fails once (an OOM, say): every sequence is recomputed alone and completes."""
-    engine = LLMEngine(*lm, max_running=16)
-    real_decode, failures = engine.runner.decode, []
+def _fail_shared_passes(engine: LLMEngine, times: int) -> list[int]:
+    """Make the engine's next ``times`` forward passes over more than one sequence raise (an OOM, say), whichever
+    runner it has; returns the list the failed passes' sizes are appended to."""
+    failures: list[int] = []
+    if engine._stepped:
+        real_step = engine.runner.step
 
-    def flaky(state, tokens, positions):
-        if len(failures) < 2 and len(tokens) > 1:
-            failures.append(len(tokens))
-            raise RuntimeError("injected forward fault")
-        return real_decode(state, tokens, positions)
+        def step(tokens, prompts, room=1):
+            if len(failures) < times and len(tokens) + len(prompts) > 1:
+                failures.append(len(tokens) + len(prompts))
+                raise RuntimeError("injected forward fault")
+            return real_step(tokens, prompts, room)
 
-    engine.runner.decode = flaky
+        engine.runner.step = step
+    else:
+        real_decode = engine.runner.decode
+
+        def decode(state, tokens, positions):
+            if len(failures) < times and len(tokens) > 1:
+                failures.append(len(tokens))
+                raise RuntimeError("injected forward fault")
+            return real_decode(state, tokens, positions)
+
+        engine.runner.decode = decode
+    return failures
+
+
+def _poison_prompts(engine: LLMEngine, first_token: int) -> None:
+    """Make every forward pass that holds a prompt starting with ``first_token`` raise, whichever runner."""
+    if engine._stepped:
+        real_step = engine.runner.step
+
+        def step(tokens, prompts, room=1):
+            if any(p[:1] == [first_token] for p in prompts):
+                raise RuntimeError("injected forward fault")
+            return real_step(tokens, prompts, room)
+
+        engine.runner.step = step
+    else:
+        real_prefill = engine.runner.prefill
+
+        def prefill(prompts):
+            if any(p[:1] == [first_token] for p in prompts):
+                raise RuntimeError("injected forward fault")
+            return real_prefill(prompts)
+
+        engine.runner.prefill = prefill
+
+
+RUNNERS = pytest.mark.parametrize("fast", [True, False], ids=["gpt2-runner", "hf-runner"])
+
+
+@RUNNERS
+def test_a_failed_shared_forward_is_retried_per_sequence(lm, expected, fast):
+    """The batch's forward pass fails twice (an OOM, say): every sequence is recomputed alone and completes."""
+    engine = LLMEngine(*lm, max_running=16, fast=fast)
+    failures = _fail_shared_passes(engine, 2)
     try:
         texts, finishes, poisoned = attack(engine, SamplingParams(max_tokens=12, temperature=0))
     finally:
@@ -148,18 +193,11 @@ def test_a_failed_shared_forward_is_retried_per_sequence(lm, expected):
     assert poisoned.completion_tokens == 12
 
 
-def test_a_sequence_whose_own_forward_fails_is_failed_alone(lm, expected):
+@RUNNERS
+def test_a_sequence_whose_own_forward_fails_is_failed_alone(lm, expected, fast):
     """A prompt that breaks the forward pass whatever batch it is in: only its request fails."""
-    engine = LLMEngine(*lm, max_running=16)
-    real_prefill = engine.runner.prefill
-    poison_id = engine.encode("zzz")[0]
-
-    def prefill(prompts):
-        if any(p[:1] == [poison_id] for p in prompts):
-            raise RuntimeError("injected forward fault")
-        return real_prefill(prompts)
-
-    engine.runner.prefill = prefill
+    engine = LLMEngine(*lm, max_running=16, fast=fast)
+    _poison_prompts(engine, engine.encode("zzz")[0])
     try:
         texts, finishes, poisoned = attack(engine, SamplingParams(max_tokens=12, temperature=0), prompt="zzz")
     finally:

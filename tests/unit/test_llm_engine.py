@@ -123,19 +123,18 @@ def test_running_batch_is_capped(lm):
         engine.shutdown()
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["gpt2-runner", "hf-runner"])
-def test_runner_logits_match_the_hf_forward(lm, fast):
+def test_hf_runner_logits_match_the_hf_forward(lm):
     """Batched left-padded prefill + decode steps give the logits of running each sequence alone."""
-    from mass.serving.engines.runners import GPT2Runner, make_runner, split_rows
+    from mass.serving.engines.runners import HFRunner, make_runner, split_rows
 
     model, tok = lm
-    runner = make_runner(model, fast=fast)
-    assert isinstance(runner, GPT2Runner) == fast
+    runner = make_runner(model, fast=False)
+    assert isinstance(runner, HFRunner)
     prompts = [tok(p)["input_ids"] for p in PROMPTS]
     nxt = [[5, 9, 11], [7, 3, 2], [1, 1, 4], [8, 6, 10]]
     with torch.inference_mode():
         logits, kv = runner.prefill(prompts)
-        state = runner.start(split_rows(kv, [len(p) for p in prompts]), room=1)  # decode must grow past room
+        state = runner.start(split_rows(kv, [len(p) for p in prompts]), room=1)
         steps = [logits]
         for step in range(3):
             steps.append(runner.decode(state, [n[step] for n in nxt], [len(p) + step for p in prompts]))
@@ -143,6 +142,62 @@ def test_runner_logits_match_the_hf_forward(lm, fast):
             alone = model(input_ids=torch.tensor([prompt + nxt[row]])).logits[0, len(prompt) - 1:]
             got = torch.stack([s[row] for s in steps])
             torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_runner_steps_match_the_hf_forward(lm):
+    """Mixed steps (rows decoding while prompts join), rows leaving (swap-remove) and the cache growing in rows
+    and columns: every logit row is the HF forward of that sequence alone."""
+    from mass.serving.engines.gpt2 import GPT2Runner, swap_remove_order
+
+    model, tok = lm
+    runner = GPT2Runner(model, max_rows=8)
+    seqs = [tok(p)["input_ids"] for p in PROMPTS] + [list(range(5, 90))]  # the last outgrows 64 columns
+    rows: list[list[int]] = []  # each cached row's tokens
+
+    def check(logits, expect_rows):
+        for got, tokens in zip(logits, expect_rows):
+            alone = model(input_ids=torch.tensor([tokens])).logits[0, -1]
+            torch.testing.assert_close(got, alone, atol=1e-4, rtol=1e-4)
+
+    with torch.inference_mode():
+        check(runner.step([], seqs[:2]), seqs[:2])  # two prompts, nothing cached yet
+        rows = [list(s) for s in seqs[:2]]
+        for step, joining in enumerate([[seqs[2]], [], [seqs[3], seqs[4]], []]):
+            nxt = [(7 * step + r) % 50 + 3 for r in range(len(rows))]
+            logits = runner.step(nxt, joining)
+            rows = [r + [t] for r, t in zip(rows, nxt)] + [list(p) for p in joining]
+            check(logits, rows)
+            assert runner.cache.lens == [len(r) for r in rows]
+        order = swap_remove_order([True, False, True, False, True])  # rows 1 and 3 leave
+        assert order == [0, 4, 2]
+        runner.cache.retain(order)
+        rows = [rows[i] for i in order]
+        nxt = [11, 12, 13]
+        check(runner.step(nxt, [seqs[1]]), [r + [t] for r, t in zip(rows, nxt)] + [seqs[1]])
+        assert runner.cache.kv[0][0].shape[:1] == (8,) and runner.cache.kv[0][0].shape[2] >= 90
+
+
+def test_a_failed_pass_leaves_the_rows_as_they_were(lm):
+    """A step that raises midway (after writing some keys) changes no row's length: the engine can go on."""
+    from mass.serving.engines.gpt2 import GPT2Runner
+
+    model, tok = lm
+    runner = GPT2Runner(model, max_rows=4)
+    prompt = tok(PROMPTS[1])["input_ids"]
+    def boom(x):
+        raise RuntimeError("injected fault in layer 1")
+
+    with torch.inference_mode():
+        runner.step([], [prompt])
+        blocks = list(runner.blocks)
+        runner.blocks[1] = blocks[1]._replace(proj=boom)  # layer 0 has written its keys by then
+        with pytest.raises(RuntimeError, match="injected"):
+            runner.step([3], [[8, 9]])
+        runner.blocks[:] = blocks
+        assert runner.cache.lens == [len(prompt)]
+        got = runner.step([3], [])
+        torch.testing.assert_close(got[0], model(input_ids=torch.tensor([prompt + [3]])).logits[0, -1],
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_generic_runner_matches_generate(lm):
@@ -173,7 +228,7 @@ def saved_lm(lm, tmp_path_factory):
 
 def test_bf16_weights_run_on_the_fast_path(saved_lm, lm):
     from mass.models import load_hf_dir
-    from mass.serving.engines.runners import GPT2Runner
+    from mass.serving.engines.gpt2 import GPT2Runner
 
     model, tok = load_hf_dir(saved_lm, "text-generation", dtype="bfloat16")
     assert model.dtype == torch.bfloat16
@@ -182,7 +237,7 @@ def test_bf16_weights_run_on_the_fast_path(saved_lm, lm):
         assert isinstance(engine.runner, GPT2Runner)
         with torch.inference_mode():
             ids = tok(PROMPTS[1])["input_ids"]
-            logits, _ = engine.runner.prefill([ids])
+            logits = engine.runner.step([], [ids])
             ref = model(input_ids=torch.tensor([ids])).logits[0, -1]
         assert logits.dtype == torch.bfloat16
         torch.testing.assert_close(logits[0].float(), ref.float(), atol=0.05, rtol=0.05)

@@ -1,8 +1,10 @@
 """``LLMEngine``: iteration-level (continuous) batching for HF causal LMs, with token streaming.
 
 Requests join the running batch between decode steps and leave the moment they finish or are
-cancelled. Joining requests are prefilled together; the running batch keeps one left-padded KV cache
-that grows by a column per step and is re-packed only when a request joins or leaves.
+cancelled. With a stepping runner (GPT-2's), each step is one forward pass that decodes every running
+sequence and prefills every joining one, over a cache with a row per sequence. With the generic HF runner,
+joining requests are prefilled together and the running batch keeps one left-padded KV cache that grows by a
+column per step and is re-packed only when a request joins or leaves.
 
 Faults stay with the request that caused them: a failure in one sequence's sampling, stop strings or
 detokenisation fails that sequence alone; a failed shared forward pass is retried once per sequence
@@ -25,6 +27,7 @@ import torch
 
 from mass.errors import InvalidRequest, MassError
 from mass.serving.engines.detokenize import TextStream
+from mass.serving.engines.gpt2 import swap_remove_order
 from mass.serving.engines.runners import KV, BatchState, make_runner, split_rows
 from mass.serving.engines.sampling import (
     SamplingParams,
@@ -82,7 +85,8 @@ class LLMEngine:
     def __init__(self, model, tokenizer, max_running: int = 16, max_batch_tokens: int = 8192,
                  fast: bool = True) -> None:
         self.tokenizer = tokenizer
-        self.runner = make_runner(model.eval(), fast=fast)
+        self.runner = make_runner(model.eval(), fast=fast, max_rows=max_running)
+        self._stepped = hasattr(self.runner, "step")  # one mixed prefill + decode pass per step
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
         config = model.config
@@ -101,6 +105,7 @@ class LLMEngine:
         self._batch_ids: list[int] = []
         self._state: BatchState | None = None
         self._lens: list[int] = []
+        self._rows: list[_Sequence] = []  # a stepping runner's cache rows, in order
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -235,18 +240,20 @@ class LLMEngine:
                 admitted = self._admit()
             try:
                 with torch.inference_mode():
-                    if admitted:
+                    if self._stepped:
+                        self._step(admitted)
+                    elif admitted:
                         self._prefill(admitted)
                         self._flush()  # first tokens go out now, not after the decode step
                     self._drop_finished()
-                    if self._running:
+                    if self._running and not self._stepped:
                         self._decode()
                         self._drop_finished()
                 self.steps += 1
             except Exception as exc:  # a bug in the step itself: fail the requests in flight, not the engine
                 log.exception("engine step failed")
                 error = MassError(f"generation failed: {type(exc).__name__}: {exc}")
-                self._batch_ids, self._state = [], None
+                self._forget_batch()
                 with self._cond:
                     failed, self._running = self._running, []
                 for seq in failed:
@@ -298,6 +305,57 @@ class LLMEngine:
         for seq, cache in zip(seqs, split_rows(kv, [len(s.prompt_ids) + len(s.generated) for s in seqs])):
             seq.cache = cache
         self._advance(seqs, logits)
+
+    def _forget_batch(self) -> None:
+        """Drop the batch cache (its rows are rebuilt from each sequence's tokens when they run again)."""
+        self._batch_ids, self._state, self._lens = [], None, []
+        if self._stepped:
+            self._rows = []
+            self.runner.cache.truncate(0)
+
+    def _step(self, admitted: list[_Sequence]) -> None:
+        """One forward pass: the next token of every running sequence and the prompts of ``admitted``. The rows of
+        sequences that ended since the last step are dropped first (each costs one row copy)."""
+        alive = [not s.done for s in self._rows]
+        if not all(alive):
+            order = swap_remove_order(alive)
+            self.runner.cache.retain(order)
+            self._rows = [self._rows[i] for i in order]
+        batch = self._rows
+        if not batch and not admitted:
+            return
+        seqs = batch + admitted
+        room = max(s.params.max_tokens - len(s.generated) for s in seqs) + 1
+        try:
+            logits = self.runner.step([s.generated[-1] for s in batch], [s.prompt_ids + s.generated for s in admitted],
+                                      room)
+        except Exception as exc:
+            log.warning("forward pass over %d requests failed (%s: %s); retrying each alone", len(seqs),
+                        type(exc).__name__, exc)
+            self._restep(seqs)
+            return
+        self._rows = seqs
+        self._advance(seqs, logits)
+
+    def _restep(self, seqs: list[_Sequence]) -> None:
+        """The stepping runner's retry after a failed pass: the cache is cleared and each sequence re-enters it
+        alone from its prompt and generated tokens; a sequence whose own pass fails again is failed, alone."""
+        self._forget_batch()
+        survivors, rows = [], []
+        for seq in seqs:
+            if seq.done:
+                continue
+            try:
+                logits = self.runner.step([], [seq.prompt_ids + seq.generated])
+            except Exception as exc:
+                log.warning("request %d failed in its own forward pass: %s: %s", seq.id, type(exc).__name__, exc)
+                self._finish(seq, None, failure=MassError(f"generation failed: {type(exc).__name__}: {exc}"))
+                continue
+            survivors.append(seq)
+            rows.append(logits[0])
+        self._rows = survivors
+        if survivors:
+            self._advance(survivors, torch.stack(rows))
 
     def _decode(self) -> None:
         """One token for every running sequence in one forward pass over the batch cache."""
