@@ -135,11 +135,12 @@ def _fail_shared_passes(engine: LLMEngine, times: int) -> list[int]:
     if engine._stepped:
         real_step = engine.runner.step
 
-        def step(tokens, prompts, room=1):
-            if len(failures) < times and len(tokens) + len(prompts) > 1:
-                failures.append(len(tokens) + len(prompts))
+        def step(tokens, prompts, room=1, more=None):
+            size = len(tokens) + len(prompts) + (more is not None)
+            if len(failures) < times and size > 1:
+                failures.append(size)
                 raise RuntimeError("injected forward fault")
-            return real_step(tokens, prompts, room)
+            return real_step(tokens, prompts, room, more)
 
         engine.runner.step = step
     else:
@@ -160,10 +161,10 @@ def _poison_prompts(engine: LLMEngine, first_token: int) -> None:
     if engine._stepped:
         real_step = engine.runner.step
 
-        def step(tokens, prompts, room=1):
+        def step(tokens, prompts, room=1, more=None):
             if any(p[:1] == [first_token] for p in prompts):
                 raise RuntimeError("injected forward fault")
-            return real_step(tokens, prompts, room)
+            return real_step(tokens, prompts, room, more)
 
         engine.runner.step = step
     else:

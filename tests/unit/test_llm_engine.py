@@ -29,7 +29,18 @@ def reference(lm, prompt: str, n: int) -> str:
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_staggered_greedy_batch_matches_one_by_one_generate(engine, lm):
+@pytest.mark.parametrize("step_tokens", [512, 3], ids=["whole-prompts", "prompts-in-parts"])
+def test_staggered_greedy_batch_matches_one_by_one_generate(lm, step_tokens):
+    """Requests joining mid-decode produce HF's greedy text; with 3 prompt tokens a step, every longer prompt
+    is prefilled in parts while the others decode."""
+    engine = LLMEngine(*lm, max_running=8, max_step_prompt_tokens=step_tokens)
+    try:
+        _staggered_matches_generate(engine, lm)
+    finally:
+        engine.shutdown()
+
+
+def _staggered_matches_generate(engine, lm):
     async def run():
         tasks = []
         for i, prompt in enumerate(PROMPTS):  # each arrives while the earlier ones are mid-decode
@@ -174,7 +185,17 @@ def test_gpt2_runner_steps_match_the_hf_forward(lm):
         rows = [rows[i] for i in order]
         nxt = [11, 12, 13]
         check(runner.step(nxt, [seqs[1]]), [r + [t] for r, t in zip(rows, nxt)] + [seqs[1]])
+        rows = [r + [t] for r, t in zip(rows, nxt)] + [list(seqs[1])]
         assert runner.cache.kv[0][0].shape[:1] == (8,) and runner.cache.kv[0][0].shape[2] >= 90
+        long = list(range(100, 140))  # joins in parts while the rows decode
+        check(runner.step([1, 2, 3, 4], [long[:15]]), [r + [t] for r, t in zip(rows, [1, 2, 3, 4])] + [long[:15]])
+        rows = [r + [t] for r, t in zip(rows, [1, 2, 3, 4])]
+        check(runner.step([5, 6, 7, 8], [], more=long[15:30]), [r + [t] for r, t in zip(rows, [5, 6, 7, 8])]
+              + [long[:30]])
+        rows = [r + [t] for r, t in zip(rows, [5, 6, 7, 8])]
+        check(runner.step([9, 10, 11, 12], [seqs[0]], more=long[30:]),
+              [r + [t] for r, t in zip(rows, [9, 10, 11, 12])] + [long, seqs[0]])
+        assert runner.cache.lens == [len(r) + 1 for r in rows] + [len(long), len(seqs[0])]
 
 
 def test_a_failed_pass_leaves_the_rows_as_they_were(lm):

@@ -169,33 +169,38 @@ class GPT2Runner:
         self.cache = SlotCache(len(self.blocks), self.heads, self.head_dim, self.wte.dtype, self.device, max_rows,
                                int(model.config.n_positions))
 
-    def step(self, tokens: list[int], prompts: list[list[int]], room: int = 1) -> torch.Tensor:
-        """One forward pass: the next token of the first ``len(tokens)`` cached rows (``tokens[i]`` for row ``i``)
-        and the whole of each of ``prompts``, which join as new rows after the cached ones. Returns logits
-        ``[len(tokens) + len(prompts), vocab]``: those rows' next-token logits, then each prompt's last token's.
-        ``room``: columns to keep free for the tokens the rows will still make (so the cache grows seldom).
-        The cache's row lengths change only when the pass succeeds."""
+    def step(self, tokens: list[int], prompts: list[list[int]], room: int = 1,
+             more: list[int] | None = None) -> torch.Tensor:
+        """One forward pass: the next token of the first ``len(tokens)`` cached rows (``tokens[i]`` for row ``i``),
+        the next part ``more`` of the last cached row's prompt (a prompt prefilled in parts: that row is not
+        among the decoded ones), and the whole (or a first part) of each of ``prompts``, which join as new rows
+        after the cached ones. Returns logits ``[len(tokens) + (more is not None) + len(prompts), vocab]``: the
+        decoded rows' next-token logits, then the last token's of ``more`` and of each prompt. ``room``: columns
+        to keep free for the tokens the rows will still make (so the cache grows seldom). The cache's row
+        lengths change only when the pass succeeds."""
         cache, nd, base = self.cache, len(tokens), self.cache.rows
-        if nd > base:
-            raise ValueError(f"step has {nd} tokens for {base} cached rows")
+        if nd > base or (more is not None and nd > base - 1):
+            raise ValueError(f"step has {nd} tokens{' and a prompt part' if more is not None else ''} for {base} "
+                             "cached rows")
         lens = cache.lens[:nd]
-        need = max([n + 1 for n in lens] + [len(p) for p in prompts])
-        want = max([n + room for n in lens] + [len(p) + room for p in prompts])
+        parts = ([(base - 1, cache.lens[-1], more)] if more is not None else []) + \
+            [(base + j, 0, p) for j, p in enumerate(prompts)]  # (row, first column, tokens)
+        need = max([n + 1 for n in lens] + [c + len(p) for _, c, p in parts])
+        want = max([n + room for n in lens] + [c + len(p) + room for _, c, p in parts])
         cache.reserve(base + len(prompts), max(need, min(want, cache.max_cols)))
         ids = list(tokens)
         positions = list(lens)
-        for p in prompts:
+        spans, start = [], nd
+        for row, col, p in parts:
             ids += p
-            positions += range(len(p))
+            positions += range(col, col + len(p))
+            spans.append((row, col, start, start + len(p)))
+            start += len(p)
         dev = self.device
         rows = torch.arange(nd, device=dev)
         cols = torch.tensor(lens, dtype=torch.long, device=dev)
         width = max(lens) + 1 if nd else 0
         mask = (torch.arange(width, device=dev)[None] <= cols[:, None])[:, None, None] if nd else None
-        spans, start = [], nd
-        for j, p in enumerate(prompts):
-            spans.append((base + j, start, start + len(p)))
-            start += len(p)
 
         def attend(i, q, k, v):  # q, k, v: [tokens, heads, head_dim]
             keys, values = cache.kv[i]
@@ -206,17 +211,28 @@ class GPT2Runner:
                 out.append(F.scaled_dot_product_attention(q[:nd, :, None], keys[:nd, :, :width],
                                                           values[:nd, :, :width], attn_mask=mask,
                                                           scale=self.blocks[i].scaling)[:, :, 0])
-            for row, a, b in spans:
+            for row, col, a, b in spans:
                 pk, pv = k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)  # [heads, n, head_dim]
-                keys[row, :, :b - a] = pk
-                values[row, :, :b - a] = pv
-                out.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), pk, pv, is_causal=True,
+                keys[row, :, col:col + b - a] = pk
+                values[row, :, col:col + b - a] = pv
+                if col:  # a later part: its queries see the row's earlier columns too
+                    causal = torch.arange(col + b - a, device=dev)[None] <= torch.arange(col, col + b - a,
+                                                                                         device=dev)[:, None]
+                    pk, pv = keys[row, :, :col + b - a], values[row, :, :col + b - a]
+                out.append(F.scaled_dot_product_attention(q[a:b].transpose(0, 1), pk, pv, is_causal=not col,
+                                                          attn_mask=causal if col else None,
                                                           scale=self.blocks[i].scaling).transpose(0, 1))
             return torch.cat(out) if len(out) > 1 else out[0]
 
         x = self._forward(torch.tensor(ids, device=dev), torch.tensor(positions, device=dev), attend)
-        last = list(range(nd)) + [b - 1 for _, _, b in spans]
-        cache.lens = [n + 1 for n in lens] + cache.lens[nd:] + [len(p) for p in prompts]
+        last = list(range(nd)) + [b - 1 for _, _, _, b in spans]
+        lens_after = [n + 1 for n in lens] + cache.lens[nd:]
+        for row, col, p in parts:
+            if row < base:
+                lens_after[row] = col + len(p)
+            else:
+                lens_after.append(len(p))
+        cache.lens = lens_after
         return self._logits(x[last])
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:

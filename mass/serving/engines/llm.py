@@ -80,15 +80,19 @@ class LLMEngine:
         max_running: sequences decoded together at most.
         max_batch_tokens: prompt + max_tokens summed over running sequences at most (KV budget).
         fast: use the lean GPT-2 runner when the model is an unquantized GPT-2 (False: always HF forward).
+        max_step_prompt_tokens: with the GPT-2 runner, a step prefills at most this many prompt tokens (a longer
+            prompt is prefilled in parts over several steps), so running sequences get a token between the
+            parts of a long prompt, and the first prompt in line gets its first token sooner.
     """
 
     def __init__(self, model, tokenizer, max_running: int = 16, max_batch_tokens: int = 8192,
-                 fast: bool = True) -> None:
+                 fast: bool = True, max_step_prompt_tokens: int = 512) -> None:
         self.tokenizer = tokenizer
         self.runner = make_runner(model.eval(), fast=fast, max_rows=max_running)
         self._stepped = hasattr(self.runner, "step")  # one mixed prefill + decode pass per step
         self.max_running = max_running
         self.max_batch_tokens = max_batch_tokens
+        self.max_step_prompt_tokens = max_step_prompt_tokens
         config = model.config
         self.context_length = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
         self.vocab_size = int(config.vocab_size)
@@ -105,7 +109,9 @@ class LLMEngine:
         self._batch_ids: list[int] = []
         self._state: BatchState | None = None
         self._lens: list[int] = []
-        self._rows: list[_Sequence] = []  # a stepping runner's cache rows, in order
+        self._rows: list[_Sequence] = []  # a stepping runner's decoding rows, in cache order
+        self._partial: _Sequence | None = None  # the one prompt prefilled in parts: the cache's last row
+        self._partial_done = 0  # its tokens in the cache so far
         self._thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -282,12 +288,15 @@ class LLMEngine:
 
     def _admit(self) -> list[_Sequence]:
         budget = sum(len(s.prompt_ids) + s.params.max_tokens for s in self._running)
-        admitted = []
+        admitted, prompt_tokens = [], self._partial_part() if self._partial is not None else 0
         while self._waiting and len(self._running) < self.max_running:
             need = len(self._waiting[0].prompt_ids) + self._waiting[0].params.max_tokens
             if budget + need > self.max_batch_tokens and self._running:
                 break
+            if self._stepped and prompt_tokens >= self.max_step_prompt_tokens:
+                break  # this step's prompt tokens are spent (the last one admitted may join in part)
             seq = self._waiting.popleft()
+            prompt_tokens += len(seq.prompt_ids) + len(seq.generated)
             budget += need
             self._running.append(seq)
             admitted.append(seq)
@@ -310,32 +319,65 @@ class LLMEngine:
         """Drop the batch cache (its rows are rebuilt from each sequence's tokens when they run again)."""
         self._batch_ids, self._state, self._lens = [], None, []
         if self._stepped:
-            self._rows = []
+            self._rows, self._partial, self._partial_done = [], None, 0
             self.runner.cache.truncate(0)
 
+    def _partial_part(self) -> int:
+        """Tokens of the part-prefilled prompt that the next step takes."""
+        seq = self._partial
+        return min(len(seq.prompt_ids) + len(seq.generated) - self._partial_done, self.max_step_prompt_tokens)
+
     def _step(self, admitted: list[_Sequence]) -> None:
-        """One forward pass: the next token of every running sequence and the prompts of ``admitted``. The rows of
+        """One forward pass: the next token of every running sequence, the next part of a prompt prefilled in parts,
+        and the prompts of ``admitted`` (the last one in part when this step's prompt tokens run out). The rows of
         sequences that ended since the last step are dropped first (each costs one row copy)."""
-        alive = [not s.done for s in self._rows]
-        if not all(alive):
-            order = swap_remove_order(alive)
+        partial = self._partial
+        rows = self._rows + ([partial] if partial is not None else [])
+        alive = [not s.done for s in rows]
+        if not all(alive):  # the part-prefilled row stays last
+            order = swap_remove_order(alive[:-1]) + [len(rows) - 1] if partial is not None and alive[-1] \
+                else swap_remove_order(alive[:len(self._rows)])
             self.runner.cache.retain(order)
-            self._rows = [self._rows[i] for i in order]
-        batch = self._rows
-        if not batch and not admitted:
+            self._rows = [rows[i] for i in order[:len(order) - (partial is not None and alive[-1])]]
+            if partial is not None and not alive[-1]:
+                self._partial, self._partial_done, partial = None, 0, None
+        batch, budget, more = self._rows, self.max_step_prompt_tokens, None
+        if partial is not None:
+            take = self._partial_part()
+            more = (partial.prompt_ids + partial.generated)[self._partial_done:self._partial_done + take]
+            budget -= take
+        prompts = []
+        for seq in admitted:
+            ids = seq.prompt_ids + seq.generated
+            prompts.append(ids[:min(len(ids), budget)])
+            budget -= len(prompts[-1])
+        if not batch and more is None and not prompts:
             return
-        seqs = batch + admitted
+        seqs = batch + ([partial] if partial is not None else []) + admitted
         room = max(s.params.max_tokens - len(s.generated) for s in seqs) + 1
         try:
-            logits = self.runner.step([s.generated[-1] for s in batch], [s.prompt_ids + s.generated for s in admitted],
-                                      room)
+            logits = self.runner.step([s.generated[-1] for s in batch], prompts, room, more=more)
         except Exception as exc:
             log.warning("forward pass over %d requests failed (%s: %s); retrying each alone", len(seqs),
                         type(exc).__name__, exc)
             self._restep(seqs)
             return
-        self._rows = seqs
-        self._advance(seqs, logits)
+        done, picked = list(batch), list(range(len(batch)))  # sequences whose next token this pass gives
+        if partial is not None:
+            self._partial_done += len(more)
+            if self._partial_done == len(partial.prompt_ids) + len(partial.generated):
+                done.append(partial)
+                picked.append(len(batch))
+                self._partial, self._partial_done = None, 0
+        first = len(batch) + (partial is not None)
+        for j, (seq, part) in enumerate(zip(admitted, prompts)):
+            if len(part) < len(seq.prompt_ids) + len(seq.generated):  # the last admitted, joining in part
+                self._partial, self._partial_done = seq, len(part)
+            else:
+                done.append(seq)
+                picked.append(first + j)
+        self._rows = done
+        self._advance(done, logits[picked])
 
     def _restep(self, seqs: list[_Sequence]) -> None:
         """The stepping runner's retry after a failed pass: the cache is cleared and each sequence re-enters it
