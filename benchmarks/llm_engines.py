@@ -12,7 +12,9 @@ whole (shape, dtype) and driven over a pipe, round after round, interleaved. Wor
 
 Figures per engine: output tokens/s (all requests, first arrival to last token), time to first token and
 inter-token latency p50/p95 (a chunk of k tokens after a gap g counts k gaps of g/k), peak resident memory
-(the summed high-water marks of the engine's processes: vLLM's frontend and engine core). The first request's
+(the summed high-water marks of the engine's processes: vLLM's frontend, engine core and worker). Before every
+round both engines are waited on until idle: vLLM's processes go on polling for about a second after a round,
+which would otherwise take a core from the next round of the other engine. The first request's
 greedy tokens are compared between the engines (fp32 should agree). Prints a table and one JSON line;
 ``--json PATH`` saves the JSON and ``--readme README.md`` rewrites the README's table from it.
 Run:  make vllm && .venv/bin/python benchmarks/llm_engines.py --json benchmarks/results/llm_engines.json
@@ -183,19 +185,50 @@ class Engine:
         self.proc.stdin.flush()
         return self._answer()
 
-    def peak_rss_mb(self) -> float:
-        """Summed high-water marks (VmHWM) of the worker and every process under it."""
-        total, todo = 0, [self.proc.pid]
+    def _tree(self) -> list[int]:
+        """The worker's pid and those of every process under it (vLLM: its engine core and worker)."""
+        pids, todo = [], [self.proc.pid]
         while todo:
             pid = todo.pop()
             try:
-                status = Path(f"/proc/{pid}/status").read_text()
-                total += int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1])
                 for task in Path(f"/proc/{pid}/task").iterdir():
                     todo += [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            pids.append(pid)
+        return pids
+
+    def peak_rss_mb(self) -> float:
+        """Summed high-water marks (VmHWM) of the worker and every process under it."""
+        total = 0
+        for pid in self._tree():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                total += int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1])
             except (FileNotFoundError, StopIteration, ProcessLookupError):
                 continue
         return total / 1024
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the worker's processes have used so far."""
+        total = 0
+        for pid in self._tree():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def quiet(self, window_s: float = 0.5, timeout_s: float = 30.0) -> None:
+        """Wait until the worker is idle (under 5 % of a core over ``window_s``). vLLM's processes keep polling for
+        about a second after a round: the other engine's next round must not share the cores with that."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            before = self.cpu_seconds()
+            time.sleep(window_s)
+            if self.cpu_seconds() - before < 0.05 * window_s:
+                return
 
     def close(self) -> None:
         """End the worker."""
@@ -247,6 +280,8 @@ def run(args) -> dict:
                     rounds: dict[str, list[dict]] = {s: [] for s in args.systems}
                     for r in range(args.rounds + 1):  # round 0 warms up and is not counted
                         for s, engine in engines.items():
+                            for other in engines.values():
+                                other.quiet()  # nothing left running from the last round
                             out = engine.run(name)
                             if r:
                                 rounds[s].append(out)

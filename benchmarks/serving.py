@@ -226,7 +226,8 @@ class WorkerPoolEmbedder:
     own batcher (up to ``max_batch_size`` texts, ``wait_s``), requests spread round-robin over pipes. On two
     cores this is the served shape (one compute thread per core) without a serving system."""
 
-    def __init__(self, model_dir: str, workers: int = 2, max_batch_size: int = 32, wait_s: float = 0.01) -> None:
+    def __init__(self, model_dir: str, workers: int = 2, max_batch_size: int = 32, wait_s: float = 0.01,
+                 dtype: str = "float32") -> None:
         import itertools
         import multiprocessing
 
@@ -234,7 +235,8 @@ class WorkerPoolEmbedder:
         self.conns, self.procs = [], []
         for _ in range(workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_embed_worker, args=(child, model_dir, max_batch_size, wait_s), daemon=True)
+            proc = ctx.Process(target=_embed_worker, args=(child, model_dir, max_batch_size, wait_s, dtype),
+                               daemon=True)
             proc.start()
             child.close()
             self.conns.append(parent)
@@ -275,15 +277,16 @@ class WorkerPoolEmbedder:
             proc.join(timeout=30)
 
 
-def _embed_worker(conn, model_dir: str, max_batch_size: int, wait_s: float) -> None:
-    """One worker process: one torch thread, one engine, a batcher over its pipe."""
+def _embed_worker(conn, model_dir: str, max_batch_size: int, wait_s: float, dtype: str = "float32") -> None:
+    """One worker process: one torch thread, one engine (MiniLM in ``dtype``), a batcher over its pipe."""
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     from mass.serving.engines.embedding import EmbeddingEngine
 
     torch.set_num_threads(1)
-    engine = EmbeddingEngine(AutoModel.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
+    engine = EmbeddingEngine(AutoModel.from_pretrained(model_dir).to(getattr(torch, dtype)),
+                             AutoTokenizer.from_pretrained(model_dir))
     conn.send("ready")
     while True:
         item = conn.recv()
@@ -313,10 +316,10 @@ SERVED = {"gateway": {"num_cpus": 1, "autoscaling": {"min_replicas": 2, "max_rep
 HANDLE_ROWS = {"gateway": "handle", "gateway_unbatched": "handle_unbatched"}  # the same deployment via handles
 
 
-def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
+def run_gateway_parts(rounds: int, requests: int) -> tuple[dict[str, list[float]], str]:
     """Embeddings in-process (both layouts) vs through the gateway (per-core replicas batched and with
     max_batch_size=1, one 2-CPU replica) and through Serve handles: texts/s per round (after a warm-up
-    round that is not counted)."""
+    round that is not counted); and the dtype every system ran MiniLM in (``dtype: auto``'s choice here)."""
     import aiohttp
     import ray
     from ray import serve
@@ -334,9 +337,13 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
     import_minilm(ModelRegistry())
     texts = [d["text"].strip().splitlines()[0] for d in collect_documents(["json", "argparse", "textwrap"],
                                                                          progress=False)]
+    from mass.serving.precision import choose
+
     model, tokenizer, _ = ModelRegistry().load("minilm-l6@production")
+    # the served default (dtype: auto) makes the same choice on this machine: every system runs in that dtype
+    model, chosen = choose(model, tokenizer, "embedding", "cpu")
     batcher = InProcessBatcher(EmbeddingEngine(model, tokenizer), max_batch_size=32, wait_s=0.01)
-    workers = WorkerPoolEmbedder(str(minilm_dir()), workers=2, max_batch_size=32, wait_s=0.01)
+    workers = WorkerPoolEmbedder(str(minilm_dir()), workers=2, max_batch_size=32, wait_s=0.01, dtype=chosen.dtype)
 
     apply_ray_start_env(get_settings())  # as `mass serve up` starts a local Ray
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
@@ -386,7 +393,7 @@ def run_gateway_parts(rounds: int, requests: int) -> dict[str, list[float]]:
     # router lives on the caller's loop, and shutting them down needs that loop still open.
     with asyncio.Runner() as runner:
         try:
-            return runner.run(measure())
+            return runner.run(measure()), chosen.dtype
         finally:
             batcher.pool.shutdown()
             workers.close()
@@ -439,7 +446,7 @@ def run_gateway(args, result: dict) -> None:
     from mass.settings import get_settings
 
     result["serve_ingress"] = get_settings().serve_ingress
-    runs = run_gateway_parts(args.rounds, args.embed_requests)
+    runs, result["embedding_dtype"] = run_gateway_parts(args.rounds, args.embed_requests)
     result["texts_per_s"] = {k: [round(v, 1) for v in vs] for k, vs in runs.items()}
     med = {k: statistics.median(v) for k, v in runs.items()}
     baseline = max(("in_process_1x2", "in_process_2x1"), key=med.get)
@@ -457,8 +464,10 @@ def _cell(values: list[float], unit: str) -> str:
 
 def render_table(result: dict) -> str:
     """The README's benchmark table (markdown) from one run's JSON; the README test checks they agree."""
+    dtype = (f" MiniLM ran in {result['embedding_dtype']} in every system (what `dtype: auto` chose on this "
+             "machine)." if "embedding_dtype" in result else "")
     lines = [f"Run of {result['date']} on {result['machine']}; {result['rounds']} rounds, median (range over "
-             f"rounds).{' ' + result['note'] if result.get('note') else ''}", "",
+             f"rounds).{dtype}{' ' + result['note'] if result.get('note') else ''}", "",
              "| part | system | median (range) | ratio | goal |", "|---|---|---|---|---|"]
     if "tokens_per_s" in result:
         t, ok = result["tokens_per_s"], _met(result)

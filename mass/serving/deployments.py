@@ -38,6 +38,8 @@ class Served:
             self.ref = info.ref
         else:
             model, tokenizer, self.ref = loaded
+        model, self.precision = self._precision(model, tokenizer)
+        log.info("%s (%s) serves in %s: %s", args.name, self.ref, self.precision.dtype, self.precision.reason)
         if args.engine == "llm":
             from mass.serving.engines.llm import LLMEngine
 
@@ -48,6 +50,22 @@ class Served:
 
             self.engine = EmbeddingEngine(model, tokenizer, max_length=args.max_length, normalize=args.normalize)
 
+    def _precision(self, model, tokenizer):
+        """The model to serve and its ``Precision``: ``dtype: auto`` chooses (see ``mass.serving.precision``) for
+        a plain torch model loaded as saved; anything else runs as configured or as made."""
+        import torch
+
+        from mass.serving.precision import Precision, choose, weight_dtype
+
+        if not isinstance(model, torch.nn.Module):
+            return model, Precision("as exported", "fixed by its format (ONNX Runtime)")
+        if self.args.quantization != "none" or getattr(model.config, "quantization_config", None) is not None \
+                or any("quantized" in type(m).__module__ for m in model.modules()):
+            return model, Precision(weight_dtype(model), "quantized weights: precision fixed when quantized")
+        if self.args.dtype != "auto":
+            return model, Precision(self.args.dtype, "as configured")
+        return choose(model, tokenizer, self.args.engine, next(model.parameters()).device.type)
+
     def __del__(self) -> None:  # called by Serve's multiplexer on LRU eviction
         shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
         if shutdown is not None:
@@ -55,10 +73,11 @@ class Served:
 
     def describe(self) -> dict[str, Any]:
         """Model facts the gateway needs."""
+        precision = {"dtype": self.precision.dtype, "dtype_reason": self.precision.reason}
         if self.args.engine == "llm":
             return {"context_length": self.engine.context_length, "ref": self.ref,
-                    "max_tokens_limit": self.args.max_tokens_limit}
-        return {"dim": self.engine.dim, "ref": self.ref, "max_length": self.args.max_length}
+                    "max_tokens_limit": self.args.max_tokens_limit, **precision}
+        return {"dim": self.engine.dim, "ref": self.ref, "max_length": self.args.max_length, **precision}
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         """The prompt for a chat: the tokenizer's template, or a plain role-prefixed one."""
