@@ -66,8 +66,9 @@ def test_the_deployment_says_what_it_chose(minilm, lm):
     facts = auto.describe()
     assert facts["dtype"] == ("bfloat16" if native_bf16("cpu") else "float32") and facts["dtype_reason"]
     assert weight_dtype(auto.engine.model) == facts["dtype"]
-    vector = auto.engine.embed(["a cat sits on the mat"])[0][0]
-    assert len(vector) == 384 and abs(sum(x * x for x in vector) - 1) < 1e-2
+    vectors = torch.tensor(auto.engine.embed(["a cat sits on the mat", "quarterly tax filing", "a"])[0])
+    assert vectors.shape == (3, 384)  # pooled and normalised in fp32 even from a bf16 model: unit length
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
 
     fixed = Served(model_args({"name": "g", "ref": "lm/1", "engine": "llm", "dtype": "float32"}),
                    loaded=(*lm, "lm/1"))

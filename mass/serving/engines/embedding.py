@@ -61,7 +61,9 @@ class EmbeddingEngine:
                 chunk = order[start:start + self.batch_size]
                 batch = self.tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
                 batch = {k: v.to(self.model.device) for k, v in batch.items()}
-                hidden = self.model(**batch).last_hidden_state
+                # pooled and normalised in fp32 whatever the model's dtype: bf16 sums over tokens and a bf16 norm
+                # left vectors up to 0.5 % off unit length
+                hidden = self.model(**batch).last_hidden_state.float()
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 if self.normalize:
