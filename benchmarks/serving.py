@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mass.threads import on_fresh_thread as in_fresh_thread  # every system computes on a thread of its own
+
 
 def build_model(vocab: int = 2048, shape: str = "4x256", device: str = "cpu"):
     """The benchmark GPT (``shape``: layers x width, 64-wide heads from width 512 up, 4 heads below) on
@@ -91,34 +93,6 @@ def run_engine(model, tok, reqs, fast: bool = True) -> tuple[float, list[float],
     wall, results = asyncio.run(main())
     engine.shutdown()
     return wall, [r[0] for r in results], sum(r[1] for r in results)
-
-
-def in_fresh_thread(fn, *args):
-    """``fn(*args)`` in a new thread that ends with it.
-
-    torch's CPU kernels run on an OpenMP team owned by the thread that calls them, and the team lives
-    as long as that thread. Once two threads own teams, libgomp (more OpenMP threads than cores) stops
-    spinning between parallel regions, and every region pays a futex wake-up: the engine's decode loop
-    ran markedly slower for the rest of the process after a single matmul on the main thread. So every system
-    here computes on a thread of its own that exits when it is done, and one system's run cannot slow
-    the next one down.
-    """
-    import threading
-
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            out["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
 
 
 def run_sequential(model, tok, reqs) -> tuple[float, int]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +61,11 @@ def choose(model, tokenizer, engine: str, device_type: str = "cpu") -> tuple[obj
     worth, why = candidate(engine, device_type)
     if not worth:
         return model, Precision("float32", f"auto: {why}")
-    trial, ok, figure = _on_fresh_thread(_try_bf16, model, tokenizer, engine)
+    from mass.threads import on_fresh_thread
+
+    # on a thread that ends: the check's OpenMP team ends with it, and the engine's compute thread stays the
+    # only one in the process that owns a team (two teams slow every parallel region)
+    trial, ok, figure = on_fresh_thread(_try_bf16, model, tokenizer, engine)
     if not ok:
         log.warning("dtype auto: the bf16 copy failed the parity check (%s); serving fp32", figure)
         return model, Precision("float32", f"auto: bf16 failed the parity check ({figure})")
@@ -98,22 +101,3 @@ def _greedy(model, tokenizer, text: str) -> list[int]:
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_TOKENS, do_sample=False,
                          pad_token_id=tokenizer.eos_token_id)
     return out[0, ids.shape[1]:].tolist()
-
-
-def _on_fresh_thread(fn, *args):
-    """``fn(*args)`` on a thread that ends with it: the check's OpenMP team dies with the thread, so the
-    engine's own compute thread stays the only one that owns a team (two teams slow every parallel region)."""
-    out: dict = {}
-
-    def run():
-        try:
-            out["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            out["error"] = exc
-
-    thread = threading.Thread(target=run, name="dtype-parity")
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
