@@ -91,6 +91,9 @@ class LLMArgs(_ServedModel):
     engine: Literal["llm"] = Field(..., description="llm: text generation.")
     max_running: int = Field(16, ge=1, description="Sequences decoded together.")
     max_batch_tokens: int = Field(8192, ge=16, description="Prompt + max_tokens summed over the batch.")
+    max_step_prompt_tokens: int = Field(512, ge=1, description="Prompt tokens one engine step prefills at most "
+                                        "(GPT-2 runner): a longer prompt is prefilled in parts while the others "
+                                        "decode; lower favours inter-token latency, higher throughput.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
 
 

@@ -44,7 +44,8 @@ class Served:
             from mass.serving.engines.llm import LLMEngine
 
             self.engine = LLMEngine(model, tokenizer, max_running=args.max_running,
-                                    max_batch_tokens=args.max_batch_tokens)
+                                    max_batch_tokens=args.max_batch_tokens,
+                                    max_step_prompt_tokens=args.max_step_prompt_tokens)
         else:
             from mass.serving.engines.embedding import EmbeddingEngine
 

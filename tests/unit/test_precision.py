@@ -70,9 +70,10 @@ def test_the_deployment_says_what_it_chose(minilm, lm):
     assert vectors.shape == (3, 384)  # pooled and normalised in fp32 even from a bf16 model: unit length
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
 
-    fixed = Served(model_args({"name": "g", "ref": "lm/1", "engine": "llm", "dtype": "float32"}),
-                   loaded=(*lm, "lm/1"))
+    fixed = Served(model_args({"name": "g", "ref": "lm/1", "engine": "llm", "dtype": "float32",
+                               "max_step_prompt_tokens": 64}), loaded=(*lm, "lm/1"))
     try:
         assert fixed.describe()["dtype"] == "float32" and fixed.describe()["dtype_reason"] == "as configured"
+        assert fixed.engine.max_step_prompt_tokens == 64
     finally:
         fixed.engine.shutdown()
