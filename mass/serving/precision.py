@@ -82,18 +82,14 @@ def _parity(reference, trial, tokenizer, engine: str) -> tuple[bool, str]:
     """Whether ``trial`` answers the probes as ``reference`` does, and the figure that says so."""
     with torch.inference_mode():
         if engine == "embedding":
-            cosines = torch.nn.functional.cosine_similarity(_pooled(reference, tokenizer), _pooled(trial, tokenizer))
+            from mass.serving.engines.embedding import EmbeddingEngine  # the vectors the engine would serve
+
+            vectors = [torch.tensor(EmbeddingEngine(m, tokenizer).embed(PROBE_TEXTS)[0]) for m in (reference, trial)]
+            cosines = torch.nn.functional.cosine_similarity(*vectors)
             low = float(cosines.min())
             return low >= MIN_COSINE, f"lowest probe cosine {low:.4f}, needs >= {MIN_COSINE}"
         same = sum(_greedy(reference, tokenizer, text) == _greedy(trial, tokenizer, text) for text in PROBE_TEXTS)
         return same == len(PROBE_TEXTS), f"greedy tokens equal on {same} of {len(PROBE_TEXTS)} probes"
-
-
-def _pooled(model, tokenizer) -> torch.Tensor:
-    batch = tokenizer(PROBE_TEXTS, padding=True, return_tensors="pt").to(model.device)
-    hidden = model(**batch).last_hidden_state.float()
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return (hidden * mask).sum(1) / mask.sum(1)
 
 
 def _greedy(model, tokenizer, text: str) -> list[int]:

@@ -23,8 +23,8 @@ class Linear:
 
     On a CPU with oneDNN, a weight is reordered once into oneDNN's blocked layout for ``rows`` (the batch it
     will mostly see) when that paid off on this machine's AVX-512 CPU: every bf16 weight (``addmm`` has no fast
-    bf16 path here), and fp32 weights of at least 512x512 (768x3072 at 16 rows: 0.38 ms against ``addmm``'s
-    0.58; the 6x512 GPT's staggered benchmark 1.4x); smaller fp32 products stayed faster on ``addmm`` (the 4x256
+    bf16 path here), and fp32 weights of at least 512x512 (timed by hand: 768x3072 at 16 rows 0.38 ms against
+    ``addmm``'s 0.58); smaller fp32 products stayed faster on ``addmm`` (the 4x256
     GPT's products fit in cache, and oneDNN's call costs ~15 us). The GELU is then fused
     into the product. The reordered copy is held beside the model's own weight. Elsewhere (GPU, a dtype
     oneDNN lacks) it is ``addmm``. The reorder
