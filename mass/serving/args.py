@@ -5,7 +5,7 @@ Read from ``serve_apps/configs/*.yaml`` (the ``args:`` of a Serve config, or ``m
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, field_validator, model_validator
 
@@ -85,16 +85,49 @@ class _ServedModel(MassConfig):
         return self.model_copy(update={"ref": f"{ModelRef.parse(self.ref).name}/{version}", "managed": False})
 
 
-class LLMArgs(_ServedModel):
-    """A served causal LM (continuous-batching engine)."""
+class VLLMOptions(MassConfig):
+    """vLLM's own settings for a model served with ``engine: vllm``."""
 
-    engine: Literal["llm"] = Field(..., description="llm: text generation.")
-    max_running: int = Field(16, ge=1, description="Sequences decoded together.")
-    max_batch_tokens: int = Field(8192, ge=16, description="Prompt + max_tokens summed over the batch.")
+    kv_cache_gb: float = Field(1.0, gt=0, description="KV cache of a replica in GiB on CPU nodes "
+                               "(vLLM's VLLM_CPU_KVCACHE_SPACE; on GPUs vLLM sizes it from gpu_memory_utilization).")
+    engine_args: dict[str, Any] = Field(default_factory=dict, description="More vLLM AsyncEngineArgs, passed as "
+                                        "they are (e.g. enable_prefix_caching: false, gpu_memory_utilization: 0.5).")
+
+
+class LLMArgs(_ServedModel):
+    """A served causal LM: MASS's continuous-batching engine (``llm``) or vLLM's (``vllm``)."""
+
+    engine: Literal["llm", "vllm"] = Field(..., description="llm: text generation by MASS's continuous-batching "
+                                           "engine; vllm: by vLLM's engine, run from its own venv (`make vllm`).")
+    max_running: int = Field(16, ge=1, description="Sequences decoded together (vLLM: max_num_seqs).")
+    max_batch_tokens: int = Field(8192, ge=16, description="Prompt + max_tokens summed over the batch (MASS "
+                                  "engine; vLLM's KV budget is `vllm.kv_cache_gb`).")
     max_step_prompt_tokens: int = Field(512, ge=1, description="Prompt tokens one engine step prefills at most "
-                                        "(GPT-2 runner): a longer prompt is prefilled in parts while the others "
-                                        "decode; lower favours inter-token latency, higher throughput.")
+                                        "(GPT-2 runner; vLLM: max_num_batched_tokens, at least the context): a "
+                                        "longer prompt is prefilled in parts while the others decode; lower "
+                                        "favours inter-token latency, higher throughput.")
     max_tokens_limit: int = Field(512, ge=1, description="Largest max_tokens a request may ask for.")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="vLLM's settings (`engine: vllm` only).")
+
+    @property
+    def kind(self) -> str:
+        """What the model does, whichever engine runs it: ``llm`` (text generation)."""
+        return "llm"
+
+    @model_validator(mode="after")
+    def _vllm(self) -> "LLMArgs":
+        if self.engine != "vllm":
+            if self.vllm != VLLMOptions():
+                raise ValueError(f"model {self.name!r}: `vllm` settings apply to `engine: vllm` only")
+            return self
+        if self.pool is not None:
+            raise ValueError(f"model {self.name!r}: a vLLM engine holds its KV cache for one model; it cannot join "
+                             f"pool {self.pool!r} (serve it dedicated)")
+        if self.quantization != "none":
+            raise ValueError(f"model {self.name!r}: quantization {self.quantization!r} is bitsandbytes on MASS's "
+                             "engine; with `engine: vllm` serve a quantized checkpoint or pass vLLM's own "
+                             "`vllm.engine_args.quantization`")
+        return self
 
 
 class EmbeddingArgs(_ServedModel):
@@ -105,11 +138,16 @@ class EmbeddingArgs(_ServedModel):
     max_length: int = Field(256, ge=8, description="Inputs truncated to this many tokens.")
     normalize: bool = Field(True, description="L2-normalise vectors.")
 
+    @property
+    def kind(self) -> str:
+        """What the model does: ``embedding``."""
+        return "embedding"
+
 
 #: one served model: its options depend on ``engine`` (an LLM has no ``batch``, an encoder no ``max_running``)
 ModelArgs = Annotated[LLMArgs | EmbeddingArgs, Field(discriminator="engine")]
 _MODEL_ARGS: TypeAdapter = TypeAdapter(ModelArgs)
-UNION_TAGS.update({"llm", "embedding"})
+UNION_TAGS.update({"llm", "vllm", "embedding"})
 
 
 def model_args(data: dict) -> LLMArgs | EmbeddingArgs:
@@ -214,15 +252,15 @@ class AppArgs(MassConfig):
 
     @model_validator(mode="after")
     def _fallbacks(self) -> "AppArgs":
-        engines = {m.name: m.engine for m in self.models}
+        kinds = {m.name: m.kind for m in self.models}  # a vllm model may fall back to an llm one, and back
         for model in self.models:
             for name in model.fallbacks:
-                if name == model.name or name not in engines:
+                if name == model.name or name not in kinds:
                     raise ValueError(f"model {model.name!r}: fallback {name!r} must be another served model; "
-                                     f"served: {sorted(engines)}")
-                if engines[name] != model.engine:
-                    raise ValueError(f"model {model.name!r} ({model.engine}) cannot fall back to {name!r} "
-                                     f"({engines[name]})")
+                                     f"served: {sorted(kinds)}")
+                if kinds[name] != model.kind:
+                    raise ValueError(f"model {model.name!r} ({model.kind}) cannot fall back to {name!r} "
+                                     f"({kinds[name]})")
         return self
 
     def deployment_of(self, model: ModelArgs) -> str:

@@ -25,9 +25,15 @@ log = logging.getLogger(__name__)
 class Served:
     """One loaded model: its engine plus the request logic shared by dedicated and pooled deployments."""
 
-    def __init__(self, args: LLMArgs | EmbeddingArgs, loaded: tuple[Any, Any, str] | None = None) -> None:
-        """Load ``args.ref`` from the registry, or take ``loaded`` = (model, tokenizer, version ref) as is."""
+    def __init__(self, args: LLMArgs | EmbeddingArgs, loaded: tuple[Any, Any, str] | None = None,
+                 source: dict[str, str] | None = None) -> None:
+        """Load ``args.ref`` from the registry, or take ``loaded`` = (model, tokenizer, version ref) as is; an
+        ``engine: vllm`` model loads from ``source`` (``mass.serving.vllm_env.vllm_source``, resolved by the
+        deployer: this replica runs on vLLM's venv, without MLflow)."""
         self.args = args
+        if args.engine == "vllm":
+            self._start_vllm(source)
+            return
         if loaded is None:
             from mass.registry import ModelRegistry
             from mass.settings import apply_offline_env
@@ -50,6 +56,20 @@ class Served:
             from mass.serving.engines.embedding import EmbeddingEngine
 
             self.engine = EmbeddingEngine(model, tokenizer, max_length=args.max_length, normalize=args.normalize)
+
+    def _start_vllm(self, source: dict[str, str] | None) -> None:
+        from mass.serving.engines.vllm import VLLMEngine
+        from mass.serving.precision import Precision
+
+        if source is None:
+            raise ValueError("an engine: vllm model needs its source (bind it with deployments.bind_model)")
+        args, self.ref = self.args, source["ref"]
+        self.engine = VLLMEngine(source["model_dir"], dtype=args.dtype,
+                                 max_running=args.max_running, kv_cache_gb=args.vllm.kv_cache_gb,
+                                 device="cuda" if args.num_gpus > 0 else "cpu", engine_args=args.vllm.engine_args)
+        self.precision = Precision(self.engine.dtype, "vLLM's choice (dtype: auto)" if args.dtype == "auto"
+                                   else "as configured")
+        log.info("%s (%s) serves on vLLM in %s", args.name, self.ref, self.engine.dtype)
 
     def _precision(self, model, tokenizer):
         """The model to serve and its ``Precision``: ``dtype: auto`` chooses (see ``mass.serving.precision``) for
@@ -75,8 +95,8 @@ class Served:
     def describe(self) -> dict[str, Any]:
         """Model facts the gateway needs."""
         precision = {"dtype": self.precision.dtype, "dtype_reason": self.precision.reason}
-        if self.args.engine == "llm":
-            return {"context_length": self.engine.context_length, "ref": self.ref,
+        if self.args.kind == "llm":
+            return {"engine": self.args.engine, "context_length": self.engine.context_length, "ref": self.ref,
                     "max_tokens_limit": self.args.max_tokens_limit, **precision}
         return {"dim": self.engine.dim, "ref": self.ref, "max_length": self.args.max_length, **precision}
 
@@ -248,16 +268,17 @@ async def merge_streams(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tupl
 class LLMServer:
     """Continuous-batching text generation for one registered causal LM."""
 
-    def __init__(self, args: dict[str, Any], served: Served | None = None) -> None:
+    def __init__(self, args: dict[str, Any], served: Served | None = None,
+                 source: dict[str, str] | None = None) -> None:
         setup_replica_logging()
-        self.served = served or Served(model_args(args))
+        self.served = served or Served(model_args(args), source=source)
 
     def ready(self) -> bool:
         """Readiness probe: the replica is up (its model loaded in ``__init__``)."""
         return True
 
     def describe(self) -> dict[str, Any]:
-        """Model facts (context length, limits, version)."""
+        """Model facts (engine, context length, limits, version, dtype)."""
         return self.served.describe()
 
     async def stream(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -270,13 +291,13 @@ class LLMServer:
         return await self.served.generate(request)
 
     def stats(self) -> dict[str, int]:
-        """The engine's queue depths (waiting, running) and steps taken."""
+        """The engine's queue depths (waiting, running) and steps taken (vLLM: requests in flight and served)."""
         return self.served.engine.stats()
 
     def check_health(self) -> None:
-        """Serve's health probe: the engine thread must be alive."""
+        """Serve's health probe: the engine thread (vLLM: its engine core) must be alive."""
         if not self.served.engine.alive():
-            raise RuntimeError("LLM engine thread died")
+            raise RuntimeError(f"{self.served.args.engine} engine died")
 
 
 @serve.deployment
@@ -426,10 +447,18 @@ def bind_app_models(args: AppArgs) -> dict[str, Any]:
 
 
 def bind_model(model: LLMArgs | EmbeddingArgs, name: str):
-    """The bound dedicated deployment ``name`` serving ``model`` (its ``ref`` is loaded at replica start)."""
-    cls = LLMServer if model.engine == "llm" else EmbeddingServer
-    return cls.options(
+    """The bound dedicated deployment ``name`` serving ``model`` (its ``ref`` is loaded at replica start; an
+    ``engine: vllm`` model's version is resolved and downloaded here, and its replicas run on vLLM's venv)."""
+    options = actor_options(model.num_cpus, model.num_gpus)
+    source = None
+    if model.engine == "vllm":
+        from mass.serving.vllm_env import vllm_runtime_env, vllm_source
+
+        options["runtime_env"] = vllm_runtime_env(options["runtime_env"], model.num_cpus)
+        source = vllm_source(model.ref)
+    cls = LLMServer if model.kind == "llm" else EmbeddingServer
+    bound = cls.options(
         name=name, autoscaling_config=model.autoscaling.model_dump(exclude_none=True),
         max_ongoing_requests=model.max_ongoing_requests, max_queued_requests=model.max_queued_requests,
-        ray_actor_options=actor_options(model.num_cpus, model.num_gpus),
-    ).bind(model.model_dump())
+        ray_actor_options=options)
+    return bound.bind(model.model_dump(), None, source) if source else bound.bind(model.model_dump())

@@ -14,7 +14,6 @@ detokenisation fails that sequence alone; a failed shared forward pass is retrie
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import threading
@@ -27,6 +26,7 @@ import torch
 
 from mass.errors import InvalidRequest, MassError
 from mass.serving.engines.detokenize import TextStream
+from mass.serving.engines.events import TokenEvent, token_text
 from mass.serving.engines.gpt2 import swap_remove_order
 from mass.serving.engines.runners import KV, BatchState, make_runner, split_rows
 from mass.serving.engines.sampling import (
@@ -38,19 +38,6 @@ from mass.serving.engines.sampling import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TokenEvent:
-    """A piece of one request's output: new text, and the finish reason on the last event."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    logprobs: list[dict] | None = None  # one entry per token id when the request asked for logprobs
-    failure: MassError | None = None  # set on the last event of a request that failed (never sent on)
 
 
 @dataclass
@@ -522,14 +509,7 @@ class LLMEngine:
                 "top": [{**self._token_text(t), "logprob": lp} for t, lp in top]}
 
     def _token_text(self, token: int) -> dict:
-        """A token's UTF-8 bytes and its text; a token holding part of a character is ``bytes:\\xNN...``,
-        as OpenAI writes it."""
-        data = token_bytes(self.tokenizer, token)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
-        return {"token_id": token, "token": text, "bytes": list(data)}
+        return token_text(self.tokenizer, token)
 
     @staticmethod
     def _take_logprobs(seq: _Sequence) -> list[dict] | None:
@@ -556,33 +536,6 @@ class LLMEngine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # that loop is closed: its requests are gone
                 pass
-
-
-def token_bytes(tokenizer, token: int) -> bytes:
-    """The UTF-8 bytes a token stands for: byte-level BPE tokens map back through GPT-2's byte alphabet;
-    other tokenizers' tokens are decoded alone."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel":
-        piece = tokenizer.convert_ids_to_tokens(token)
-        table = _byte_decoder()
-        if piece is not None and all(c in table for c in piece):
-            return bytes(table[c] for c in piece)
-    return tokenizer.decode([token]).encode()
-
-
-@functools.cache
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character -> byte (the inverse of ``bytes_to_unicode``)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
 
 
 def _deliver(items: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
