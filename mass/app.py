@@ -30,7 +30,12 @@ def build_app(args: AppArgs | dict[str, Any]):
         args = load_config(AppArgs, data=args)
     handles = bind_app_models(args)
     gw = args.gateway
-    return Gateway.options(ray_actor_options=actor_options(gw.num_cpus), num_replicas=gw.replicas,
+    options = actor_options(gw.num_cpus)
+    # The gateway calls its models asynchronously only: its handles' router can run on the replica's own loop,
+    # saving a thread hop per call and per streamed item (MASS keeps Ray's separate router loop elsewhere, where
+    # synchronous handle calls need it; see SERVE_INGRESS_ENV).
+    options["runtime_env"]["env_vars"]["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] = "0"
+    return Gateway.options(ray_actor_options=options, num_replicas=gw.replicas,
                            max_ongoing_requests=gw.max_ongoing_requests).bind(handles, args.model_dump())
 
 

@@ -92,6 +92,8 @@ class VLLMOptions(MassConfig):
                                "(vLLM's VLLM_CPU_KVCACHE_SPACE; on GPUs vLLM sizes it from gpu_memory_utilization).")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="More vLLM AsyncEngineArgs, passed as "
                                         "they are (e.g. enable_prefix_caching: false, gpu_memory_utilization: 0.5).")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment of the replica's vLLM, over MASS's "
+                                "(e.g. VLLM_CPU_OMP_THREADS_BIND: '2-7' pins its threads to cores of their own).")
 
 
 class LLMArgs(_ServedModel):

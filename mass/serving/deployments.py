@@ -454,7 +454,7 @@ def bind_model(model: LLMArgs | EmbeddingArgs, name: str):
     if model.engine == "vllm":
         from mass.serving.vllm_env import vllm_runtime_env, vllm_source
 
-        options["runtime_env"] = vllm_runtime_env(options["runtime_env"], model.num_cpus)
+        options["runtime_env"] = vllm_runtime_env(options["runtime_env"], model.num_cpus, env=model.vllm.env)
         source = vllm_source(model.ref)
     cls = LLMServer if model.kind == "llm" else EmbeddingServer
     bound = cls.options(

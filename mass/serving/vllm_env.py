@@ -73,10 +73,12 @@ def _one_dir(path: Path) -> Path:
     return target
 
 
-def vllm_runtime_env(runtime_env: dict[str, Any], num_cpus: float, settings: Settings | None = None) -> dict[str, Any]:
+def vllm_runtime_env(runtime_env: dict[str, Any], num_cpus: float, settings: Settings | None = None,
+                     env: dict[str, str] | None = None) -> dict[str, Any]:
     """``runtime_env`` (MASS's settings for a replica) made to run on vLLM's venv: its Python, one OpenMP thread
-    per CPU the replica reserves (no core pinning: replicas share the node), and vLLM's telemetry off."""
+    per CPU the replica reserves (no core pinning: replicas share the node), vLLM's telemetry off, then ``env``
+    (the model's ``vllm.env``) over all of it."""
     env = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, int(num_cpus))),
            "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           **runtime_env.get("env_vars", {})}
+           **runtime_env.get("env_vars", {}), **(env or {})}
     return {**runtime_env, "py_executable": str(vllm_python(settings)), "env_vars": env}

@@ -35,7 +35,7 @@ def test_every_recipe_section_is_documented():
 @pytest.mark.parametrize("name,saved", [("serving", "serving"), ("serving", "serving_cuda_4x256"),
                                         ("serving", "serving_cuda_12x768"), ("proxy", "proxy"), ("rollout", "rollout"),
                                         ("compression", "compression"), ("tuning", "tuning"),
-                                        ("llm_engines", "llm_engines")])
+                                        ("llm_engines", "llm_engines"), ("vllm_gateway", "vllm_gateway")])
 def test_benchmark_tables_are_the_saved_runs(name, saved):
     """The README's benchmark tables are exactly what benchmarks/<name>.py renders from its saved JSON
     (``saved``: the GPU runs of the serving benchmark have their own JSON and README block)."""
@@ -69,6 +69,10 @@ def test_benchmark_tables_are_the_saved_runs(name, saved):
         assert {"embed_on", "embed_off", "chat_on", "chat_off"} == set(result["rates"])
     elif name == "llm_engines":  # every shape x dtype x workload, both engines, each with every round
         assert len(result["cells"]) == 12 and all(set(c["systems"]) == {"mass", "vllm"} for c in result["cells"])
+        assert all(len(f["tokens_per_s"]) == result["rounds"] for c in result["cells"] for f in c["systems"].values())
+    elif name == "vllm_gateway":  # both systems served the same tokens in every cell, every round counted
+        assert all(set(c["systems"]) == {"gateway", "vllm_serve"} for c in result["cells"]) and result["cells"]
+        assert all(len({f["tokens"] for f in c["systems"].values()}) == 1 for c in result["cells"])
         assert all(len(f["tokens_per_s"]) == result["rounds"] for c in result["cells"] for f in c["systems"].values())
     else:
         assert len(result["per_round"]) == result["rounds"] and all("chat_failed" in r for r in result["per_round"])

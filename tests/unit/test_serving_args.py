@@ -148,3 +148,5 @@ def test_vllm_replicas_run_on_vllms_venv_or_the_error_says_how_to_build_it(tmp_p
     assert env["env_vars"]["MASS_HOME"] == "/h" and env["env_vars"]["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     assert env["env_vars"]["OMP_NUM_THREADS"] == "3"  # a value the deployer set wins
     assert vllm_runtime_env({}, 2.0, get_settings())["env_vars"]["OMP_NUM_THREADS"] == "2"
+    pinned = vllm_runtime_env({}, 1.0, get_settings(), env={"VLLM_CPU_OMP_THREADS_BIND": "1"})["env_vars"]
+    assert pinned["VLLM_CPU_OMP_THREADS_BIND"] == "1"  # the model's vllm.env wins
