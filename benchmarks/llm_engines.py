@@ -158,6 +158,46 @@ async def _build(system, model_dir, dtype):
 
 
 # --------------------------------------------------------------------------- the parent
+class Tree:
+    """A process and those under it: CPU time used, and waiting until it is idle."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def pids(self) -> list[int]:
+        """The process and its descendants."""
+        out, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            try:
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            out.append(pid)
+        return out
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the tree so far."""
+        total = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def quiet(self, window_s: float = 0.5, timeout_s: float = 30.0) -> None:
+        """Wait until the tree uses under 5 % of a core over ``window_s`` (vLLM polls for a while after work)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            before = self.cpu_seconds()
+            time.sleep(window_s)
+            if self.cpu_seconds() - before < 0.05 * window_s:
+                return
+
+
 class Engine:
     """One worker process: started, asked for rounds, stopped; its peak resident memory read at the end."""
 
@@ -187,16 +227,7 @@ class Engine:
 
     def _tree(self) -> list[int]:
         """The worker's pid and those of every process under it (vLLM: its engine core and worker)."""
-        pids, todo = [], [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            try:
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    todo += [int(c) for c in (task / "children").read_text().split()]
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            pids.append(pid)
-        return pids
+        return Tree(self.proc.pid).pids()
 
     def peak_rss_mb(self) -> float:
         """Summed high-water marks (VmHWM) of the worker and every process under it."""
@@ -209,26 +240,10 @@ class Engine:
                 continue
         return total / 1024
 
-    def cpu_seconds(self) -> float:
-        """CPU time (user + system) the worker's processes have used so far."""
-        total = 0
-        for pid in self._tree():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
-
-    def quiet(self, window_s: float = 0.5, timeout_s: float = 30.0) -> None:
-        """Wait until the worker is idle (under 5 % of a core over ``window_s``). vLLM's processes keep polling for
-        about a second after a round: the other engine's next round must not share the cores with that."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            before = self.cpu_seconds()
-            time.sleep(window_s)
-            if self.cpu_seconds() - before < 0.05 * window_s:
-                return
+    def quiet(self) -> None:
+        """Wait until the worker is idle (``Tree.quiet``): vLLM's processes keep polling for about a second after a
+        round, and the other engine's next round must not share the cores with that."""
+        Tree(self.proc.pid).quiet()
 
     def close(self) -> None:
         """End the worker."""

@@ -27,50 +27,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from llm_engines import export, pct, workloads  # noqa: E402
+from llm_engines import Tree, export, pct, workloads  # noqa: E402
 
 SYSTEMS = {"gateway": "MASS gateway, engine: vllm", "vllm_serve": "vllm serve"}
 GOAL = 0.9  # issue 13: through the gateway, at least 0.9x vLLM called directly
-
-
-class Tree:
-    """A process and those under it: CPU time used, and waiting until it is idle."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def pids(self) -> list[int]:
-        """The process and its descendants."""
-        out, todo = [], [self.pid]
-        while todo:
-            pid = todo.pop()
-            try:
-                for task in Path(f"/proc/{pid}/task").iterdir():
-                    todo += [int(c) for c in (task / "children").read_text().split()]
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            out.append(pid)
-        return out
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the tree so far."""
-        total = 0
-        for pid in self.pids():
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
-
-    def quiet(self, window_s: float = 0.5, timeout_s: float = 30.0) -> None:
-        """Wait until the tree uses under 5 % of a core over ``window_s`` (vLLM polls for a while after work)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            before = self.cpu_seconds()
-            time.sleep(window_s)
-            if self.cpu_seconds() - before < 0.05 * window_s:
-                return
 
 
 def vllm_env(threads: int, bind: str) -> dict[str, str]:

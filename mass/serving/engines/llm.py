@@ -26,7 +26,7 @@ import torch
 
 from mass.errors import InvalidRequest, MassError
 from mass.serving.engines.detokenize import TextStream
-from mass.serving.engines.events import TokenEvent, token_text
+from mass.serving.engines.events import TokenEvent, check_request, check_resume, joined, token_text
 from mass.serving.engines.gpt2 import swap_remove_order
 from mass.serving.engines.runners import KV, BatchState, make_runner, split_rows
 from mass.serving.engines.sampling import (
@@ -109,35 +109,14 @@ class LLMEngine:
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequest when a request can never fit the model or the engine."""
-        if not prompt_ids:
-            raise InvalidRequest("prompt is empty", field="prompt")
-        if params.max_tokens is None:
-            raise InvalidRequest("max_tokens must be set for the engine", param="max_tokens")
-        bad = [t for t in prompt_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"prompt token id {bad[0]} is outside this model's vocabulary "
-                                 f"(0..{self.vocab_size - 1})", param="prompt")
-        bad = [t for t in params.logit_bias if t >= self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"logit_bias token id {bad[0]} is outside this model's vocabulary "
-                                 f"(0..{self.vocab_size - 1})", param="logit_bias")
-        if len(prompt_ids) + params.max_tokens > self.context_length:
-            raise InvalidRequest(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context of {self.context_length} tokens", field="max_tokens", limit=self.context_length)
+        check_request(prompt_ids, params, self.vocab_size, self.context_length)
         if len(prompt_ids) + params.max_tokens > self.max_batch_tokens:
             raise InvalidRequest(f"request needs {len(prompt_ids) + params.max_tokens} tokens; this engine's "
                                  f"batch budget is {self.max_batch_tokens}", field="max_tokens")
 
     def check_resume(self, generated: list[int], params: SamplingParams) -> None:
         """Raise InvalidRequest unless ``generated`` can be the start of a ``params`` request's output."""
-        bad = [t for t in generated if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidRequest(f"resumed token id {bad[0]!r} is outside this model's vocabulary "
-                                 f"(0..{self.vocab_size - 1})", param="resume")
-        if params.max_tokens is not None and len(generated) >= params.max_tokens:
-            raise InvalidRequest(f"a resumed choice already has {len(generated)} tokens, max_tokens is "
-                                 f"{params.max_tokens}: nothing is left to generate", param="resume")
+        check_resume(generated, params, self.vocab_size)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue,
                loop: asyncio.AbstractEventLoop, generated: list[int] = (), sent: int = 0) -> int:
@@ -192,14 +171,7 @@ class LLMEngine:
 
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> TokenEvent:
         """The whole completion as one event (text joined, usage and finish reason of the last)."""
-        parts, ids, logprobs, last = [], [], [], None
-        async for event in self.stream(prompt, params):
-            parts.append(event.text)
-            ids.extend(event.token_ids)
-            logprobs.extend(event.logprobs or [])
-            last = event
-        return TokenEvent("".join(parts), ids, last.finish_reason, last.prompt_tokens, last.completion_tokens,
-                          logprobs if params.logprobs is not None else None)
+        return await joined(self.stream(prompt, params), params.logprobs is not None)
 
     def stats(self) -> dict[str, int]:
         """Queue depths and steps taken (for readiness and metrics)."""
