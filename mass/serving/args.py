@@ -11,6 +11,7 @@ from pydantic import Field, TypeAdapter, field_validator, model_validator
 
 from mass.config import UNION_TAGS, MassConfig
 from mass.refs import ModelRef
+from mass.routing import KINDS
 
 
 class AutoscalingArgs(MassConfig):
@@ -113,8 +114,8 @@ class LLMArgs(_ServedModel):
 
     @property
     def kind(self) -> str:
-        """What the model does, whichever engine runs it: ``llm`` (text generation)."""
-        return "llm"
+        """What the model does, whichever engine runs it: ``llm`` (text generation; ``mass.routing.KINDS``)."""
+        return KINDS[self.engine]
 
     @model_validator(mode="after")
     def _vllm(self) -> "LLMArgs":
@@ -142,8 +143,8 @@ class EmbeddingArgs(_ServedModel):
 
     @property
     def kind(self) -> str:
-        """What the model does: ``embedding``."""
-        return "embedding"
+        """What the model does: ``embedding`` (``mass.routing.KINDS``)."""
+        return KINDS[self.engine]
 
 
 #: one served model: its options depend on ``engine`` (an LLM has no ``batch``, an encoder no ``max_running``)
