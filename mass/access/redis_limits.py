@@ -122,15 +122,22 @@ class ScriptBatch:
         from redis.exceptions import NoScriptError
 
         batch, self._pending = self._pending, []
+        results: list[Any] = [None] * len(batch)
+        todo = list(range(len(batch)))
         try:
             for attempt in range(2):
                 if attempt:  # the server lost its script cache (restarted): load the script again
                     await self.script.registered_client.script_load(self.script.script)
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for keys, args, _ in batch:
+                    for i in todo:
+                        keys, args, _ = batch[i]
                         pipe.evalsha(self.script.sha, len(keys), *keys, *args)
-                    results = await pipe.execute(raise_on_error=False)
-                if not any(isinstance(r, NoScriptError) for r in results):
+                    for i, result in zip(todo, await pipe.execute(raise_on_error=False)):
+                        results[i] = result
+                # only the calls Redis refused with NOSCRIPT go again: the others ran, and an admission is not
+                # idempotent (another replica may load the script midway through this batch)
+                todo = [i for i in todo if isinstance(results[i], NoScriptError)]
+                if not todo:
                     break
         except BaseException as exc:  # noqa: BLE001 - every caller of the batch gets it
             for _, _, future in batch:
