@@ -159,11 +159,15 @@ class ModelRegistry:
                 return exp.experiment_id
 
     @contextlib.contextmanager
-    def tracked_run(self, run_name: str, tags: dict[str, str], resume: str | None = None) -> Iterator[str]:
+    def tracked_run(self, run_name: str, tags: dict[str, str], resume: str | None = None,
+                    close: bool = True) -> Iterator[str]:
         """An MLflow run for a piece of work: yields its id; FINISHED when the block ends, FAILED (and the
         error re-raised) when it raises. Training, tuning and registration share this lifecycle. ``resume``: the
         id of an earlier run to go on with instead (RUNNING again; a tuning search whose driver died). A job
-        started by a trigger adds the tags in ``MASS_RUN_TAGS`` (the rule and the event)."""
+        started by a trigger adds the tags in ``MASS_RUN_TAGS`` (the rule and the event). ``close=False``: the
+        block leaves the run RUNNING either way and someone else closes it (a tuning trial's run is closed by
+        the search's driver with the trial's outcome: a trial ASHA stopped raises in its dying actor, and that
+        must not mark the run FAILED after the driver marked it KILLED)."""
         with self._translate("start a run"):
             if resume:
                 self.client.update_run(resume, status="RUNNING")
@@ -173,6 +177,9 @@ class ModelRegistry:
 
                 tags = {**run_tags(), **tags}  # a triggered job's runs name the rule and event that started it
                 run_id = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags).info.run_id
+        if not close:
+            yield run_id
+            return
         try:
             yield run_id
         except BaseException:

@@ -4,6 +4,7 @@ and a report of what the search ran and what early stopping saved."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -123,7 +124,11 @@ def run_tuning(plan: TuningPlan, address: str | None = None, settings: Settings 
             experiment = f"tune-{plan.name}-{run_id[:12]}"
             if not resume:
                 _log_plan(client, run_id, plan, at_once)
-            grid = _search(plan, settings, run_id, experiment, at_once, resume is not None)
+            try:
+                grid = _search(plan, settings, run_id, experiment, at_once, resume is not None)
+            except BaseException:
+                _fail_open_trials(client, registry.experiment_id(), run_id)
+                raise
             trials = _summaries(plan, grid, client, registry.experiment_id(), run_id)
             reported = [t for t in trials if t.metric is not None]
             if not reported:
@@ -264,9 +269,11 @@ def trial(config: dict[str, Any], recipe: dict[str, Any], paths: list[str], pare
     client = registry.client
     earlier = client.search_runs([registry.experiment_id()], max_results=1, filter_string=(
         f"tags.mlflow.parentRunId = '{parent_run}' and tags.`mass.trial` = '{trial_id}'"))
-    # a search resumed after its driver died restarts its unfinished trials: each goes on in its own child run
-    with registry.tracked_run(f"trial-{trial_id}", tags, resume=earlier[0].info.run_id if earlier else None
-                              ) as run_id:
+    # a search resumed after its driver died restarts its unfinished trials: each goes on in its own child run.
+    # The search's driver closes the run with the trial's outcome (_summaries), not the trial: a trial ASHA stops
+    # may raise in its dying actor after the driver has marked its run KILLED
+    with registry.tracked_run(f"trial-{trial_id}", tags, resume=earlier[0].info.run_id if earlier else None,
+                              close=False) as run_id:
         log_recipe(client, run_id, cfg, prepared.data, prepared.sources)
         with tempfile.TemporaryDirectory() as tmp:
             prepared.tokenizer.save_pretrained(tmp)
@@ -303,6 +310,15 @@ def _summaries(plan: TuningPlan, grid, client, experiment_id: str, run_id: str) 
                 status, "FAILED"))
         out.append(summary)
     return sorted(out, key=lambda t: t.trial_id)
+
+
+def _fail_open_trials(client, experiment_id: str, run_id: str) -> None:
+    """The search itself failed: its trials' runs still RUNNING are marked FAILED (a trial's run is closed by the
+    driver, see ``trial``; a resumed search reopens them)."""
+    with contextlib.suppress(Exception):
+        for run in client.search_runs([experiment_id], max_results=10000, filter_string=(
+                f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")):
+            client.set_terminated(run.info.run_id, "FAILED")
 
 
 def worker_steps(client, run_id: str | None, reported: int) -> int:
