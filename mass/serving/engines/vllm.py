@@ -5,14 +5,12 @@ that venv's Python (``mass.serving.vllm_env``), so nothing of vLLM enters MASS's
 from __future__ import annotations
 
 import itertools
-import logging
 from typing import Any, AsyncIterator
 
 from mass.errors import InvalidRequest, MassError
 from mass.sampling import LOGPROB_FLOOR, SamplingParams
 from mass.serving.engines.events import TokenEvent, check_request, check_resume, joined, token_text
 
-log = logging.getLogger(__name__)
 GIB = 1 << 30
 
 
@@ -20,8 +18,7 @@ class VLLMEngine:
     """One vLLM engine serving a causal LM from an HF directory (its engine core runs in a child process).
 
     Args:
-        model_dir: the HF model directory (config + safetensors).
-        tokenizer_dir: its tokenizer's directory (the model's when None).
+        model_dir: the HF model directory (config, safetensors and the tokenizer's files).
         dtype: ``auto`` (vLLM's choice) or a torch dtype name.
         max_running: sequences decoded together (vLLM's ``max_num_seqs``).
         kv_cache_gb: KV cache size on CPU (on GPUs vLLM sizes it from ``gpu_memory_utilization``).
@@ -29,14 +26,14 @@ class VLLMEngine:
         engine_args: more ``AsyncEngineArgs``, as they are.
     """
 
-    def __init__(self, model_dir: str, tokenizer_dir: str | None = None, dtype: str = "auto", max_running: int = 16,
+    def __init__(self, model_dir: str, dtype: str = "auto", max_running: int = 16,
                  kv_cache_gb: float = 1.0, device: str = "cpu", engine_args: dict[str, Any] | None = None) -> None:
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
-        options: dict[str, Any] = {"model": model_dir, "tokenizer": tokenizer_dir or model_dir, "dtype": dtype,
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        options: dict[str, Any] = {"model": model_dir, "tokenizer": model_dir, "dtype": dtype,
                                    "max_num_seqs": max_running, "seed": 0}
         if device == "cpu":
             options["kv_cache_memory_bytes"] = int(kv_cache_gb * GIB)
