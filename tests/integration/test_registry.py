@@ -125,6 +125,23 @@ def test_failure_after_logging_rolls_back_the_version_and_fails_the_run(mass_hom
     assert statuses == ["FAILED", "FAILED", "FINISHED"]
 
 
+def test_a_tracked_run_is_finished_or_failed_by_its_block_unless_someone_else_closes_it(mass_home):
+    reg = ModelRegistry()
+    with reg.tracked_run("ok", {"mass.kind": "test"}) as done:
+        pass
+    with pytest.raises(KeyError), reg.tracked_run("broken", {"mass.kind": "test"}) as failed:
+        raise KeyError("boom")
+    # close=False (a tuning trial's run, closed by its search's driver): the block's end or error leaves it be
+    with pytest.raises(KeyError), reg.tracked_run("trial", {"mass.kind": "test"}, close=False) as trial:
+        raise KeyError("the trial's actor is being stopped")
+    status = {run: reg.client.get_run(run).info.status for run in (done, failed, trial)}
+    assert status == {done: "FINISHED", failed: "FAILED", trial: "RUNNING"}
+    reg.client.set_terminated(trial, "KILLED")
+    with reg.tracked_run("trial", {"mass.kind": "test"}, resume=trial, close=False) as again:
+        assert again == trial and reg.client.get_run(trial).info.status == "RUNNING"  # a resumed search reopens it
+    assert reg.client.get_run(trial).info.status == "RUNNING"
+
+
 def test_import_minilm_is_idempotent_and_loads_from_the_package(mass_home):
     reg = ModelRegistry()
     info, created = import_minilm(reg)
