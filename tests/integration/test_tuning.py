@@ -36,7 +36,8 @@ def tuned(ray_cluster, corpus):
     resumed here: the first trial goes on from its checkpoint, the second starts."""
     from ray.job_submission import JobSubmissionClient
 
-    path = ROOT / "jobs" / "configs" / "test-tune-restore.yaml"  # (a job's recipe lives in the project)
+    # a job's recipe lives in the project (not in .gitignore: Ray leaves ignored files out of a job's working_dir)
+    path = ROOT / "jobs" / "configs" / "test-tune-restore.yaml"
     path.write_text(yaml.safe_dump({
         "name": "tiny-gpt-tuned", "train": "tiny-gpt-smoke.yaml",
         "set": ["data.max_train_tokens=40000", "optim.epochs=3", "registration.aliases=[best-tuned]"],
@@ -51,7 +52,11 @@ def tuned(ray_cluster, corpus):
         registry = ModelRegistry()
         client, experiment = registry.client, registry.experiment_id()
 
+        jobs = JobSubmissionClient(ray_cluster.dashboard_url)
+
         def first_epoch_reported():
+            status = str(jobs.get_job_status(job_id))
+            assert not status.endswith(("FAILED", "STOPPED")), (status, jobs.get_job_logs(job_id)[-3000:])
             runs = client.search_runs([experiment], filter_string="tags.`mass.kind` = 'tune' and "
                                       "tags.`mass.model_name` = 'tiny-gpt-tuned'")
             children = [] if not runs else client.search_runs(
@@ -60,7 +65,6 @@ def tuned(ray_cluster, corpus):
 
         parent = wait_for(first_epoch_reported, 420, "the submitted search's first trial to report its first "
                           "epoch", interval=0.25)
-        jobs = JobSubmissionClient(ray_cluster.dashboard_url)
         jobs.stop_job(job_id)  # the driver is killed: the search stops mid-way
         wait_for(lambda: str(jobs.get_job_status(job_id)).endswith(("STOPPED", "FAILED")), 120, "the job to stop")
         # the driver never finished it (stopped by SIGTERM it marks its run FAILED; a SIGKILL leaves it RUNNING)
