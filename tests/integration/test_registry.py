@@ -142,6 +142,24 @@ def test_a_tracked_run_is_finished_or_failed_by_its_block_unless_someone_else_cl
     assert reg.client.get_run(trial).info.status == "RUNNING"
 
 
+def test_a_failed_search_marks_only_its_open_trial_runs_failed(mass_home):
+    from mass.tuning.job import _fail_open_trials
+
+    reg = ModelRegistry()
+    with reg.tracked_run("search", {"mass.kind": "tune"}, close=False) as search:
+        pass
+    with reg.tracked_run("other", {"mass.kind": "tune"}, close=False) as other:
+        pass
+    runs = {}
+    for name, parent in (("open", search), ("done", search), ("elsewhere", other)):
+        with reg.tracked_run(name, {"mlflow.parentRunId": parent}, close=False) as run:
+            runs[name] = run
+    reg.client.set_terminated(runs["done"], "KILLED")
+    _fail_open_trials(reg.client, reg.experiment_id(), search)
+    status = {name: reg.client.get_run(run).info.status for name, run in runs.items()}
+    assert status == {"open": "FAILED", "done": "KILLED", "elsewhere": "RUNNING"}
+
+
 def test_import_minilm_is_idempotent_and_loads_from_the_package(mass_home):
     reg = ModelRegistry()
     info, created = import_minilm(reg)
